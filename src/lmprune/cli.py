@@ -1,0 +1,286 @@
+"""`lmprune prune | eval | report | methods`. Bad input: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+
+from .config import PruneConfig, SparsityPattern, parse_options
+from .errors import LmpruneError
+from .report import REPORT_NAME, format_report, library_versions, load_report, plot_layer_errors, summarize_layers, write_json
+
+DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmprune", description="One-shot pruning of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="prune a model and save it")
+    prune.add_argument("model", help="local checkpoint directory, hub id, or alias (smollm2-135m)")
+    prune.add_argument("--method", help="magnitude, wanda, sparsegpt, ... (see `lmprune methods`)")
+    prune.add_argument("--mask", help="take the mask from this method (with --update)")
+    prune.add_argument("--update", help="then update the kept weights with this method, or 'none'")
+    target = prune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
+    target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
+    granularity = prune.add_mutually_exclusive_group()
+    granularity.add_argument("--per-row", dest="per_row", action="store_true", default=None,
+                             help="same sparsity in every output row")
+    granularity.add_argument("--per-layer", dest="per_row", action="store_false",
+                             help="one threshold over the whole layer")
+    prune.add_argument("--calib", required=True, help=".txt, .jsonl (text field) or wikitext2|ptb|c4")
+    prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--seqlen", type=int, default=None,
+                       help=f"tokens per window (default {DEFAULT_SEQLEN}, capped at the model's context)")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    prune.add_argument("--skip", action="append", default=[], metavar="REGEX",
+                       help="do not prune layers whose full name matches (repeatable)")
+    prune.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                       help="solver setting, e.g. iterations=30 (repeatable)")
+    prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
+    prune.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
+    prune.add_argument("--eval-max-windows", type=int, help="evaluate at most this many windows")
+    _add_runtime_args(prune)
+    prune.add_argument("--offload-activations", action="store_true",
+                       help="keep calibration activations on the CPU when pruning on a GPU")
+
+    ev = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model")
+    ev.add_argument("model")
+    ev.add_argument("--data", help=".txt, .jsonl or wikitext2|ptb|c4")
+    ev.add_argument("--seqlen", type=int, default=None, help=f"window length (default {DEFAULT_SEQLEN}, capped)")
+    ev.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. piqa,arc_easy")
+    ev.add_argument("--limit", type=int, help="lm-eval: examples per task")
+    _add_runtime_args(ev)
+
+    rep = sub.add_parser("report", help="summarize a pruning report")
+    rep.add_argument("paths", nargs="+", help="output directories or lmprune_report.json files")
+    rep.add_argument("--plot", help="write a per-layer error plot (PNG) of the given reports")
+
+    sub.add_parser("methods", help="list pruning methods and weight updates")
+    return parser
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "methods": cmd_methods}[args.command](args)
+    except LmpruneError as exc:
+        print(f"lmprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmprune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _pattern(args) -> SparsityPattern:
+    if args.pattern is not None:
+        return SparsityPattern.nm(args.pattern)
+    return SparsityPattern(sparsity=args.sparsity)
+
+
+def _check_out_dir(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LmpruneError(f"--out {out!r} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise LmpruneError(f"output directory {out!r} is not empty (use --overwrite to replace it)")
+
+
+def _check_source(source: str, flag: str) -> None:
+    from .data import NAMED_DATASETS
+
+    if source not in NAMED_DATASETS and not os.path.isfile(source):
+        raise LmpruneError(
+            f"{flag} {source!r}: no such file (give a .txt/.jsonl file or one of {', '.join(NAMED_DATASETS)})"
+        )
+
+
+def _context_length(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _seqlen(requested: int | None, model, flag: str) -> int:
+    context = _context_length(model)
+    if requested is None:
+        return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
+    if context and requested > context:
+        raise LmpruneError(f"{flag} {requested} exceeds the model's context length {context}")
+    return requested
+
+
+def cmd_prune(args) -> int:
+    from .solvers import build_layer_solver
+
+    # Everything that can be checked without the model is checked first: bad input writes nothing.
+    pattern = _pattern(args)
+    layer_solver = build_layer_solver(args.method, args.mask, args.update, parse_options(args.opt))
+    config = PruneConfig(
+        model=args.model, method=layer_solver.name, pattern=pattern, calib=args.calib, out=args.out,
+        nsamples=args.nsamples, seqlen=args.seqlen or DEFAULT_SEQLEN, seed=args.seed, device=args.device,
+        mask=args.mask, update=args.update, options=layer_solver.settings_dict(), skip=args.skip,
+        eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+    )
+    _check_out_dir(args.out, args.overwrite)
+    _check_source(args.calib, "--calib")
+    if args.eval_data:
+        _check_source(args.eval_data, "--eval")
+    if args.per_row is not None or pattern.is_nm:
+        pattern = SparsityPattern(pattern.sparsity, pattern.n, pattern.m, per_row=bool(args.per_row))
+    else:
+        pattern = SparsityPattern(pattern.sparsity, per_row=layer_solver.per_row_default)
+    return _run_prune(config, pattern, layer_solver, args)
+
+
+def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, args) -> int:
+    from .data import calibration_windows, evaluation_windows, load_text, tokenize
+    from .evaluate import perplexity
+    from .model import load_model, resolve_device
+    from .pipeline import plan_layers, prune_model
+
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(config.model, args.dtype)
+    config.seqlen = _seqlen(args.seqlen, model, "--seqlen")
+    plan_layers(model, pattern, config.skip)  # N:M widths and --skip, before any work
+    calibration = calibration_windows(
+        tokenize(tokenizer, load_text(config.calib, "calibration")), config.nsamples, config.seqlen, config.seed
+    )
+    eval_windows = None
+    if config.eval_data:
+        eval_seqlen = _seqlen(config.eval_seqlen or config.seqlen, model, "--eval-seqlen")
+        eval_windows = evaluation_windows(
+            tokenize(tokenizer, load_text(config.eval_data, "evaluation")), eval_seqlen, config.eval_max_windows
+        )
+
+    _log(f"pruning {config.model} with {layer_solver.name} to {pattern.describe()} on {device}; "
+         f"calibration {config.nsamples} × {config.seqlen} tokens")
+    store = None if not args.offload_activations else __import__("torch").device("cpu")
+    result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
+                         config.batch_size, store_device=store, progress=not args.no_progress)
+    evaluation = []
+    if eval_windows is not None:
+        tick = time.perf_counter()
+        ppl = perplexity(model, eval_windows, device, config.batch_size, progress=not args.no_progress)
+        result.timings["evaluation"] = time.perf_counter() - tick
+        evaluation.append({"data": config.eval_data, "seqlen": int(eval_windows.shape[1]),
+                           "windows": int(eval_windows.shape[0]), "perplexity": ppl})
+        _log(f"perplexity on {config.eval_data}: {ppl:.3f}")
+
+    settings = asdict(config)
+    settings["pattern"] = asdict(pattern)
+    report = {
+        "method": layer_solver.name,
+        "pattern": pattern.describe(),
+        "settings": settings,
+        "summary": summarize_layers(result.layers),
+        "evaluation": evaluation,
+        "timings": result.timings,
+        "layers": result.layers,
+        "blocks": result.blocks,
+        "versions": library_versions(),
+    }
+    save_checkpoint(model, tokenizer, report, config.out)
+    summary = report["summary"]
+    _log(f"saved to {config.out}: {summary['layers']} layers at sparsity {summary['sparsity']:.4f}, "
+         f"mean relative error {summary['mean_error']:.4g}")
+    return 0
+
+
+def save_checkpoint(model, tokenizer, report: dict, out: str) -> None:
+    """Write into a sibling temp dir and swap it in at the end: a crash never leaves half a checkpoint."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(os.path.join(tmp, REPORT_NAME), report)
+        if os.path.isdir(out):
+            old = f"{tmp}.old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_eval(args) -> int:
+    from .data import evaluation_windows, load_text, tokenize
+    from .evaluate import evaluate_tasks, perplexity
+    from .model import load_model, resolve_device
+
+    if not args.data and not args.tasks:
+        raise LmpruneError("nothing to evaluate: give --data and/or --tasks")
+    if args.data:
+        _check_source(args.data, "--data")
+    if args.batch_size < 1:
+        raise LmpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, args.dtype)
+    if args.data:
+        seqlen = _seqlen(args.seqlen, model, "--seqlen")
+        windows = evaluation_windows(tokenize(tokenizer, load_text(args.data, "evaluation")), seqlen, args.max_windows)
+        ppl = perplexity(model, windows, device, args.batch_size, progress=not args.no_progress)
+        print(f"perplexity {ppl:.4f} ({windows.shape[0]} windows × {seqlen} tokens of {args.data})")
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for task, metrics in evaluate_tasks(model, tokenizer, tasks, device, args.batch_size, args.limit).items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{task}: {shown}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    reports = {path: load_report(path) for path in args.paths}
+    for path, report in reports.items():
+        if len(reports) > 1:
+            print(f"== {path}")
+        print(format_report(report))
+    if args.plot:
+        plot_layer_errors({f"{r['method']} {r['pattern']}": r for r in reports.values()}, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from dataclasses import fields
+
+    from .solvers import SOLVERS
+
+    for name, solver in sorted(SOLVERS.items()):
+        kinds = "/".join(k for k, fn in (("mask", solver.solve), ("update", solver.update)) if fn)
+        print(f"{name:<12} [{kinds}] {solver.description}")
+        for f in fields(solver.settings):
+            print(f"{'':<14}--opt {f.name}={getattr(solver.settings(), f.name)}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(f"lmprune: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Validated settings. Bad values fail here, before any model is loaded or file written."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import LmpruneError
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """What a layer's mask must look like.
+
+    Either an unstructured fraction (`sparsity`, per layer or per output row) or N:M: at most `n`
+    non-zeros in every `m` consecutive input weights of a row.
+    """
+
+    sparsity: float = 0.0
+    n: int | None = None
+    m: int | None = None
+    per_row: bool = False
+
+    def __post_init__(self) -> None:
+        if self.is_nm:
+            if self.n is None or self.m is None or not (0 < self.n < self.m):
+                raise LmpruneError(f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M")
+        elif not (0.0 <= self.sparsity < 1.0):
+            raise LmpruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None or self.m is not None
+
+    @property
+    def target_sparsity(self) -> float:
+        """Fraction of weights that end up zero."""
+        return 1.0 - self.n / self.m if self.is_nm else self.sparsity
+
+    @classmethod
+    def nm(cls, text: str) -> "SparsityPattern":
+        """Parse '2:4'."""
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+        if not match:
+            raise LmpruneError(f"invalid pattern {text!r}: expected N:M such as 2:4")
+        return cls(n=int(match.group(1)), m=int(match.group(2)))
+
+    def check_width(self, in_features: int, layer_name: str) -> None:
+        if self.is_nm and in_features % self.m:
+            raise LmpruneError(
+                f"{self.n}:{self.m} does not fit layer {layer_name}: its input width {in_features} "
+                f"is not a multiple of {self.m} (skip it with --skip or choose another M)"
+            )
+
+    def describe(self) -> str:
+        if self.is_nm:
+            return f"{self.n}:{self.m}"
+        return f"{self.sparsity:.0%}" + (" per row" if self.per_row else "")
+
+
+def settings_from_options(settings_cls: type, options: dict[str, Any], owner: str):
+    """Build a solver's settings dataclass from `key=value` options, with clear errors.
+
+    Values given as strings (from the CLI) are converted to the field's default's type.
+    """
+    known = {f.name: f for f in fields(settings_cls)}
+    kwargs = {}
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            choices = ", ".join(sorted(known)) or "none"
+            raise LmpruneError(f"unknown option {key!r} for {owner} (known: {choices})")
+        default = getattr(settings_cls(), name)
+        kwargs[name] = _convert(value, default, key)
+    try:
+        return settings_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise LmpruneError(f"invalid options for {owner}: {exc}") from exc
+
+
+def _convert(value: Any, default: Any, key: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise LmpruneError(f"option {key}={value!r}: expected {type(default).__name__}") from None
+    return value
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    """Parse repeated `--opt key=value` arguments."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LmpruneError(f"invalid --opt {pair!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
+@dataclass
+class PruneConfig:
+    """Everything `lmprune prune` needs; validated on construction."""
+
+    model: str
+    method: str
+    pattern: SparsityPattern
+    calib: str
+    out: str
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    mask: str | None = None
+    update: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+    eval_data: str | None = None
+    eval_seqlen: int | None = None
+    eval_max_windows: int | None = None
+    batch_size: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise LmpruneError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise LmpruneError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise LmpruneError(f"--batch-size must be at least 1, got {self.batch_size}")
+        for regex in self.skip:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise LmpruneError(f"invalid --skip regex {regex!r}: {exc}") from None

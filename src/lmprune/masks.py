@@ -1,0 +1,90 @@
+"""Masks from scores: top-k per layer, per row, or N:M; and sparsity schedules.
+
+A mask is a bool tensor shaped like the weight, True where the weight is kept. Every function keeps
+the highest scores and prunes exactly the requested count; ties are broken deterministically (a
+stable sort, so among equal scores the lower index is pruned first).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import SparsityPattern
+
+
+def prune_count(total: int, sparsity: float) -> int:
+    """How many of `total` weights a sparsity prunes: floor, as in ⌊numel/2⌋ at 50%."""
+    return int(math.floor(total * sparsity + 1e-9))
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k lowest entries along the last dim, stable for ties."""
+    return torch.sort(scores, dim=-1, stable=True).indices[..., :k]
+
+
+def prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest entries of the whole tensor."""
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        mask[_lowest(scores.reshape(-1), k)] = False
+    return mask.reshape(scores.shape)
+
+
+def prune_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest entries of every row."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        mask.scatter_(-1, _lowest(scores, k), False)
+    return mask
+
+
+def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the lowest `sparsity` fraction of the whole matrix."""
+    return prune_lowest(scores, prune_count(scores.numel(), sparsity))
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the lowest `sparsity` fraction of every row."""
+    return prune_lowest_per_row(scores, prune_count(scores.shape[-1], sparsity))
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest of every m consecutive entries of each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, _lowest(groups, m - n), False)
+    return mask.reshape(rows, cols)
+
+
+def topk_mask(scores: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
+    """The mask a pattern allows that keeps the highest scores."""
+    if pattern.is_nm:
+        return nm_mask(scores, pattern.n, pattern.m)
+    if pattern.per_row:
+        return row_mask(scores, pattern.sparsity)
+    return layer_mask(scores, pattern.sparsity)
+
+
+def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    """True if every group of m consecutive inputs of every row keeps at most n weights."""
+    rows, cols = mask.shape
+    if cols % m:
+        return False
+    return bool((mask.reshape(rows, cols // m, m).sum(-1) <= n).all())
+
+
+def cubic_schedule(step: int, steps: int, final: float, kind: str = "fast") -> float:
+    """Sparsity after `step` of `steps` gradual steps, reaching `final` at the last.
+
+    "fast" is Zhu & Gupta's s_f·(1 − (1 − t/T)³), pruning most at the start (Boža's code);
+    "slow" is s_f·(t/T)³, the form written in Boža's paper.
+    """
+    t = min(max(step / steps, 0.0), 1.0)
+    if kind == "fast":
+        return final * (1.0 - (1.0 - t) ** 3)
+    if kind == "slow":
+        return final * t**3
+    raise ValueError(f"unknown schedule {kind!r}: expected 'fast' or 'slow'")

@@ -1,0 +1,184 @@
+"""Block-by-block one-shot pruning: capture -> Gram -> solve -> write back -> re-run block.
+
+Only the current block sits on the compute device. Calibration activations stay where
+`store_device` says (CPU by default off-GPU). Each layer's Gram matrix XᵀX is a running float32 sum
+filled by forward hooks: activations are never stored per layer. After a block's layers are pruned,
+the block is re-run so the next block is calibrated on the outputs of the pruned model, not the dense
+one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import SparsityPattern
+from .errors import LmpruneError
+from .model import (
+    BlockInputs,
+    PrunableLayer,
+    capture_block_inputs,
+    find_blocks,
+    move_outside_blocks,
+    prunable_layers,
+)
+from .solvers import LayerSolver
+from .solvers.linalg import reconstruction_error
+
+
+def plan_layers(model: nn.Module, pattern: SparsityPattern, skip: list[str]) -> list[list[PrunableLayer]]:
+    """The layers to prune, per block; fails before any work if the pattern does not fit one of them."""
+    blocks_name, blocks = find_blocks(model)
+    plan = [prunable_layers(block, f"{blocks_name}.{i}", skip) for i, block in enumerate(blocks)]
+    if not any(plan):
+        raise LmpruneError("no prunable layers left (check --skip)")
+    for layers in plan:
+        for layer in layers:
+            pattern.check_width(layer.in_features, layer.name)
+    return plan
+
+
+@dataclass
+class BlockContext:
+    """What a block-level refinement (e.g. SparseLLM) sees after the block's layers were pruned."""
+
+    index: int
+    block: nn.Module
+    layers: list[PrunableLayer]
+    dense_weights: dict[str, torch.Tensor]  # float32 [out, in] copies of the weights before pruning
+    inputs: BlockInputs
+    hidden: list[torch.Tensor]  # the block's inputs, one tensor per batch (on the store device)
+    device: torch.device
+    pattern: SparsityPattern
+    layer_solver: LayerSolver
+
+    def forward(self) -> list[torch.Tensor]:
+        """Run the block (current weights) on every calibration batch; returns outputs on the device."""
+        with torch.no_grad():
+            return [self.inputs.call(self.block, j, h.to(self.device), self.device) for j, h in enumerate(self.hidden)]
+
+
+BlockRefiner = Callable[[BlockContext], dict[str, Any]]
+
+
+@dataclass
+class PruneResult:
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prune_model(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    layer_solver: LayerSolver,
+    pattern: SparsityPattern,
+    device: torch.device,
+    skip: list[str] | None = None,
+    batch_size: int = 1,
+    store_device: torch.device | None = None,
+    refiner: BlockRefiner | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings."""
+    plan = plan_layers(model, pattern, skip or [])
+    blocks_name, blocks = find_blocks(model)
+    store_device = store_device or device
+    home = next(model.parameters()).device
+    result = PruneResult()
+    timings = {"capture": 0.0, "gram_forward": 0.0, "solve": 0.0, "propagate": 0.0, "refine": 0.0}
+    start = time.perf_counter()
+
+    move_outside_blocks(model, blocks_name, device)
+    try:
+        inputs = capture_block_inputs(model, blocks, list(calibration.split(batch_size)), device, store_device)
+    finally:
+        move_outside_blocks(model, blocks_name, home)
+    hidden = inputs.hidden
+    timings["capture"] = time.perf_counter() - start
+
+    bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
+    for index, (block, layers) in enumerate(zip(blocks, plan)):
+        block.to(device)
+        tick = time.perf_counter()
+        grams = _collect_grams(block, layers, inputs, hidden, device)
+        timings["gram_forward"] += time.perf_counter() - tick
+
+        dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
+        for layer in layers:
+            bar.set_postfix_str(f"block {index}: {layer.name.rsplit('.', 2)[-2:][-1]}")
+            tick = time.perf_counter()
+            record = _prune_layer(layer, grams.pop(layer.name), layer_solver, pattern, device)
+            record["seconds"] = time.perf_counter() - tick
+            timings["solve"] += record["seconds"]
+            result.layers.append(record)
+            bar.update()
+
+        if refiner is not None:
+            tick = time.perf_counter()
+            context = BlockContext(index, block, layers, dense, inputs, hidden, device, pattern, layer_solver)
+            result.blocks.append({"block": index, **refiner(context)})
+            timings["refine"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        with torch.no_grad():
+            for j, h in enumerate(hidden):
+                hidden[j] = inputs.call(block, j, h.to(device), device).to(store_device)
+        timings["propagate"] += time.perf_counter() - tick
+        block.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    timings["total"] = time.perf_counter() - start
+    result.timings = timings
+    return result
+
+
+def _collect_grams(block, layers, inputs: BlockInputs, hidden, device) -> dict[str, torch.Tensor]:
+    """Run the block on every batch with hooks adding each layer's XᵀX (float32) to a running sum."""
+    grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in layers}
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            grams[name].addmm_(x.t(), x)
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers]
+    try:
+        with torch.no_grad():
+            for j, h in enumerate(hidden):
+                inputs.call(block, j, h.to(device), device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def _prune_layer(layer: PrunableLayer, H: torch.Tensor, layer_solver: LayerSolver,
+                 pattern: SparsityPattern, device: torch.device) -> dict[str, Any]:
+    W = layer.get_weight(device)
+    solved = layer_solver(W, H, pattern)
+    weight, mask = solved.weight, solved.mask
+    record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features]}
+    if not torch.isfinite(weight).all():
+        # Never write NaN/Inf into a model: fall back to the mask without the update.
+        weight = W * mask
+        record["fallback"] = "non-finite update; kept the masked weights"
+    masked_err, reference = reconstruction_error(W, W * mask, H)
+    err, _ = reconstruction_error(W, weight, H)
+    layer.set_weight(weight)
+    stored = layer.module.weight
+    record.update(
+        sparsity=float((stored == 0).sum()) / stored.numel(),
+        error=err / reference if reference > 0 else 0.0,
+        error_masked=masked_err / reference if reference > 0 else 0.0,
+        **({"info": solved.info} if solved.info else {}),
+    )
+    return record

@@ -1,0 +1,103 @@
+"""The JSON report written beside a pruned checkpoint, and its human-readable summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+from .errors import LmpruneError
+
+REPORT_NAME = "lmprune_report.json"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("lmprune", "torch", "transformers", "safetensors", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overall sparsity (weighted by size) and mean relative errors of the pruned layers."""
+    if not layers:
+        return {"layers": 0}
+    numel = [r["shape"][0] * r["shape"][1] for r in layers]
+    zeros = sum(r["sparsity"] * n for r, n in zip(layers, numel))
+    return {
+        "layers": len(layers),
+        "pruned_parameters": sum(numel),
+        "sparsity": zeros / sum(numel),
+        "mean_error": sum(r["error"] for r in layers) / len(layers),
+        "mean_error_masked": sum(r["error_masked"] for r in layers) / len(layers),
+    }
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_report(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        path = os.path.join(path, REPORT_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise LmpruneError(f"no report at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise LmpruneError(f"{path} is not a valid JSON report: {exc}") from None
+
+
+def format_report(report: dict[str, Any]) -> str:
+    settings = report.get("settings", {})
+    summary = report.get("summary", {})
+    lines = [
+        f"model:    {settings.get('model')}",
+        f"method:   {report.get('method')}  pattern: {report.get('pattern')}",
+        f"layers:   {summary.get('layers')}  sparsity: {summary.get('sparsity', 0):.4f}  "
+        f"mean rel. error: {summary.get('mean_error', 0):.4g} (mask only: {summary.get('mean_error_masked', 0):.4g})",
+    ]
+    timings = report.get("timings", {})
+    if timings:
+        lines.append("time (s): " + "  ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    for result in report.get("evaluation", []):
+        lines.append(f"perplexity on {result['data']} ({result['windows']}×{result['seqlen']}): {result['perplexity']:.3f}")
+    lines.append("")
+    lines.append(f"{'layer':<48} {'shape':>12} {'sparsity':>9} {'error':>10} {'mask only':>10}")
+    for r in report.get("layers", []):
+        shape = "x".join(str(s) for s in r["shape"])
+        lines.append(f"{r['name']:<48} {shape:>12} {r['sparsity']:>9.4f} {r['error']:>10.4g} {r['error_masked']:>10.4g}")
+    return "\n".join(lines)
+
+
+def plot_layer_errors(reports: dict[str, dict[str, Any]], path: str) -> None:
+    """Per-layer relative reconstruction error, one line per report (method)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LmpruneError("plots need matplotlib: pip install 'lmprune[plots]'") from None
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for label, report in reports.items():
+        errors = [r["error"] for r in report.get("layers", [])]
+        ax.plot(range(len(errors)), errors, label=label, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (in pruning order)")
+    ax.set_ylabel("relative reconstruction error")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

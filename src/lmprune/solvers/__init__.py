@@ -1,0 +1,124 @@
+"""Solver registry: every method by name, and composition of one method's mask with another's update."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from ..config import SparsityPattern, settings_from_options
+from ..errors import LmpruneError
+from .base import Solver, SolverResult
+
+# Modules that define solvers; each exposes SOLVERS, a list of Solver.
+_MODULES = ("magnitude", "wanda", "sparsegpt", "admm", "alps")
+
+
+def _load() -> dict[str, Solver]:
+    registry: dict[str, Solver] = {}
+    for module_name in _MODULES:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        for solver in module.SOLVERS:
+            registry[solver.name] = solver
+    return registry
+
+
+SOLVERS: dict[str, Solver] = _load()
+
+
+def method_names() -> list[str]:
+    return sorted(name for name, s in SOLVERS.items() if s.solve is not None)
+
+
+def update_names() -> list[str]:
+    return ["none"] + sorted(name for name, s in SOLVERS.items() if s.update is not None)
+
+
+def get_solver(name: str) -> Solver:
+    if name not in SOLVERS:
+        raise LmpruneError(f"unknown method {name!r} (choose from: {', '.join(method_names())})")
+    return SOLVERS[name]
+
+
+@dataclass
+class LayerSolver:
+    """What the pipeline calls per layer: a mask source, optionally followed by a weight update."""
+
+    mask_solver: Solver
+    mask_settings: Any
+    update_solver: Solver | None = None
+    update_settings: Any = None
+    drop_update: bool = False  # "--update none": the mask alone, kept weights unchanged
+
+    @property
+    def name(self) -> str:
+        if self.update_solver is None and not self.drop_update:
+            return self.mask_solver.name
+        update = "none" if self.drop_update else self.update_solver.name
+        return f"{self.mask_solver.name}+{update}"
+
+    @property
+    def per_row_default(self) -> bool:
+        return self.mask_solver.per_row_default
+
+    def settings_dict(self) -> dict[str, Any]:
+        out = {}
+        for settings in (self.mask_settings, self.update_settings):
+            if settings is not None:
+                out.update({f.name: getattr(settings, f.name) for f in fields(settings)})
+        return out
+
+    def __call__(self, W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern) -> SolverResult:
+        result = self.mask_solver.solve(W, H, pattern, self.mask_settings)
+        if self.drop_update:
+            return SolverResult(W * result.mask, result.mask, result.info)
+        if self.update_solver is not None:
+            weight, info = self.update_solver.update(W, H, result.mask, self.update_settings)
+            return SolverResult(weight * result.mask, result.mask, {**result.info, **info})
+        return result
+
+
+def build_layer_solver(
+    method: str | None = None,
+    mask: str | None = None,
+    update: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> LayerSolver:
+    """Resolve `--method`, `--mask`, `--update` and `--opt` into a LayerSolver, or fail clearly."""
+    if mask and method and mask != method:
+        raise LmpruneError("give either --method or --mask, not both")
+    mask_name = mask or method
+    if not mask_name:
+        raise LmpruneError("no method: give --method, or --mask with --update")
+    mask_solver = get_solver(mask_name)
+    if mask_solver.solve is None:
+        raise LmpruneError(f"{mask_name!r} only updates weights; use it as --update with a --mask method")
+    update_solver = None
+    if update and update != "none":
+        update_solver = get_solver(update)
+        if update_solver.update is None:
+            raise LmpruneError(
+                f"{update!r} cannot update a given mask (updates: {', '.join(update_names())})"
+            )
+    options = dict(options or {})
+    used: set[str] = set()
+
+    def settings_for(solver: Solver):
+        known = {f.name for f in fields(solver.settings)}
+        mine = {k: v for k, v in options.items() if k.replace("-", "_") in known}
+        used.update(mine)
+        return settings_from_options(solver.settings, mine, solver.name)
+
+    layer_solver = LayerSolver(
+        mask_solver,
+        settings_for(mask_solver),
+        update_solver,
+        settings_for(update_solver) if update_solver else None,
+        drop_update=update == "none",
+    )
+    unknown = sorted(set(options) - used)
+    if unknown:
+        raise LmpruneError(f"unknown option(s) {', '.join(unknown)} for {layer_solver.name}")
+    return layer_solver

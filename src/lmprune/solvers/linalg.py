@@ -1,0 +1,66 @@
+"""Linear algebra shared by the solvers: damping, preconditioning, errors, exact masked optimum."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """(‖XW − XŴ‖², ‖XW‖²) from the Gram matrix: tr(ΔW H ΔWᵀ) and tr(W H Wᵀ), in float64."""
+    H64 = H.double()
+    delta = (W - W_new).double()
+    err = float(((delta @ H64) * delta).sum())
+    ref = float(((W.double() @ H64) * W.double()).sum())
+    return err, ref
+
+
+def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
+    err, ref = reconstruction_error(W, W_new, H)
+    return err / ref if ref > 0 else 0.0
+
+
+def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs that were never active carry no information: zero their weights, give them unit curvature.
+
+    Returns copies; without this H is singular and every factorisation fails.
+    """
+    H = H.clone()
+    W = W.clone()
+    dead = torch.diag(H) == 0
+    if dead.any():
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+    return W, H
+
+
+def add_damping(H: torch.Tensor, fraction: float) -> torch.Tensor:
+    """H + fraction·mean(diag H)·I (SparseGPT's 1% dampening)."""
+    damp = fraction * torch.diag(H).mean()
+    return H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def input_norms(H: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """‖X_j‖₂ for every input column j, from the Gram diagonal."""
+    return torch.sqrt(torch.diag(H).clamp_min(0)) + eps
+
+
+def precondition(W: torch.Tensor, H: torch.Tensor, eps: float = 1e-8):
+    """Rescale so diag(H) becomes 1 and |W| the Wanda score: W·n, H/(n nᵀ). Undo with W'/n."""
+    norms = input_norms(H, eps)
+    return W * norms, H / norms[:, None] / norms[None, :], norms
+
+
+def exact_masked_optimum(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The exact minimiser of tr((W−Ŵ) H (W−Ŵ)ᵀ) with Ŵ zero off the mask.
+
+    Each row i solves its normal equations on its support S: H_SS ŵ_S = (H wᵢ)_S. One solve per row,
+    in float64: a reference for tests and small layers, not a fast path.
+    """
+    H64 = H.double()
+    target = W.double() @ H64
+    out = torch.zeros_like(W, dtype=torch.float64)
+    for i in range(W.shape[0]):
+        support = mask[i].nonzero().squeeze(1)
+        if support.numel():
+            out[i, support] = torch.linalg.solve(H64[support][:, support], target[i, support])
+    return out.to(W.dtype)
