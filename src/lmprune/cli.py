@@ -15,6 +15,10 @@ from .report import REPORT_NAME, format_report, library_versions, load_report, p
 
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
 
+# Methods that refine whole blocks after the layer-wise pass: name -> module exposing
+# build_block_method(options) -> object with .layer_method, .layer_options, .refiner, .settings.
+BLOCK_METHODS = {"sparsellm": "lmprune.sparsellm"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmprune", description="One-shot pruning of Hugging Face causal LMs.")
@@ -132,11 +136,21 @@ def cmd_prune(args) -> int:
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
-    layer_solver = build_layer_solver(args.method, args.mask, args.update, parse_options(args.opt))
+    options = parse_options(args.opt)
+    refiner, method_name, method_settings = None, None, {}
+    if args.method in BLOCK_METHODS:
+        import importlib
+
+        block_method = importlib.import_module(BLOCK_METHODS[args.method]).build_block_method(options)
+        refiner, method_name, method_settings = block_method.refiner, args.method, block_method.settings
+        layer_solver = build_layer_solver(block_method.layer_method, args.mask, args.update, block_method.layer_options)
+    else:
+        layer_solver = build_layer_solver(args.method, args.mask, args.update, options)
+    method_name = method_name or layer_solver.name
     config = PruneConfig(
-        model=args.model, method=layer_solver.name, pattern=pattern, calib=args.calib, out=args.out,
+        model=args.model, method=method_name, pattern=pattern, calib=args.calib, out=args.out,
         nsamples=args.nsamples, seqlen=args.seqlen or DEFAULT_SEQLEN, seed=args.seed, device=args.device,
-        mask=args.mask, update=args.update, options=layer_solver.settings_dict(), skip=args.skip,
+        mask=args.mask, update=args.update, options={**layer_solver.settings_dict(), **method_settings}, skip=args.skip,
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite,
     )
@@ -148,10 +162,10 @@ def cmd_prune(args) -> int:
         pattern = SparsityPattern(pattern.sparsity, pattern.n, pattern.m, per_row=bool(args.per_row))
     else:
         pattern = SparsityPattern(pattern.sparsity, per_row=layer_solver.per_row_default)
-    return _run_prune(config, pattern, layer_solver, args)
+    return _run_prune(config, pattern, layer_solver, refiner, args)
 
 
-def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, args) -> int:
+def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args) -> int:
     from .data import calibration_windows, evaluation_windows, load_text, tokenize
     from .evaluate import perplexity
     from .model import load_model, resolve_device
@@ -171,11 +185,11 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, args
             tokenize(tokenizer, load_text(config.eval_data, "evaluation")), eval_seqlen, config.eval_max_windows
         )
 
-    _log(f"pruning {config.model} with {layer_solver.name} to {pattern.describe()} on {device}; "
+    _log(f"pruning {config.model} with {config.method} to {pattern.describe()} on {device}; "
          f"calibration {config.nsamples} × {config.seqlen} tokens")
     store = None if not args.offload_activations else __import__("torch").device("cpu")
     result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
-                         config.batch_size, store_device=store, progress=not args.no_progress)
+                         config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress)
     evaluation = []
     if eval_windows is not None:
         tick = time.perf_counter()
@@ -188,7 +202,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, args
     settings = asdict(config)
     settings["pattern"] = asdict(pattern)
     report = {
-        "method": layer_solver.name,
+        "method": config.method,
         "pattern": pattern.describe(),
         "settings": settings,
         "summary": summarize_layers(result.layers),

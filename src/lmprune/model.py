@@ -44,8 +44,13 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 def load_model(name_or_path: str, dtype: str = "auto"):
     """Load a causal LM and its tokenizer on the CPU (blocks move to the device one at a time)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .aliases import resolve_model
+
+    # Our own progress bars and messages are enough; transformers' loading bars would bury them.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     path = resolve_model(name_or_path)
     if _looks_local(path) and not os.path.isdir(path):

@@ -158,8 +158,9 @@ def _admm(Wn: torch.Tensor, G: torch.Tensor, pattern: SparsityPattern, settings:
     for it in range(1, settings.max_iterations + 1):
         iterations = it
         W = solver(target - V + rho * D)
-        mask = project(W + V / rho)
-        D = (W + V / rho) * mask
+        Z = W + V / rho
+        mask = project(Z)
+        D = Z * mask
         V.add_(rho * (W - D))
         if it % settings.check_interval == 0:
             change = int((mask ^ checked).sum()) / k
@@ -189,6 +190,8 @@ def _normalise(W: torch.Tensor, H: torch.Tensor, lambda2: float):
 
 def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: AlpsSettings) -> SolverResult:
     W0 = W.float()
+    if pattern.is_nm and W0.shape[1] % pattern.m:
+        raise ValueError(f"input width {W0.shape[1]} is not a multiple of M={pattern.m}")
     if pattern.target_sparsity == 0 or (not pattern.is_nm and topk_mask(W0.abs(), pattern).all()):
         mask = torch.ones_like(W0, dtype=torch.bool)
         return SolverResult(W0.clone(), mask, {"iterations": 0})

@@ -1,0 +1,74 @@
+"""Shared fixtures: the ../shared data (skipped cleanly when absent) and tiny models built from configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+TINYSTORIES = SHARED / "data" / "tinystories.valid.txt"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def require_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found: ../shared (beside the repo) holds the real model and data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    return require_shared(STORIES)
+
+
+@pytest.fixture(scope="session")
+def tinystories_path() -> Path:
+    return require_shared(TINYSTORIES)
+
+
+def byte_tokenizer():
+    """A self-contained byte-level tokenizer (256 ids + eos): no hub, no shared files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def random_text(words: int, seed: int = 0) -> str:
+    """Pseudo-English with some repetition, so a model has something to compress."""
+    rng = random.Random(seed)
+    vocab = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home", "to", "big", "red"]
+    return " ".join(rng.choice(vocab) for _ in range(words)) + "\n"
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(random_text(3000))
+    return path
+
+
+def correlated_problem(rows: int = 96, cols: int = 192, tokens: int = 2048, seed: int = 0):
+    """A layer least-squares problem with correlated inputs and uneven, scattered input scales.
+
+    Returns (W, H = XᵀX). Scales are permuted so large features are spread over the columns, as the
+    outlier features of real LLM activations are.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(cols) + 2.0 * torch.randn(cols, cols, generator=g) / cols**0.5
+    X = torch.randn(tokens, cols, generator=g) @ mix
+    X = X * torch.linspace(0.2, 3.0, cols)[torch.randperm(cols, generator=g)]
+    W = torch.randn(rows, cols, generator=g)
+    return W, X.T @ X

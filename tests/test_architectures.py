@@ -1,0 +1,119 @@
+"""Tiny random-init models of many architectures, built from configs: capture, prune, save, reload."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import byte_tokenizer, random_text
+from lmprune.cli import save_checkpoint
+from lmprune.config import SparsityPattern
+from lmprune.data import calibration_windows, evaluation_windows, tokenize
+from lmprune.evaluate import perplexity
+from lmprune.masks import is_nm
+from lmprune.model import capture_block_inputs, find_blocks, prunable_layers
+from lmprune.pipeline import prune_model
+from lmprune.solvers import build_layer_solver
+
+VOCAB = 257  # the byte tokenizer's 256 bytes + eos
+IDS = dict(bos_token_id=0, eos_token_id=256, pad_token_id=None)
+DECODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **IDS)
+CONFIGS = {
+    "llama": DECODER,
+    "mistral": DECODER,
+    "qwen2": DECODER,
+    "phi3": DECODER,
+    "gemma": {**DECODER, "head_dim": 16},
+    "gemma2": {**DECODER, "head_dim": 16},
+    "phi": DECODER,
+    "opt": dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, word_embed_proj_dim=64, **IDS),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, **IDS),
+    "gpt_neox": dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=256, **IDS),
+    "falcon": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   new_decoder_architecture=True, num_kv_heads=2, **IDS),
+    "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, **IDS),
+}
+
+
+def tiny_model(model_type: str):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def token_ids(tokenizer):
+    return tokenize(tokenizer, random_text(2000))
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_captured_inputs_reproduce_first_block(model_type, token_ids):
+    """Re-running block 0 on its captured call (all kwargs, rotary tables, masks) gives the model's own output."""
+    model = tiny_model(model_type)
+    ids = token_ids[:48].reshape(2, 24)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[1]
+        _, blocks = find_blocks(model)
+        inputs = capture_block_inputs(model, blocks, [ids], torch.device("cpu"), torch.device("cpu"))
+        got = inputs.call(blocks[0], 0, inputs.hidden[0], torch.device("cpu"))
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_prune_save_reload(model_type, tokenizer, token_ids, tmp_path):
+    model = tiny_model(model_type)
+    calibration = calibration_windows(token_ids, nsamples=4, seqlen=64, seed=0)
+    pattern = SparsityPattern(0.5)
+    result = prune_model(model, calibration, build_layer_solver("sparsegpt"), pattern, torch.device("cpu"),
+                         batch_size=2, progress=False)
+    blocks_name, blocks = find_blocks(model)
+    layers = [l for i, b in enumerate(blocks) for l in prunable_layers(b, f"{blocks_name}.{i}")]
+    assert len(result.layers) == len(layers) >= 8
+    for layer in layers:
+        weight = layer.module.weight
+        assert int((weight == 0).sum()) == weight.numel() // 2, layer.name
+
+    save_checkpoint(model, tokenizer, {"method": "sparsegpt"}, str(tmp_path / "out"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    ppl = perplexity(reloaded, evaluation_windows(token_ids, 64, 4), torch.device("cpu"), progress=False)
+    assert 1.0 < ppl < float("inf")
+
+
+def test_nm_pattern_on_gpt2_conv1d(token_ids):
+    """Conv1D stores [in, out]; N:M must still run along the input dimension."""
+    model = tiny_model("gpt2")
+    prune_model(model, calibration_windows(token_ids, 2, 32, 0), build_layer_solver("wanda"),
+                SparsityPattern.nm("2:4"), torch.device("cpu"), progress=False)
+    _, blocks = find_blocks(model)
+    for layer in prunable_layers(blocks[0], "h.0"):
+        assert layer.transposed
+        assert is_nm(layer.get_weight(torch.device("cpu")) != 0, 2, 4), layer.name
+
+
+def test_skip_regex_leaves_layers_dense(token_ids):
+    model = tiny_model("llama")
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    result = prune_model(model, calibration_windows(token_ids, 2, 32, 0), build_layer_solver("magnitude"),
+                         SparsityPattern(0.5), torch.device("cpu"), skip=[r"down_proj"], progress=False)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+    assert not any("down_proj" in r["name"] for r in result.layers)
+    assert all(r["sparsity"] == 0.5 for r in result.layers)
+
+
+def test_embeddings_and_lm_head_never_pruned(token_ids):
+    model = tiny_model("opt")
+    embed = model.get_input_embeddings().weight.clone()
+    prune_model(model, calibration_windows(token_ids, 2, 32, 0), build_layer_solver("magnitude"),
+                SparsityPattern(0.5), torch.device("cpu"), progress=False)
+    assert torch.equal(model.get_input_embeddings().weight, embed)
+    assert (model.get_output_embeddings().weight != 0).all()

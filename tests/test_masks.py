@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from lmprune.config import SparsityPattern
+from lmprune.errors import LmpruneError
+from lmprune.masks import cubic_schedule, is_nm, layer_mask, nm_mask, prune_count, row_mask, topk_mask
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.9])
+def test_layer_mask_prunes_exact_floor_count(sparsity):
+    scores = torch.rand(37, 53)
+    mask = layer_mask(scores, sparsity)
+    assert int((~mask).sum()) == int(37 * 53 * sparsity)
+    # everything pruned scores no higher than everything kept
+    if 0 < sparsity:
+        assert scores[~mask].max() <= scores[mask].min()
+
+
+def test_row_mask_exact_per_row():
+    scores = torch.rand(10, 33)
+    mask = row_mask(scores, 0.5)
+    assert ((~mask).sum(1) == 16).all()
+
+
+def test_ties_broken_deterministically_lower_index_first():
+    scores = torch.ones(4, 8)
+    mask = layer_mask(scores, 0.5)
+    assert torch.equal(mask, layer_mask(scores.clone(), 0.5))
+    assert not mask.reshape(-1)[:16].any() and mask.reshape(-1)[16:].all()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3), (3, 7)])
+def test_nm_mask_valid_and_keeps_largest(n, m):
+    scores = torch.rand(6, m * 5)
+    mask = nm_mask(scores, n, m)
+    assert is_nm(mask, n, m)
+    groups = mask.reshape(6, 5, m)
+    assert (groups.sum(-1) == n).all()
+    s = scores.reshape(6, 5, m)
+    kept_min = torch.where(groups, s, torch.inf).min(-1).values
+    pruned_max = torch.where(~groups, s, -torch.inf).max(-1).values
+    assert (kept_min >= pruned_max).all()
+
+
+def test_is_nm_detects_violation():
+    mask = torch.tensor([[True, True, True, False]])
+    assert not is_nm(mask, 2, 4)
+    assert is_nm(mask, 3, 4)
+
+
+def test_topk_mask_dispatches_on_pattern():
+    scores = torch.rand(8, 16)
+    assert is_nm(topk_mask(scores, SparsityPattern.nm("2:4")), 2, 4)
+    assert ((~topk_mask(scores, SparsityPattern(0.25, per_row=True))).sum(1) == 4).all()
+    assert int((~topk_mask(scores, SparsityPattern(0.25))).sum()) == 32
+
+
+def test_prune_count_is_floor():
+    assert prune_count(7, 0.5) == 3
+    assert prune_count(100, 0.7) == 70  # no float round-down to 69
+
+
+def test_cubic_schedules():
+    assert cubic_schedule(0, 15, 0.6) == 0.0
+    assert cubic_schedule(15, 15, 0.6) == pytest.approx(0.6)
+    assert cubic_schedule(5, 15, 0.6, "fast") > cubic_schedule(5, 15, 0.6, "slow")
+    assert cubic_schedule(5, 15, 0.6, "slow") == pytest.approx(0.6 * (1 / 3) ** 3)
+    with pytest.raises(ValueError):
+        cubic_schedule(1, 15, 0.6, "linear")
+
+
+@pytest.mark.parametrize("kwargs", [{"sparsity": 1.0}, {"sparsity": -0.1}, {"n": 4, "m": 4}, {"n": 0, "m": 4}])
+def test_bad_patterns_rejected(kwargs):
+    with pytest.raises(LmpruneError):
+        SparsityPattern(**kwargs)
+
+
+def test_nm_width_check_names_layer():
+    with pytest.raises(LmpruneError, match="down_proj.*172.*multiple of 8"):
+        SparsityPattern.nm("4:8").check_width(172, "model.layers.0.mlp.down_proj")

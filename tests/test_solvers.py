@@ -1,0 +1,103 @@
+"""Baseline solvers on synthetic least-squares problems where the optimum on a mask is known exactly."""
+
+import pytest
+import torch
+
+from conftest import correlated_problem
+from lmprune.config import SparsityPattern
+from lmprune.errors import LmpruneError
+from lmprune.masks import is_nm
+from lmprune.solvers import build_layer_solver, method_names
+from lmprune.solvers.linalg import exact_masked_optimum, relative_error
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return correlated_problem()
+
+
+def errors(problem, pattern):
+    W, H = problem
+    return {m: relative_error(W, build_layer_solver(m)(W, H, pattern).weight, H) for m in ("magnitude", "wanda", "sparsegpt")}
+
+
+@pytest.mark.parametrize("pattern", [SparsityPattern(0.5), SparsityPattern(0.7), SparsityPattern.nm("2:4")],
+                         ids=["50%", "70%", "2:4"])
+def test_error_ordering_sparsegpt_wanda_magnitude(problem, pattern):
+    e = errors(problem, pattern)
+    assert e["sparsegpt"] < e["wanda"] < e["magnitude"], e
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.6, 0.73])
+def test_exact_counts(problem, method, sparsity):
+    W, H = problem
+    for per_row in (False, True):
+        r = build_layer_solver(method)(W, H, SparsityPattern(sparsity, per_row=per_row))
+        zeros = (r.weight == 0)
+        assert torch.equal(zeros, ~r.mask)
+        if per_row:
+            assert (zeros.sum(1) == int(W.shape[1] * sparsity)).all()
+        else:
+            assert int(zeros.sum()) == int(W.numel() * sparsity)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("nm", ["2:4", "4:8", "1:4"])
+def test_nm_valid(problem, method, nm):
+    W, H = problem
+    pattern = SparsityPattern.nm(nm)
+    r = build_layer_solver(method)(W, H, pattern)
+    assert is_nm(r.weight != 0, pattern.n, pattern.m)
+    assert int((r.weight == 0).sum()) == W.numel() * (pattern.m - pattern.n) // pattern.m
+
+
+def test_sparsegpt_update_on_fixed_mask_improves_masked_weights(problem):
+    W, H = problem
+    wanda = build_layer_solver("wanda")(W, H, SparsityPattern(0.5))
+    updated = build_layer_solver(mask="wanda", update="sparsegpt")(W, H, SparsityPattern(0.5))
+    assert torch.equal(updated.mask, wanda.mask)
+    exact = relative_error(W, exact_masked_optimum(W, H, wanda.mask), H)
+    e_update = relative_error(W, updated.weight, H)
+    assert exact <= e_update < relative_error(W, wanda.weight, H)
+    assert not updated.weight[~wanda.mask].any()
+
+
+def test_exact_masked_optimum_satisfies_normal_equations(problem):
+    W, H = problem
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    opt = exact_masked_optimum(W, H, mask)
+    grad = (opt - W).double() @ H.double()  # gradient of the objective, up to a factor 2
+    assert grad[mask].abs().max() < 1e-6 * grad.abs().max()
+    # and it beats any perturbation on the support
+    bumped = opt + 0.01 * torch.randn_like(opt) * mask
+    assert relative_error(W, opt, H) < relative_error(W, bumped, H)
+
+
+def test_dead_inputs_are_handled():
+    W, H = correlated_problem(rows=16, cols=64, tokens=256)
+    H[:, 5] = 0
+    H[5, :] = 0
+    r = build_layer_solver("sparsegpt")(W, H, SparsityPattern(0.5))
+    assert torch.isfinite(r.weight).all()
+    assert int((r.weight == 0).sum()) == W.numel() // 2
+
+
+def test_registry_lists_baselines():
+    assert {"magnitude", "wanda", "sparsegpt"} <= set(method_names())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "nope"}, "unknown method 'nope'"),
+        ({"method": "sparsegpt", "options": {"blocksize": "x"}}, "expected int"),
+        ({"method": "sparsegpt", "options": {"bogus": "1"}}, "unknown option"),
+        ({"method": "sparsegpt", "options": {"dampening": "2"}}, "dampening"),
+        ({"mask": "wanda", "update": "magnitude"}, "cannot update"),
+        ({}, "no method"),
+    ],
+)
+def test_bad_solver_settings(kwargs, message):
+    with pytest.raises(LmpruneError, match=message):
+        build_layer_solver(**kwargs)
