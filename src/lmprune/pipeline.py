@@ -110,14 +110,19 @@ def prune_model(
         timings["gram_forward"] += time.perf_counter() - tick
 
         dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
+        first_record = len(result.layers)
         for layer in layers:
-            bar.set_postfix_str(f"block {index}: {layer.name.rsplit('.', 2)[-2:][-1]}")
+            bar.set_postfix_str(f"block {index}: {layer.name.rsplit('.', 1)[-1]}")
             tick = time.perf_counter()
             record = _prune_layer(layer, grams.pop(layer.name), layer_solver, pattern, device)
             record["seconds"] = time.perf_counter() - tick
             timings["solve"] += record["seconds"]
             result.layers.append(record)
             bar.update()
+
+        if progress and layers:
+            errors = ", ".join(f"{r['name'].rsplit('.', 1)[-1]} {r['error']:.3g}" for r in result.layers[first_record:])
+            bar.write(f"block {index} relative errors: {errors}")
 
         if refiner is not None:
             tick = time.perf_counter()

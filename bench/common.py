@@ -1,0 +1,119 @@
+"""Shared pieces of the benchmarks: presets (model + data + sizes), window building, timed pruning."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmprune.config import SparsityPattern
+from lmprune.data import calibration_windows, evaluation_windows, load_text, tokenize
+from lmprune.evaluate import perplexity
+from lmprune.model import load_model
+from lmprune.pipeline import prune_model
+from lmprune.report import summarize_layers
+from lmprune.solvers import build_layer_solver
+
+BENCH = Path(__file__).resolve().parent
+SHARED = BENCH.parent.parent / "shared"
+
+PRESETS = {
+    "stories260k": dict(
+        model=str(SHARED / "models" / "stories260K"),
+        calib=str(SHARED / "data" / "tinystories.valid.txt"), nsamples=128, seqlen=256,
+        eval=str(SHARED / "data" / "tinystories.valid.txt"), eval_seqlen=256, eval_windows=None,
+    ),
+    "smollm2-135m": dict(
+        model="smollm2-135m",
+        calib=str(SHARED / "data" / "wikitext2.valid.tokens.txt"), nsamples=64, seqlen=512,
+        eval=str(SHARED / "data" / "wikitext2.test.raw.txt"), eval_seqlen=512, eval_windows=32,
+    ),
+}
+
+METHODS = ["magnitude", "wanda", "sparsegpt", "admm1", "admm-grad", "alps", "sparsellm"]
+TARGETS = ["0.5", "0.6", "0.7", "0.8", "2:4"]
+
+
+def require_shared() -> None:
+    if not SHARED.exists():
+        sys.exit(f"skipped: {SHARED} not found (../shared beside the repo holds the models and data)")
+
+
+def parse_target(target: str) -> SparsityPattern:
+    return SparsityPattern.nm(target) if ":" in target else SparsityPattern(float(target))
+
+
+def build_windows(preset: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    calib_ids = tokenize(tokenizer, load_text(preset["calib"]))
+    eval_ids = tokenize(tokenizer, load_text(preset["eval"], "evaluation"))
+    return (
+        calibration_windows(calib_ids, preset["nsamples"], preset["seqlen"], seed=0),
+        evaluation_windows(eval_ids, preset["eval_seqlen"], preset["eval_windows"]),
+    )
+
+
+def method_parts(method: str):
+    """(layer solver, block refiner) for a method name, as the CLI builds them."""
+    if method == "sparsellm":
+        from lmprune.sparsellm import build_block_method
+
+        block = build_block_method({})
+        return build_layer_solver(block.layer_method, options=block.layer_options), block.refiner
+    return build_layer_solver(method), None
+
+
+def resolve_pattern(pattern: SparsityPattern, layer_solver) -> SparsityPattern:
+    if pattern.is_nm:
+        return pattern
+    return SparsityPattern(pattern.sparsity, per_row=layer_solver.per_row_default)
+
+
+def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False) -> dict:
+    """Prune a copy of the dense model and evaluate it; returns the row the benchmarks store."""
+    model = copy.deepcopy(dense_model)
+    layer_solver, refiner = method_parts(method)
+    pattern = resolve_pattern(parse_target(target), layer_solver)
+    tick = time.perf_counter()
+    result = prune_model(model, calibration, layer_solver, pattern, device, refiner=refiner, progress=progress)
+    prune_seconds = time.perf_counter() - tick
+    tick = time.perf_counter()
+    ppl = perplexity(model, evaluation, device, batch_size=8, progress=progress)
+    return {
+        "tool": "lmprune", "method": method, "target": target, "perplexity": ppl,
+        "prune_seconds": prune_seconds, "eval_seconds": time.perf_counter() - tick,
+        "timings": result.timings, "summary": summarize_layers(result.layers),
+        "layers": [{k: r[k] for k in ("name", "error", "error_masked", "sparsity", "seconds")} for r in result.layers],
+    }
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def replace_section(markdown: Path, marker: str, body: str) -> None:
+    """Replace the text between <!-- marker:start --> and <!-- marker:end --> (appending if absent)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    text = markdown.read_text() if markdown.exists() else "# Benchmark results\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    markdown.write_text(text)
+
+
+def load_dense(preset: dict):
+    model, tokenizer = load_model(preset["model"])
+    return model, tokenizer

@@ -1,0 +1,229 @@
+"""Prune a Hugging Face causal LM with llm-compressor (the maintained peer) on given token windows.
+
+Runs inside bench/peers/.venv-llmc (see setup.sh); it does not import lmprune, so the two tools share
+nothing but the windows file:
+
+    {"calibration": LongTensor[n, seqlen], "evaluation": LongTensor[k, seqlen]}
+
+Calibration windows go to `oneshot` as a dataset of ready `input_ids` (no re-tokenization, no BOS added,
+no shuffling, batch 1, all n windows, seqlen tokens each). Perplexity is exp(mean next-token NLL) over
+every predicted token of every evaluation window (logits[:, :-1] against ids[:, 1:], summed, divided
+by the total count), the same convention as lmprune's.
+
+    .venv-llmc/bin/python run_llmcompressor.py --model PATH --windows FILE.pt
+        --method sparsegpt|wanda (--sparsity S | --pattern 2:4) --out RESULT.json [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import re
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    p.add_argument("--windows", required=True, help="torch file with 'calibration' and 'evaluation' LongTensors")
+    p.add_argument("--method", required=True, choices=["sparsegpt", "wanda"])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="unstructured sparsity in (0, 1)")
+    target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
+    p.add_argument("--out", required=True, help="result JSON path")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--dense", action="store_true", help="also measure the dense model's perplexity first")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="a targeted layer whose measured sparsity falls short of the target by more fails")
+    args = p.parse_args(argv)
+    if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
+        p.error("--sparsity must be in (0, 1)")
+    if args.pattern is not None:
+        m = re.fullmatch(r"(\d+):(\d+)", args.pattern)
+        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+            p.error(f"--pattern must look like N:M with 0 < N < M, got {args.pattern!r}")
+    return args
+
+
+def load_windows(path):
+    import torch
+
+    data = torch.load(path, map_location="cpu")
+    for key in ("calibration", "evaluation"):
+        t = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.long:
+            sys.exit(f"{path}: expected {key!r} as a 2-D LongTensor [n, seqlen], got {type(t).__name__}")
+    return data["calibration"], data["evaluation"]
+
+
+def perplexity(model, windows, batch_size):
+    import torch
+    import torch.nn.functional as F
+
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            logits = model(input_ids=batch, use_cache=False).logits
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                batch[:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            total_nll += float(nll)
+            total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def is_lm_head(name):
+    return re.match(r".*lm_head", name) is not None
+
+
+def measure(model, n, m):
+    """Measured sparsity of every Linear outside lm_head; with N:M also the count of groups breaking it."""
+    import torch
+
+    layers, zeros, total = {}, 0, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or is_lm_head(name):
+            continue
+        w = module.weight.detach()
+        z = int((w == 0).sum())
+        entry = {"shape": list(w.shape), "sparsity": z / w.numel()}
+        if n:
+            cols = w.shape[1] - w.shape[1] % m
+            groups = (w[:, :cols] != 0).reshape(w.shape[0], -1, m).sum(-1)
+            entry["nm_violations"] = int((groups > n).sum())
+        layers[name] = entry
+        zeros += z
+        total += w.numel()
+    return layers, (zeros / total if total else 0.0)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    if args.method == "sparsegpt":
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier as Modifier
+    else:
+        from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier as Modifier
+
+    calib, evaluation = load_windows(args.windows)
+    n_calib, seqlen = calib.shape
+    print(f"[llmc] windows: calibration {tuple(calib.shape)}, evaluation {tuple(evaluation.shape)}", flush=True)
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+    lm_head = model.get_output_embeddings()
+    lm_head_before = lm_head.weight.detach().clone() if lm_head is not None else None
+
+    result = {"tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"),
+              "method": args.method, "target": args.pattern or str(args.sparsity)}
+    if args.dense:
+        t0 = time.perf_counter()
+        result["dense_perplexity"] = perplexity(model, evaluation, args.eval_batch_size)
+        print(f"[llmc] dense perplexity {result['dense_perplexity']:.4f} "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    if args.pattern:
+        n, m = (int(x) for x in args.pattern.split(":"))
+        # llm-compressor ignores `sparsity` under an N:M mask_structure; set it to the implied value.
+        modifier = Modifier(sparsity=0.5, mask_structure=args.pattern, targets=["Linear"],
+                            ignore=["re:.*lm_head"])
+    else:
+        n, m = 0, 0
+        modifier = Modifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"],
+                            ignore=["re:.*lm_head"])
+    dataset = Dataset.from_dict({"input_ids": calib.tolist()})
+
+    # Record what reaches the input embedding during oneshot, to prove the calibration tokens went in
+    # exactly as given (no re-tokenization, BOS, truncation or padding).
+    seen = set()
+    embed = model.get_input_embeddings()
+    hook = embed.register_forward_hook(
+        lambda _mod, inputs, _out: seen.update(tuple(row) for row in inputs[0].reshape(-1, inputs[0].shape[-1]).tolist())
+    )
+
+    t0 = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=[modifier],
+        pipeline="sequential",
+        num_calibration_samples=n_calib,
+        max_seq_length=seqlen,
+        shuffle_calibration_samples=False,
+        batch_size=1,
+    )
+    prune_seconds = time.perf_counter() - t0
+    hook.remove()
+    print(f"[llmc] oneshot {args.method} {result['target']}: {prune_seconds:.1f}s", flush=True)
+    model.eval()
+
+    layers, overall = measure(model, n, m)
+    problems = []
+    expected = set(tuple(row) for row in calib.tolist())
+    calibration_tokens_match = seen == expected
+    if not calibration_tokens_match:
+        problems.append(f"calibration inputs differ from the windows: {len(seen)} distinct rows seen, "
+                        f"{len(expected)} expected, {len(seen & expected)} in common")
+    want = 1 - n / m if n else args.sparsity
+    for name, entry in layers.items():
+        if entry["sparsity"] < want - args.tolerance:
+            problems.append(f"{name}: measured sparsity {entry['sparsity']:.4f} below target")
+        if entry.get("nm_violations"):
+            problems.append(f"{name}: {entry['nm_violations']} groups keep more than {n} of {m}")
+    lm_head_untouched = None
+    if lm_head_before is not None:
+        lm_head_untouched = bool(torch.equal(lm_head_before, model.get_output_embeddings().weight.detach()))
+        if not lm_head_untouched:
+            problems.append("lm_head changed")
+
+    t0 = time.perf_counter()
+    ppl = perplexity(model, evaluation, args.eval_batch_size)
+    eval_seconds = time.perf_counter() - t0
+    print(f"[llmc] perplexity {ppl:.4f} on {evaluation.shape[0]} windows ({eval_seconds:.1f}s); "
+          f"block-linear sparsity {overall:.4f} over {len(layers)} layers", flush=True)
+
+    result.update({
+        "perplexity": ppl,
+        "prune_seconds": prune_seconds,
+        "eval_seconds": eval_seconds,
+        "sparsity": overall,
+        "layers": layers,
+        "lm_head_untouched": lm_head_untouched,
+        "calibration_tokens_match": calibration_tokens_match,
+        "calibration_windows": int(n_calib),
+        "evaluation_windows": int(evaluation.shape[0]),
+        "seqlen": int(seqlen),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": importlib.metadata.version("transformers"),
+        "problems": problems,
+    })
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"[llmc] wrote {args.out}", flush=True)
+    if problems:
+        print("[llmc] PRUNING CHECK FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

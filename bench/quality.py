@@ -1,0 +1,159 @@
+"""Perplexity of every method × sparsity on a preset model, optionally beside llm-compressor.
+
+    python bench/quality.py --preset stories260k                      # all methods × 50/60/70/80%/2:4
+    python bench/quality.py --preset smollm2-135m --methods sparsegpt,wanda --peers
+
+Results go to bench/results/quality_<preset>.json (saved after every run; an interrupted run resumes,
+skipping rows already there; --fresh starts over) and a table in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    BENCH, METHODS, PRESETS, TARGETS, build_windows, load_dense, load_json, replace_section, require_shared,
+    run_once, save_json,
+)
+from lmprune.evaluate import perplexity  # noqa: E402
+from lmprune.model import resolve_device  # noqa: E402
+
+PEER_PYTHON = BENCH / "peers" / ".venv-llmc" / "bin" / "python"
+PEER_METHODS = ("sparsegpt", "wanda")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="stories260k")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--nsamples", type=int, help="override the preset's calibration windows")
+    parser.add_argument("--eval-windows", type=int, help="override the preset's evaluation windows")
+    parser.add_argument("--peers", action="store_true", help="also run llm-compressor (bench/peers/setup.sh)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    require_shared()
+    torch.set_num_threads(args.threads)
+    preset = dict(PRESETS[args.preset])
+    if args.nsamples:
+        preset["nsamples"] = args.nsamples
+    if args.eval_windows:
+        preset["eval_windows"] = args.eval_windows
+    methods = [m for m in args.methods.split(",") if m]
+    targets = [t for t in args.targets.split(",") if t]
+    out = BENCH / "results" / f"quality_{args.preset}.json"
+    data = {"runs": []} if args.fresh else load_json(out)
+    device = resolve_device(args.device)
+
+    dense, tokenizer = load_dense(preset)
+    calibration, evaluation = build_windows(preset, tokenizer)
+    data.update(preset=args.preset, settings=preset, threads=args.threads, device=str(device),
+                machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+                command="python bench/quality.py " + " ".join(sys.argv[1:]))
+    if "dense" not in data:
+        tick = time.perf_counter()
+        data["dense"] = {"perplexity": perplexity(dense, evaluation, device, 8, progress=not args.no_progress),
+                         "eval_seconds": time.perf_counter() - tick}
+        save_json(out, data)
+    eval_s = data["dense"]["eval_seconds"]
+    todo = [(m, t) for m in methods for t in targets if not _done(data, "lmprune", m, t)]
+    print(f"{args.preset}: dense perplexity {data['dense']['perplexity']:.3f}; {len(todo)} runs to do, "
+          f"each ≈ 2 calibration passes ({calibration.numel()} tokens) + solves + {eval_s:.0f} s of evaluation",
+          file=sys.stderr)
+
+    for i, (method, target) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {method} {target}", file=sys.stderr)
+        row = run_once(dense, method, target, calibration, evaluation, device, progress=not args.no_progress)
+        data["runs"].append(row)
+        save_json(out, data)
+        print(f"    perplexity {row['perplexity']:.3f}, prune {row['prune_seconds']:.1f} s", file=sys.stderr)
+
+    if args.peers:
+        run_peers(data, out, preset, calibration, evaluation, targets, args.threads)
+    replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", format_table(data))
+    print(format_table(data))
+
+
+def _done(data: dict, tool: str, method: str, target: str) -> bool:
+    return any(r["tool"] == tool and r["method"] == method and r["target"] == target for r in data["runs"])
+
+
+def run_peers(data, out, preset, calibration, evaluation, targets, threads) -> None:
+    if not PEER_PYTHON.exists():
+        sys.exit(f"{PEER_PYTHON} missing: run bench/peers/setup.sh first")
+    windows = out.with_name(f"windows_{data['preset']}.pt")
+    torch.save({"calibration": calibration, "evaluation": evaluation}, windows)
+    model_path = _model_path(preset["model"])
+    for method in PEER_METHODS:
+        for target in targets:
+            if _done(data, "llmcompressor", method, target):
+                continue
+            result = out.with_name(f"peer_{data['preset']}_{method}_{target.replace(':', '-')}.json")
+            flag = ["--pattern", target] if ":" in target else ["--sparsity", target]
+            print(f"[llm-compressor] {method} {target}", file=sys.stderr)
+            subprocess.run([str(PEER_PYTHON), str(BENCH / "peers" / "run_llmcompressor.py"), "--model", model_path,
+                            "--windows", str(windows), "--method", method, *flag, "--out", str(result),
+                            "--threads", str(threads)], check=True)
+            row = load_json(result)
+            row.update(tool="llmcompressor", method=method, target=target)
+            data["runs"].append(row)
+            save_json(out, data)
+            result.unlink()
+
+
+def _model_path(model: str) -> str:
+    from lmprune.aliases import resolve_model
+
+    return resolve_model(model)
+
+
+def format_table(data: dict) -> str:
+    runs = data["runs"]
+    targets = [t for t in TARGETS if any(r["target"] == t for r in runs)]
+    tools_methods = []
+    for r in runs:
+        key = (r["tool"], r["method"])
+        if key not in tools_methods:
+            tools_methods.append(key)
+    tools_methods.sort(key=lambda k: (METHODS.index(k[1]) if k[1] in METHODS else 99, k[0] != "lmprune"))
+    settings = data["settings"]
+    lines = [
+        f"### Perplexity: {data['preset']}",
+        "",
+        f"Calibration {settings['nsamples']} × {settings['seqlen']} tokens of `{Path(settings['calib']).name}` (seed 0); "
+        f"evaluation on `{Path(settings['eval']).name}`, {settings['eval_seqlen']}-token windows"
+        + (f", first {settings['eval_windows']}" if settings.get("eval_windows") else ", whole file")
+        + f". Dense: **{data['dense']['perplexity']:.2f}**. {data.get('threads')} threads on {data.get('device')}.",
+        "",
+        f"Command: `{data.get('command')}`",
+        "",
+        "| tool | method | " + " | ".join(_label(t) for t in targets) + " | prune s (per target) |",
+        "|---|---|" + "---|" * len(targets) + "---|",
+    ]
+    for tool, method in tools_methods:
+        cells, times = [], []
+        for t in targets:
+            row = next((r for r in runs if r["tool"] == tool and r["method"] == method and r["target"] == t), None)
+            cells.append(f"{row['perplexity']:.2f}" if row else "—")
+            times.append(f"{row['prune_seconds']:.0f}" if row else "—")
+        lines.append(f"| {tool} | {method} | " + " | ".join(cells) + " | " + "/".join(times) + " |")
+    return "\n".join(lines)
+
+
+def _label(target: str) -> str:
+    return target if ":" in target else f"{float(target):.0%}"
+
+
+if __name__ == "__main__":
+    main()

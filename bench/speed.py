@@ -1,0 +1,137 @@
+"""Prune time per method (forward passes vs solves), peak RSS, and solve time vs layer width.
+
+    python bench/speed.py --preset stories260k --target 0.6          # whole-model timings, one run
+    python bench/speed.py --layers --widths 512,1024,2048,4096       # synthetic square layers
+
+Every method runs in its own subprocess (so peak RSS is its own) with a fixed thread count; run it on
+an otherwise idle machine and compare ratios from one invocation, not absolute seconds across runs.
+Results: bench/results/speed_<preset>.json / speed_layers.json and a table in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    BENCH, METHODS, PRESETS, build_windows, load_dense, method_parts, parse_target, replace_section,
+    require_shared, resolve_pattern, save_json,
+)
+
+
+def one_model_run(preset_name: str, method: str, target: str, threads: int, nsamples: int | None) -> dict:
+    from lmprune.model import resolve_device
+    from lmprune.pipeline import prune_model
+
+    torch.set_num_threads(threads)
+    preset = dict(PRESETS[preset_name])
+    if nsamples:
+        preset["nsamples"] = nsamples
+    model, tokenizer = load_dense(preset)
+    calibration, _ = build_windows(preset, tokenizer)
+    layer_solver, refiner = method_parts(method)
+    pattern = resolve_pattern(parse_target(target), layer_solver)
+    tick = time.perf_counter()
+    result = prune_model(model, calibration, layer_solver, pattern, resolve_device("auto"), refiner=refiner,
+                         progress=False)
+    total = time.perf_counter() - tick
+    t = result.timings
+    return {"method": method, "target": target, "total_s": total, "solve_s": t["solve"] + t.get("refine", 0.0),
+            "forward_s": t["capture"] + t["gram_forward"] + t["propagate"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def one_layer_run(method: str, width: int, target: str, threads: int) -> dict:
+    from lmprune.solvers import build_layer_solver
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4 * width, width, generator=g) @ (torch.eye(width) + torch.randn(width, width, generator=g) / width**0.5)
+    H, W = X.T @ X, torch.randn(width, width, generator=g)
+    solver = build_layer_solver(method)
+    pattern = resolve_pattern(parse_target(target), solver)
+    tick = time.perf_counter()
+    solver(W, H, pattern)
+    return {"method": method, "width": width, "target": target, "solve_s": time.perf_counter() - tick}
+
+
+def spawn(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="stories260k")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--target", default="0.6")
+    parser.add_argument("--nsamples", type=int)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", action="store_true", help="synthetic layers instead of a model")
+    parser.add_argument("--widths", default="512,1024,2048")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
+    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+
+    if args.one:
+        row = (one_layer_run(args.one, args.width, args.target, args.threads) if args.layers
+               else one_model_run(args.preset, args.one, args.target, args.threads, args.nsamples))
+        print(json.dumps(row))
+        return
+
+    common_args = ["--target", args.target, "--threads", str(args.threads)]
+    command = "python bench/speed.py " + " ".join(sys.argv[1:])
+    if args.layers:
+        rows = []
+        for width in [int(w) for w in args.widths.split(",")]:
+            for method in methods:
+                rows.append(spawn(["--layers", "--one", method, "--width", str(width), *common_args]))
+                print(rows[-1], file=sys.stderr)
+        save_json(BENCH / "results" / "speed_layers.json", {"command": command, "runs": rows})
+        replace_section(BENCH / "RESULTS.md", "speed-layers", layer_table(rows, command, args))
+        return
+
+    require_shared()
+    rows = []
+    for method in methods:
+        extra = ["--nsamples", str(args.nsamples)] if args.nsamples else []
+        rows.append(spawn(["--preset", args.preset, "--one", method, *common_args, *extra]))
+        print(rows[-1], file=sys.stderr)
+    save_json(BENCH / "results" / f"speed_{args.preset}.json", {"command": command, "runs": rows})
+    replace_section(BENCH / "RESULTS.md", f"speed-{args.preset}", model_table(rows, command, args))
+
+
+def model_table(rows, command, args) -> str:
+    base = next((r for r in rows if r["method"] == "sparsegpt"), None)
+    lines = [f"### Prune time: {args.preset}, target {args.target}, {args.threads} threads", "",
+             f"Command: `{command}`", "",
+             "| method | total s | forward s | solve s | × sparsegpt (total) | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['total_s'] / base['total_s']:.2f}" if base else "—"
+        lines.append(f"| {r['method']} | {r['total_s']:.1f} | {r['forward_s']:.1f} | {r['solve_s']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def layer_table(rows, command, args) -> str:
+    widths = sorted({r["width"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"### Solve time per layer vs width (square layer, 4·width tokens, target {args.target}, {args.threads} threads)",
+             "", f"Command: `{command}`", "",
+             "| method | " + " | ".join(str(w) for w in widths) + " |", "|---|" + "---|" * len(widths)]
+    for m in methods:
+        cells = [next((f"{r['solve_s']:.2f}" for r in rows if r["method"] == m and r["width"] == w), "—") for w in widths]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
