@@ -30,7 +30,10 @@ Every sub-problem is easy, so we alternate (block coordinate descent), one epoch
 Steps 2–4 use the pruned weights of step 1. `epochs` counts the W steps (the authors' 4); after each
 one the pruned MLP's true output error ‖MLP(X) − Y‖² is measured. Only the ratios α:β:γ matter here
 (every update is invariant to scaling all three), so the paper's OPT defaults 0.1/0.1/0.1 and Llama
-defaults 5/5/5 are both "equal weights"; they are kept as the defaults by architecture.
+defaults 5/5/5 are both "equal weights"; they are kept as the defaults by architecture. (On
+stories260K at 80%, a larger γ, e.g. alpha=1 beta=1 gamma=20, gave a clearly lower perplexity than
+equal weights; tune per model.) The layer solver is `layer_method` (any pruning method, e.g.
+admm-grad) with its own `--opt` keys; `--update admm` gives SparseGPT's mask with ADMM's update.
 
 Robustness (the authors' issue #15, NaNs): a non-finite value anywhere stops the block's iterations and
 the block keeps the layer-wise weights; so does an MLP output error not below the layer-wise one. With
@@ -96,7 +99,10 @@ class SparseLLMSettings:
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
             if isinstance(value, str):  # from --opt: a number or "auto"
-                value = None if value.strip().lower() == "auto" else float(value)
+                try:
+                    value = None if value.strip().lower() == "auto" else float(value)
+                except ValueError:
+                    raise ValueError(f"{name}={value!r}: expected a positive number or 'auto'") from None
                 object.__setattr__(self, name, value)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number or 'auto', got {value}")
@@ -126,17 +132,20 @@ class BlockMethod:
 
 def build_block_method(options: dict[str, str]) -> BlockMethod:
     """Split `--opt` into SparseLLM's settings and the layer solver's options; validate ours."""
-    from .solvers import get_solver
+    from .solvers import get_solver, method_names
 
     known = {f.name for f in fields(SparseLLMSettings)}
     mine = {k: v for k, v in options.items() if k.replace("-", "_") in known}
     rest = {k: v for k, v in options.items() if k.replace("-", "_") not in known}
     settings = settings_from_options(SparseLLMSettings, mine, "sparsellm")
-    solver = get_solver(settings.layer_method)
-    if solver.solve is None:
-        raise LmpruneError(f"layer_method={settings.layer_method!r} cannot choose a mask; use a pruning method")
     if settings.layer_method == "sparsellm":
         raise LmpruneError("layer_method must be a layer-wise method, not sparsellm")
+    if settings.layer_method not in method_names():
+        get_solver(settings.layer_method)  # unknown names: the registry's error
+        raise LmpruneError(
+            f"layer_method={settings.layer_method!r} only updates weights; choose a pruning method "
+            f"({', '.join(method_names())}) and add --update {settings.layer_method} for its update"
+        )
     report = {f"sparsellm_{f.name}": getattr(settings, f.name) for f in fields(settings)}
     for name in ("alpha", "beta", "gamma"):
         if report[f"sparsellm_{name}"] is None:
@@ -364,28 +373,16 @@ def sparsellm_mlp(
     store = X.device
     tokens = X.shape[0]
     io = _Stream(device, store, settings.chunk_tokens, tokens)
+    given = layerwise  # returned as is when it is kept
     dense, layerwise = dense.to(device), layerwise.to(device)
+    name = "layerwise"
     gated = dense.gated
     alpha, beta, gamma = settings.penalties(gated)
     relu = not gated and is_relu(act)
 
     y_norm = max(sum(float(io.get(Y, sl).double().pow(2).sum()) for sl in io.slices()), 1e-30)
     errors = {"layerwise": io.error(X, Y, layerwise, act) / y_norm}
-    candidates = {"layerwise": layerwise}
-
-    def finish(note: str | None = None) -> SparseLLMResult:
-        finite = {k: e for k, e in errors.items() if math.isfinite(e)}
-        if note is not None:
-            return SparseLLMResult(layerwise, "layerwise", errors, note)
-        if settings.keep_best:
-            kept = min(finite, key=finite.get)
-        else:
-            kept = next(reversed(errors))
-            if not math.isfinite(errors[kept]) or errors[kept] >= errors["layerwise"]:
-                kept = "layerwise"
-        if kept == "layerwise":
-            return SparseLLMResult(layerwise, kept, errors, "no epoch beat the layer-wise MLP output error")
-        return SparseLLMResult(candidates[kept], kept, errors)
+    best = ("layerwise", given)  # only the best weights so far are kept (and the last)
 
     # Aux variables from the dense MLP: the ideal targets.
     z = torch.empty(tokens, dense.up.shape[0], device=store)
@@ -405,29 +402,36 @@ def sparsellm_mlp(
             if epoch > 0:
                 _aux_step(X, Y, z, s, p, current, act, relu, alpha, beta, gamma, settings, io)
             # 1. W: re-fit to the targets, then prune layer-wise.
+            G_p = io.gram(p)
             if epoch == 0:  # exact fits of the dense aux variables are the dense weights
                 up_t, down_t, gate_t = dense.up, dense.down, dense.gate
             else:
-                up_t = least_squares(G_X, _cross(io, X, z, dense.up_bias), settings.refit_damping)
-                gate_t = least_squares(G_X, _cross(io, X, s, dense.gate_bias), settings.refit_damping) if gated else None
-                down_t = least_squares(io.gram(p), _cross(io, p, Y, dense.down_bias), settings.refit_damping)
-            H_p = io.gram(p).to(torch.float32)
+                damping = settings.refit_damping
+                up_t = least_squares(G_X, _cross(io, X, z, dense.up_bias), damping)
+                gate_t = least_squares(G_X, _cross(io, X, s, dense.gate_bias), damping) if gated else None
+                down_t = least_squares(G_p, _cross(io, p, Y, dense.down_bias), damping)
             current = replace(
                 dense,
                 up=_check(prune(_check(up_t, "up re-fit"), H_X), "up pruning"),
-                down=_check(prune(_check(down_t, "down re-fit"), H_p), "down pruning"),
+                down=_check(prune(_check(down_t, "down re-fit"), G_p.to(torch.float32)), "down pruning"),
                 gate=_check(prune(_check(gate_t, "gate re-fit"), H_X), "gate pruning") if gated else None,
             )
             name = f"epoch {epoch}"
             errors[name] = io.error(X, Y, current, act) / y_norm
-            candidates[name] = current
             if not math.isfinite(errors[name]):
                 raise _NonFinite(f"MLP output at {name}")
+            if errors[name] < errors[best[0]]:
+                best = (name, current)
     except _NonFinite as exc:
-        return finish(f"non-finite values ({exc}); kept the layer-wise weights")
+        return SparseLLMResult(given, "layerwise", errors, f"non-finite values ({exc}); kept the layer-wise weights")
     except torch.linalg.LinAlgError as exc:
-        return finish(f"linear algebra failed ({str(exc).splitlines()[0]}); kept the layer-wise weights")
-    return finish()
+        note = f"linear algebra failed ({str(exc).splitlines()[0]}); kept the layer-wise weights"
+        return SparseLLMResult(given, "layerwise", errors, note)
+
+    kept, weights = best if settings.keep_best else (name, current)
+    if kept == "layerwise" or errors[kept] >= errors["layerwise"]:
+        return SparseLLMResult(given, "layerwise", errors, "no epoch beat the layer-wise MLP output error")
+    return SparseLLMResult(weights, kept, errors)
 
 
 def _cross(io: _Stream, A: torch.Tensor, T: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -591,8 +595,10 @@ class SparseLLMRefiner:
         record: dict[str, Any] = {"method": "sparsellm", "mlps": []}
         if note:
             record["note"] = note
-        for mlp in mlps:
-            record["mlps"].append(self.refine(ctx, mlp))
+        if mlps:
+            inputs = self.capture(ctx, mlps)
+            for mlp in mlps:
+                record["mlps"].append(self.refine(ctx, mlp, inputs.pop(mlp.up.name)))
         record["seconds"] = time.perf_counter() - tick
         return record
 
@@ -632,7 +638,7 @@ class SparseLLMRefiner:
         for up, gate, down, act_name, act, mismatch in found:
             mlp = FoundMLP(by_name[up], by_name[down], by_name[gate] if gate else None, act, act_name, mismatch)
             if any(id(layer.module) not in pruned for layer in mlp.layers):
-                skipped.append(down.name)
+                skipped.append(mlp.down.name)
             else:
                 mlps.append(mlp)
         note = None
@@ -651,23 +657,39 @@ class SparseLLMRefiner:
         free, _ = torch.cuda.mem_get_info(device)
         return device if 2 * need < free else torch.device("cpu")
 
-    def refine(self, ctx, mlp: FoundMLP) -> dict[str, Any]:
-        settings = self.settings
-        d, width = mlp.up.in_features, mlp.up.out_features
+    def capture(self, ctx, mlps: list[FoundMLP]) -> dict[str, torch.Tensor]:
+        """Each MLP's input X [tokens, d] (float32) for every calibration token, in one pass of the block.
+
+        Attention is already pruned, so X is what the pruned block feeds its MLP.
+        """
         tokens = sum(h[..., 0].numel() for h in ctx.hidden)
-        store = self._store(ctx, tokens, d, width)
-        captured: list[torch.Tensor] = []
+        captured: dict[str, list[torch.Tensor]] = {mlp.up.name: [] for mlp in mlps}
+        handles = []
+        for mlp in mlps:
+            store = self._store(ctx, tokens, mlp.up.in_features, mlp.up.out_features)
 
-        def hook(module, args):
-            captured.append(args[0].detach().reshape(-1, d).to(store, torch.float32))
+            def hook(module, args, name=mlp.up.name, store=store):
+                x = args[0].detach()
+                captured[name].append(x.reshape(-1, x.shape[-1]).to(store, torch.float32))
 
-        handle = mlp.up.module.register_forward_pre_hook(hook)
+            handles.append(mlp.up.module.register_forward_pre_hook(hook))
         try:
-            ctx.forward()
+            with torch.no_grad():
+                for j, h in enumerate(ctx.hidden):
+                    ctx.inputs.call(ctx.block, j, h.to(ctx.device), ctx.device)
         finally:
-            handle.remove()
-        X = torch.cat(captured) if captured else torch.empty(0, d, device=store)
-        del captured
+            for handle in handles:
+                handle.remove()
+        out = {}
+        for mlp in mlps:
+            parts = captured.pop(mlp.up.name)
+            out[mlp.up.name] = torch.cat(parts) if parts else torch.empty(0, mlp.up.in_features)
+            del parts
+        return out
+
+    def refine(self, ctx, mlp: FoundMLP, X: torch.Tensor) -> dict[str, Any]:
+        settings = self.settings
+        store = X.device
 
         def bias(layer):
             b = getattr(layer.module, "bias", None)
@@ -698,21 +720,20 @@ class SparseLLMRefiner:
         result = sparsellm_mlp(X, Y, dense, layerwise, mlp.act, prune, settings, ctx.device)
         del X, Y
         if result.improved:
-            chosen = result.weights
-            for layer, weight in ((mlp.up, chosen.up), (mlp.down, chosen.down), (mlp.gate, chosen.gate)):
-                if layer is not None:
-                    layer.set_weight(weight)
-        # Never leave non-finite weights in the model, whatever happened above.
-        for layer, weight in ((mlp.up, layerwise.up), (mlp.down, layerwise.down), (mlp.gate, layerwise.gate)):
-            if layer is not None and not torch.isfinite(layer.module.weight).all():
-                layer.set_weight(weight)
-                result.note = (result.note or "") + f" non-finite weights in {layer.name}: restored layer-wise"
-        record.update(
-            kept=result.kept,
-            error_layerwise=result.errors["layerwise"],
-            error=result.errors[result.kept],
-            errors=result.errors,
-        )
+            self._write(mlp, result.weights)
+            # Never leave non-finite weights in the model (e.g. overflow in a half-precision dtype).
+            if not all(torch.isfinite(layer.module.weight).all() for layer in mlp.layers):
+                self._write(mlp, layerwise)
+                result = replace(result, weights=layerwise, kept="layerwise",
+                                 note="non-finite weights after writing back; kept the layer-wise weights")
+        errors = {k: (v if math.isfinite(v) else None) for k, v in result.errors.items()}  # JSON-safe
+        record.update(kept=result.kept, error_layerwise=errors["layerwise"], error=errors[result.kept], errors=errors)
         if result.note:
             record["note"] = result.note.strip()
         return record
+
+    @staticmethod
+    def _write(mlp: FoundMLP, weights: MLPWeights) -> None:
+        for layer, weight in ((mlp.up, weights.up), (mlp.down, weights.down), (mlp.gate, weights.gate)):
+            if layer is not None:
+                layer.set_weight(weight)
