@@ -137,14 +137,14 @@ def _iterate(problem: _Problem, mask: torch.Tensor | None, iterations: int, mask
     U = torch.zeros_like(W_hat)
     zero = torch.zeros((), dtype=W_hat.dtype, device=W_hat.device)
     for it in range(iterations):
-        V = W_hat + U
+        V = W_hat.add_(U)  # Ŵ + U (Ŵ is not needed again: update in place)
         if mask_rule is not None:
             new_mask = mask_rule(it, V)
             if new_mask is not None:
                 mask = new_mask
         Z = torch.where(mask, V, zero)
-        U = V - Z  # = U + Ŵ − Z
-        rhs = problem.target + rho * (Z - U)
+        U = V.sub_(Z)  # U + Ŵ − Z, reusing V's storage
+        rhs = Z.sub_(U).mul_(rho).add_(problem.target)  # W·H + ρ(Z − U)
         # Rows share the system: solve (H + ρI)·Ŵᵀ = rhsᵀ for all rows with one pair of triangular solves.
         W_hat = torch.cholesky_solve(rhs.T, problem.factor).T
     V = W_hat + U
