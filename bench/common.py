@@ -58,13 +58,15 @@ def build_windows(preset: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def method_parts(method: str):
-    """(layer solver, block refiner) for a method name, as the CLI builds them."""
-    if method == "sparsellm":
+    """(layer solver, block refiner) for a method spec such as "admm-grad[schedule=slow,iterations=30]"."""
+    name, _, rest = method.partition("[")
+    options = dict(pair.split("=", 1) for pair in rest.rstrip("]").split(",") if pair)
+    if name == "sparsellm":
         from lmprune.sparsellm import build_block_method
 
-        block = build_block_method({})
+        block = build_block_method(options)
         return build_layer_solver(block.layer_method, options=block.layer_options), block.refiner
-    return build_layer_solver(method), None
+    return build_layer_solver(name, options=options), None
 
 
 def resolve_pattern(pattern: SparsityPattern, layer_solver) -> SparsityPattern:

@@ -126,7 +126,11 @@ def format_table(data: dict) -> str:
         key = (r["tool"], r["method"])
         if key not in tools_methods:
             tools_methods.append(key)
-    tools_methods.sort(key=lambda k: (METHODS.index(k[1]) if k[1] in METHODS else 99, k[0] != "lmprune"))
+    def order(key):
+        base = key[1].partition("[")[0]
+        return (METHODS.index(base) if base in METHODS else 99, key[1], key[0] != "lmprune")
+
+    tools_methods.sort(key=order)
     settings = data["settings"]
     lines = [
         f"### Perplexity: {data['preset']}",

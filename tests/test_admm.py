@@ -176,7 +176,7 @@ def test_registry():
     assert build_layer_solver(method="admm1").per_row_default
     assert not build_layer_solver(method="admm-grad").per_row_default
     assert build_layer_solver(method="admm-grad", options={"iterations": "30", "rho": "2"}).settings_dict() == {
-        "iterations": 30, "rho": 2.0, "dampening": 0.1, "eps": 1e-8, "gradual_steps": 15, "schedule": "fast",
+        "iterations": 30, "rho": 2.0, "dampening": 0.1, "eps": 1e-8, "shrink": "dense", "gradual_steps": 15, "schedule": "fast",
     }
 
 
@@ -203,3 +203,18 @@ def test_bad_settings(method, options):
 def test_bad_settings_for_update():
     with pytest.raises(LmpruneError):
         build_layer_solver(mask="wanda", update="admm", options={"rho": -1})
+
+
+def test_shrink_to_zero_is_a_ridge_towards_zero():
+    """shrink=zero minimises ‖X(W−Ŵ)‖² + λ‖Ŵ‖² on the mask (preconditioned), so its kept weights are smaller."""
+    from conftest import correlated_problem
+    from lmprune.config import SparsityPattern
+    from lmprune.solvers import build_layer_solver
+
+    W, H = correlated_problem(rows=32, cols=64, tokens=512)
+    dense = build_layer_solver("admm1", options={"iterations": "200"})(W, H, SparsityPattern(0.5))
+    ridge = build_layer_solver("admm1", options={"iterations": "200", "shrink": "zero"})(W, H, SparsityPattern(0.5))
+    assert torch.equal(dense.mask, ridge.mask)
+    assert ridge.weight.norm() < dense.weight.norm()
+    with pytest.raises(LmpruneError, match="shrink"):
+        build_layer_solver("admm1", options={"shrink": "one"})

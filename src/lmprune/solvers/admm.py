@@ -57,6 +57,7 @@ class ADMMSettings:
     rho: float = 1.0  # ADMM penalty, relative to the unit diagonal after preconditioning
     dampening: float = 0.1  # λ added to the unit diagonal after preconditioning
     eps: float = 1e-8  # added to the input norms used for preconditioning
+    shrink: str = "dense"  # what λ pulls kept weights towards: "dense" W (paper) or "zero" (ridge)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -67,6 +68,8 @@ class ADMMSettings:
             raise ValueError(f"dampening must be a non-negative number, got {self.dampening}")
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a non-negative number, got {self.eps}")
+        if self.shrink not in ("dense", "zero"):
+            raise ValueError(f"shrink must be 'dense' or 'zero', got {self.shrink!r}")
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,15 @@ class _Problem:
 def _prepare(W: torch.Tensor, H: torch.Tensor, settings: ADMMSettings) -> _Problem:
     W, H = fix_dead_inputs(W.float(), H.float())
     Wn, Hn, norms = precondition(W, H, settings.eps)
+    # The right-hand side uses H + λI ("dense": λ pulls kept weights towards W, as in the paper) or
+    # H alone ("zero": a ridge penalty pulling them towards 0).
+    target = Wn @ Hn if settings.shrink == "zero" else None
     Hn.diagonal().add_(settings.dampening)
     factor = _factor(Hn, settings.rho, settings.dampening)
     dtype = factor.dtype
     Wn = Wn.to(dtype)
-    Hn = Hn.to(dtype)
-    return _Problem(Wn, Wn @ Hn, factor, norms, settings.rho)
+    target = (Wn @ Hn.to(dtype)) if target is None else target.to(dtype)
+    return _Problem(Wn, target, factor, norms, settings.rho)
 
 
 def _factor(Hd: torch.Tensor, rho: float, dampening: float) -> torch.Tensor:
