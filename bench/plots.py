@@ -35,28 +35,25 @@ def main() -> None:
         ax.plot([p[0] * 100 for p in points], [p[1] for p in points], marker="o",
                 linestyle="-" if tool == "lmprune" else "--", label=label)
     ax.axhline(data["dense"]["perplexity"], color="gray", linewidth=0.8, label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("perplexity (log)")
-    ax.set_title(f"{args.preset}: perplexity vs sparsity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = BENCH / "results" / f"{args.preset}_perplexity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(path)
+    _save(plt, fig, ax, "sparsity (%)", "perplexity (log)", f"{args.preset}: perplexity vs sparsity",
+          f"{args.preset}_perplexity.png")
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in data["runs"]:
         if r["tool"] == "lmprune" and r["target"] == args.layer_target and r.get("layers"):
             ax.plot([layer["error"] for layer in r["layers"]], label=r["method"], linewidth=1)
+    _save(plt, fig, ax, "layer (pruning order)", "relative reconstruction error",
+          f"{args.preset}: per-layer error at {args.layer_target}", f"{args.preset}_layer_error.png")
+
+
+def _save(plt, fig, ax, xlabel: str, ylabel: str, title: str, name: str) -> None:
     ax.set_yscale("log")
-    ax.set_xlabel("layer (pruning order)")
-    ax.set_ylabel("relative reconstruction error")
-    ax.set_title(f"{args.preset}: per-layer error at {args.layer_target}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = BENCH / "results" / f"{args.preset}_layer_error.png"
+    path = BENCH / "results" / name
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(path)

@@ -60,15 +60,17 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-def correlated_problem(rows: int = 96, cols: int = 192, tokens: int = 2048, seed: int = 0):
-    """A layer least-squares problem with correlated inputs and uneven, scattered input scales.
+def correlated_problem(rows: int = 96, cols: int = 192, tokens: int = 2048, seed: int = 0, scales: str = "linear"):
+    """A layer least-squares problem with correlated inputs X = G(I + 2A) and uneven input scales.
 
-    Returns (W, H = XᵀX). Scales are permuted so large features are spread over the columns, as the
-    outlier features of real LLM activations are.
+    Returns (W, H = XᵀX). Column scales run 0.2–3 ("linear") or over two decades ("log") and are
+    permuted, so large features are spread over the columns as real LLM outlier features are.
     """
     g = torch.Generator().manual_seed(seed)
-    mix = torch.eye(cols) + 2.0 * torch.randn(cols, cols, generator=g) / cols**0.5
-    X = torch.randn(tokens, cols, generator=g) @ mix
-    X = X * torch.linspace(0.2, 3.0, cols)[torch.randperm(cols, generator=g)]
+    G = torch.randn(tokens, cols, generator=g)
+    A = torch.randn(cols, cols, generator=g) / cols**0.5
+    X = G @ (torch.eye(cols) + 2.0 * A)
+    scale = torch.linspace(0.2, 3.0, cols) if scales == "linear" else torch.logspace(-1, 1, cols)
+    X = X * scale[torch.randperm(cols, generator=g)]
     W = torch.randn(rows, cols, generator=g)
     return W, X.T @ X

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import correlated_problem
 from lmprune.config import SparsityPattern
 from lmprune.errors import LmpruneError
 from lmprune.masks import is_nm
@@ -16,14 +17,7 @@ torch.set_num_threads(1)
 
 
 def make_problem(out=63, inp=96, tokens=400, seed=0):
-    """Correlated inputs X = G(I + 2A) with column scales over two decades, randomly permuted."""
-    g = torch.Generator().manual_seed(seed)
-    G = torch.randn(tokens, inp, generator=g)
-    A = torch.randn(inp, inp, generator=g) / inp**0.5
-    X = G @ (torch.eye(inp) + 2 * A)
-    X = X * torch.logspace(-1, 1, inp)[torch.randperm(inp, generator=g)]
-    W = torch.randn(out, inp, generator=g)
-    return W, X.T @ X
+    return correlated_problem(out, inp, tokens, seed, scales="log")
 
 
 def random_mask(shape, keep=0.5, seed=1):

@@ -7,6 +7,7 @@ import torch
 
 from lmprune.config import SparsityPattern
 from lmprune.errors import LmpruneError
+from conftest import correlated_problem
 from lmprune.masks import is_nm, prune_count
 from lmprune.solvers import SOLVERS, build_layer_solver
 from lmprune.solvers.alps import AlpsSettings, masked_pcg, solve, update
@@ -14,14 +15,7 @@ from lmprune.solvers.linalg import exact_masked_optimum, reconstruction_error, r
 
 
 def correlated_layer(out=64, inp=128, tokens=512, seed=0):
-    """Weights and XᵀX with strongly correlated inputs of very different scales."""
-    g = torch.Generator().manual_seed(seed)
-    G = torch.randn(tokens, inp, generator=g)
-    A = torch.randn(inp, inp, generator=g) / inp**0.5
-    X = G @ (torch.eye(inp) + 2 * A)
-    X = X * torch.logspace(-1, 1, inp)[torch.randperm(inp, generator=g)]
-    W = torch.randn(out, inp, generator=g)
-    return W, X.T @ X
+    return correlated_problem(out, inp, tokens, seed, scales="log")
 
 
 def objective(W, W_new, H):

@@ -62,6 +62,7 @@ def load_windows(path):
 
 
 def perplexity(model, windows, batch_size):
+    # Mirrors lmprune.evaluate.perplexity on purpose: this runs in llm-compressor's venv, without lmprune.
     import torch
     import torch.nn.functional as F
 
