@@ -28,6 +28,7 @@ def main() -> None:
     data = load_json(BENCH / "results" / f"quality_{args.preset}.json")
     runs = [r for r in data["runs"] if ":" not in r["target"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     series = sorted({(r["tool"], r["method"]) for r in runs}, key=lambda k: (METHODS.index(k[1]) if k[1] in METHODS else 99, k[0]))
     for tool, method in series:
         points = sorted((float(r["target"]), r["perplexity"]) for r in runs if (r["tool"], r["method"]) == (tool, method))
@@ -39,6 +40,7 @@ def main() -> None:
           f"{args.preset}_perplexity.png")
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for r in data["runs"]:
         if r["tool"] == "lmprune" and r["target"] == args.layer_target and r.get("layers"):
             ax.plot([layer["error"] for layer in r["layers"]], label=r["method"], linewidth=1)

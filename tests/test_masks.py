@@ -78,3 +78,21 @@ def test_bad_patterns_rejected(kwargs):
 def test_nm_width_check_names_layer():
     with pytest.raises(LmpruneError, match="down_proj.*172.*multiple of 8"):
         SparsityPattern.nm("4:8").check_width(172, "model.layers.0.mlp.down_proj")
+
+
+def test_selection_matches_stable_sort_with_many_ties():
+    """The O(n) selection prunes exactly what a stable ascending sort would."""
+    from lmprune.masks import prune_lowest, prune_lowest_per_row
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (13, 40), generator=g).float()  # heavy ties
+    for k in (0, 1, 77, 260, 519, 520):
+        expected = torch.ones(scores.numel(), dtype=torch.bool)
+        expected[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = False
+        assert torch.equal(prune_lowest(scores, k), expected.reshape(scores.shape))
+    for k in (0, 3, 17, 40):
+        expected = torch.ones_like(scores, dtype=torch.bool)
+        expected.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[:, :k], False)
+        assert torch.equal(prune_lowest_per_row(scores, k), expected)
+    inf_scores = scores.masked_fill(scores > 2, float("inf"))  # as the N:M gradual rule protects entries
+    assert int((~prune_lowest(inf_scores, 300)).sum()) == 300

@@ -1,8 +1,8 @@
 """Masks from scores: top-k per layer, per row, or N:M; and sparsity schedules.
 
 A mask is a bool tensor shaped like the weight, True where the weight is kept. Every function keeps
-the highest scores and prunes exactly the requested count; ties are broken deterministically (a
-stable sort, so among equal scores the lower index is pruned first).
+the highest scores and prunes exactly the requested count; ties are broken deterministically: among
+equal scores the lower index is pruned first.
 """
 
 from __future__ import annotations
@@ -24,20 +24,32 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, dim=-1, stable=True).indices[..., :k]
 
 
+def _prune_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask pruning the k lowest entries of every row of a 2-D tensor.
+
+    A selection (kthvalue, O(n)) instead of a sort: masks are re-chosen every iteration by the
+    gradual and L0 solvers, where a full sort of a large layer dominated the solve time. Among
+    entries equal to the k-th value, the lowest indices are pruned, as a stable sort would.
+    """
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= scores.shape[-1]:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below = scores < threshold
+    ties = scores == threshold
+    missing = k - below.sum(-1, keepdim=True)
+    return ~(below | (ties & (ties.cumsum(-1) <= missing)))
+
+
 def prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the k lowest entries of the whole tensor."""
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
-        mask[_lowest(scores.reshape(-1), k)] = False
-    return mask.reshape(scores.shape)
+    return _prune_lowest_rows(scores.reshape(1, -1), k).reshape(scores.shape)
 
 
 def prune_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the k lowest entries of every row."""
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k:
-        mask.scatter_(-1, _lowest(scores, k), False)
-    return mask
+    return _prune_lowest_rows(scores, k)
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
