@@ -9,8 +9,8 @@ a projection onto the mask:
     U ← U + Ŵ − Z           scaled dual variable (the running constraint violation)
     Ŵ ← (W·H + ρ(Z − U))·(H + ρI)⁻¹
 
-so (H + ρI) is factored once per layer and every iteration is one pair of triangular solves over all
-rows at once: no per-row work, no Python loop over columns. The result is the feasible iterate
+so (H + ρI) is factored once per layer (Cholesky, then its inverse from the factor) and every
+iteration is one matrix product over all rows at once: no per-row work, no Python loop over columns. The result is the feasible iterate
 (Ŵ + U)⊙M, exactly zero off the mask. (On the mask U is always zero, since U = (Ŵ + U_old)⊙(1−M);
 so (Ŵ + U)⊙M and Ŵ⊙M are the same weights: there is no better "final form" to pick.)
 
@@ -27,10 +27,11 @@ Choices, and why:
   keep the final mask and only converge the weights. Counts are exact: ⌊numel·s⌋ per layer (or
   per row). N:M keeps the N largest of every group at all times and prunes the other M − N
   gradually, so the last step lands exactly on the N:M pattern.
-- Precision: float32. Cholesky is backward stable, so each solve is exact for a system perturbed by
-  ~1e-7·‖H + ρI‖, negligible next to λ and ρ; the rescaled system's eigenvalues lie in
-  [λ + ρ, λ + ρ + ‖H‖], so it is well conditioned unless ρ and λ are tiny. A Gershgorin bound on
-  that condition number above 1e6, or a failed factorisation, sends the layer to float64.
+- Precision: float32. The rescaled system's eigenvalues lie in [λ + ρ, λ + ρ + ‖H‖], so it is well
+  conditioned unless ρ and λ are tiny, and the inverse built from its Cholesky factor carries a
+  relative error of about cond·1e-7 (measured 3e-7 at width 2048); ADMM tolerates such inexact
+  solves. A Gershgorin bound on the condition number above 1e6, or a failed factorisation, sends
+  the layer to float64.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class ADMMGradSettings(ADMMSettings):
 class _Problem:
     weight: torch.Tensor  # W·n, in the working dtype
     target: torch.Tensor  # (W·n)(H/(n nᵀ) + λI): the constant part of every right-hand side
-    factor: torch.Tensor  # lower Cholesky factor of H/(n nᵀ) + (λ + ρ)I
+    inverse: torch.Tensor  # (H/(n nᵀ) + (λ + ρ)I)⁻¹, from its Cholesky factor
     norms: torch.Tensor  # n, float32
     rho: float
 
@@ -109,11 +110,11 @@ def _prepare(W: torch.Tensor, H: torch.Tensor, settings: ADMMSettings) -> _Probl
     # H alone ("zero": a ridge penalty pulling them towards 0).
     target = Wn @ Hn if settings.shrink == "zero" else None
     Hn.diagonal().add_(settings.dampening)
-    factor = _factor(Hn, settings.rho, settings.dampening)
-    dtype = factor.dtype
+    inverse = torch.cholesky_inverse(_factor(Hn, settings.rho, settings.dampening))
+    dtype = inverse.dtype
     Wn = Wn.to(dtype)
     target = (Wn @ Hn.to(dtype)) if target is None else target.to(dtype)
-    return _Problem(Wn, target, factor, norms, settings.rho)
+    return _Problem(Wn, target, inverse, norms, settings.rho)
 
 
 def _factor(Hd: torch.Tensor, rho: float, dampening: float) -> torch.Tensor:
@@ -151,8 +152,9 @@ def _iterate(problem: _Problem, mask: torch.Tensor | None, iterations: int, mask
         Z = torch.where(mask, V, zero)
         U = V.sub_(Z)  # U + Ŵ − Z, reusing V's storage
         rhs = Z.sub_(U).mul_(rho).add_(problem.target)  # W·H + ρ(Z − U)
-        # Rows share the system: solve (H + ρI)·Ŵᵀ = rhsᵀ for all rows with one pair of triangular solves.
-        W_hat = torch.cholesky_solve(rhs.T, problem.factor).T
+        # Rows share the system, so one product with its inverse solves it for all rows: on CPUs a
+        # GEMM runs about twice as fast as the pair of triangular solves it replaces.
+        W_hat = rhs @ problem.inverse
     V = W_hat + U
     return torch.where(mask, V, zero), mask
 
@@ -163,7 +165,7 @@ def _finish(problem: _Problem, Z: torch.Tensor) -> torch.Tensor:
 
 
 def _info(problem: _Problem, iterations: int) -> dict:
-    return {"iterations": iterations, "precision": str(problem.factor.dtype).removeprefix("torch.")}
+    return {"iterations": iterations, "precision": str(problem.inverse.dtype).removeprefix("torch.")}
 
 
 # --------------------------------------------------------------------------------------------------
