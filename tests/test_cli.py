@@ -130,6 +130,7 @@ def test_eval_needs_something(capsys, tiny_llama):
 def test_methods_lists_solvers(capsys):
     code, text, _ = run(capsys, "methods")
     assert code == 0 and "sparsegpt" in text and "--opt blocksize=128" in text
+    assert "sparsellm    [block]" in text and "--opt epochs=4" in text
 
 
 def test_unknown_dataset_name_is_a_clear_error(capsys, tiny_llama, tmp_path):

@@ -284,11 +284,17 @@ def cmd_methods(args) -> int:
 
     from .solvers import SOLVERS
 
-    for name, solver in sorted(SOLVERS.items()):
-        kinds = "/".join(k for k, fn in (("mask", solver.solve), ("update", solver.update)) if fn)
-        print(f"{name:<12} [{kinds}] {solver.description}")
-        for f in fields(solver.settings):
-            print(f"{'':<14}--opt {f.name}={getattr(solver.settings(), f.name)}")
+    import importlib
+
+    entries = [(name, "/".join(k for k, fn in (("mask", s.solve), ("update", s.update)) if fn), s.description,
+                s.settings) for name, s in SOLVERS.items()]
+    for name, module_name in BLOCK_METHODS.items():
+        module = importlib.import_module(module_name)
+        entries.append((name, "block", module.DESCRIPTION, module.SETTINGS))
+    for name, kinds, description, settings in sorted(entries):
+        print(f"{name:<12} [{kinds}] {description}")
+        for f in fields(settings):
+            print(f"{'':<14}--opt {f.name}={getattr(settings(), f.name)}")
     return 0
 
 

@@ -120,6 +120,10 @@ class SparseLLMSettings:
         return tuple(default if v is None else float(v) for v in (self.alpha, self.beta, self.gamma))
 
 
+# For `lmprune methods`.
+DESCRIPTION = "MLP pruned jointly via auxiliary variables, closed-form alternating updates (Bai et al. 2024)"
+
+
 @dataclass
 class BlockMethod:
     """What the CLI needs: the layer-wise solver to build, and the block refiner to run after it."""
@@ -737,3 +741,6 @@ class SparseLLMRefiner:
         for layer, weight in ((mlp.up, weights.up), (mlp.down, weights.down), (mlp.gate, weights.gate)):
             if layer is not None:
                 layer.set_weight(weight)
+
+
+SETTINGS = SparseLLMSettings
