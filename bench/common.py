@@ -14,10 +14,10 @@ import torch
 from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, load_text, tokenize
 from lmprune.evaluate import perplexity
+from lmprune.methods import build_method
 from lmprune.model import load_model
 from lmprune.pipeline import prune_model
 from lmprune.report import summarize_layers
-from lmprune.solvers import build_layer_solver
 
 BENCH = Path(__file__).resolve().parent
 SHARED = BENCH.parent.parent / "shared"
@@ -58,31 +58,20 @@ def build_windows(preset: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def method_parts(method: str):
-    """(layer solver, block refiner) for a method spec such as "admm-grad[schedule=slow,iterations=30]"."""
+def build(method: str):
+    """lmprune's Method for a spec such as "admm-grad[schedule=slow,iterations=30]"."""
     name, _, rest = method.partition("[")
     options = dict(pair.split("=", 1) for pair in rest.rstrip("]").split(",") if pair)
-    if name == "sparsellm":
-        from lmprune.sparsellm import build_block_method
-
-        block = build_block_method(options)
-        return build_layer_solver(block.layer_method, options=block.layer_options), block.refiner
-    return build_layer_solver(name, options=options), None
-
-
-def resolve_pattern(pattern: SparsityPattern, layer_solver) -> SparsityPattern:
-    if pattern.is_nm:
-        return pattern
-    return SparsityPattern(pattern.sparsity, per_row=layer_solver.per_row_default)
+    return build_method(name, options=options)
 
 
 def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False) -> dict:
     """Prune a copy of the dense model and evaluate it; returns the row the benchmarks store."""
     model = copy.deepcopy(dense_model)
-    layer_solver, refiner = method_parts(method)
-    pattern = resolve_pattern(parse_target(target), layer_solver)
+    built = build(method)
     tick = time.perf_counter()
-    result = prune_model(model, calibration, layer_solver, pattern, device, refiner=refiner, progress=progress)
+    result = prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(target)), device,
+                         refiner=built.refiner, progress=progress)
     prune_seconds = time.perf_counter() - tick
     tick = time.perf_counter()
     ppl = perplexity(model, evaluation, device, batch_size=8, progress=progress)

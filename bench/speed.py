@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BENCH, METHODS, PRESETS, build_windows, load_dense, method_parts, parse_target, replace_section,
-    require_shared, resolve_pattern, save_json,
+    BENCH, METHODS, PRESETS, build, build_windows, load_dense, parse_target, replace_section,
+    require_shared, save_json,
 )
 
 
@@ -37,11 +37,10 @@ def one_model_run(preset_name: str, method: str, target: str, threads: int, nsam
         preset["nsamples"] = nsamples
     model, tokenizer = load_dense(preset)
     calibration, _ = build_windows(preset, tokenizer)
-    layer_solver, refiner = method_parts(method)
-    pattern = resolve_pattern(parse_target(target), layer_solver)
+    built = build(method)
     tick = time.perf_counter()
-    result = prune_model(model, calibration, layer_solver, pattern, resolve_device("auto"), refiner=refiner,
-                         progress=False)
+    result = prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(target)),
+                         resolve_device("auto"), refiner=built.refiner, progress=False)
     total = time.perf_counter() - tick
     t = result.timings
     return {"method": method, "target": target, "total_s": total, "solve_s": t["solve"] + t.get("refine", 0.0),
@@ -50,16 +49,13 @@ def one_model_run(preset_name: str, method: str, target: str, threads: int, nsam
 
 
 def one_layer_run(method: str, width: int, target: str, threads: int) -> dict:
-    from lmprune.solvers import build_layer_solver
-
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(4 * width, width, generator=g) @ (torch.eye(width) + torch.randn(width, width, generator=g) / width**0.5)
     H, W = X.T @ X, torch.randn(width, width, generator=g)
-    solver = build_layer_solver(method)
-    pattern = resolve_pattern(parse_target(target), solver)
+    built = build(method)
     tick = time.perf_counter()
-    solver(W, H, pattern)
+    built.layer_solver(W, H, built.pattern(parse_target(target)))
     return {"method": method, "width": width, "target": target, "solve_s": time.perf_counter() - tick}
 
 

@@ -15,10 +15,6 @@ from .report import REPORT_NAME, format_report, library_versions, load_report, p
 
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
 
-# Methods that refine whole blocks after the layer-wise pass: name -> module exposing
-# build_block_method(options) -> object with .layer_method, .layer_options, .refiner, .settings.
-BLOCK_METHODS = {"sparsellm": "lmprune.sparsellm"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmprune", description="One-shot pruning of Hugging Face causal LMs.")
@@ -132,25 +128,15 @@ def _seqlen(requested: int | None, model, flag: str) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .solvers import build_layer_solver
+    from .methods import build_method
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
-    options = parse_options(args.opt)
-    refiner, method_name, method_settings = None, None, {}
-    if args.method in BLOCK_METHODS:
-        import importlib
-
-        block_method = importlib.import_module(BLOCK_METHODS[args.method]).build_block_method(options)
-        refiner, method_name, method_settings = block_method.refiner, args.method, block_method.settings
-        layer_solver = build_layer_solver(block_method.layer_method, args.mask, args.update, block_method.layer_options)
-    else:
-        layer_solver = build_layer_solver(args.method, args.mask, args.update, options)
-    method_name = method_name or layer_solver.name
+    method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
     config = PruneConfig(
-        model=args.model, method=method_name, pattern=pattern, calib=args.calib, out=args.out,
+        model=args.model, method=method.name, pattern=pattern, calib=args.calib, out=args.out,
         nsamples=args.nsamples, seqlen=args.seqlen or DEFAULT_SEQLEN, seed=args.seed, device=args.device,
-        mask=args.mask, update=args.update, options={**layer_solver.settings_dict(), **method_settings}, skip=args.skip,
+        mask=args.mask, update=args.update, options=method.settings, skip=args.skip,
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite,
     )
@@ -158,10 +144,8 @@ def cmd_prune(args) -> int:
     _check_source(args.calib, "--calib")
     if args.eval_data:
         _check_source(args.eval_data, "--eval")
-    if args.per_row is not None or pattern.is_nm:
-        pattern = SparsityPattern(pattern.sparsity, pattern.n, pattern.m, per_row=bool(args.per_row))
-    else:
-        pattern = SparsityPattern(pattern.sparsity, per_row=layer_solver.per_row_default)
+    pattern = method.pattern(pattern, args.per_row)
+    layer_solver, refiner = method.layer_solver, method.refiner
     return _run_prune(config, pattern, layer_solver, refiner, args)
 
 
@@ -242,8 +226,7 @@ def save_checkpoint(model, tokenizer, report: dict, out: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .data import evaluation_windows, load_text, tokenize
-    from .evaluate import evaluate_tasks, perplexity
+    from .evaluate import evaluate_perplexity, evaluate_tasks
     from .model import load_model, resolve_device
 
     if not args.data and not args.tasks:
@@ -256,9 +239,9 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model, args.dtype)
     if args.data:
         seqlen = _seqlen(args.seqlen, model, "--seqlen")
-        windows = evaluation_windows(tokenize(tokenizer, load_text(args.data, "evaluation")), seqlen, args.max_windows)
-        ppl = perplexity(model, windows, device, args.batch_size, progress=not args.no_progress)
-        print(f"perplexity {ppl:.4f} ({windows.shape[0]} windows × {seqlen} tokens of {args.data})")
+        result = evaluate_perplexity(model, tokenizer, args.data, seqlen, args.max_windows, device, args.batch_size,
+                                     progress=not args.no_progress)
+        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows × {seqlen} tokens of {args.data})")
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         for task, metrics in evaluate_tasks(model, tokenizer, tasks, device, args.batch_size, args.limit).items():
@@ -285,6 +268,8 @@ def cmd_methods(args) -> int:
     from .solvers import SOLVERS
 
     import importlib
+
+    from .methods import BLOCK_METHODS
 
     entries = [(name, "/".join(k for k, fn in (("mask", s.solve), ("update", s.update)) if fn), s.description,
                 s.settings) for name, s in SOLVERS.items()]

@@ -41,10 +41,10 @@ def perplexity(
 
 
 def evaluate_perplexity(model, tokenizer, source: str, seqlen: int, max_windows: int | None,
-                        device: torch.device, batch_size: int = 1) -> dict:
+                        device: torch.device, batch_size: int = 1, progress: bool = True) -> dict:
     """Perplexity of `model` on a text source; returns the numbers the report stores."""
     windows = evaluation_windows(tokenize(tokenizer, load_text(source, role="evaluation")), seqlen, max_windows)
-    ppl = perplexity(model, windows, device, batch_size)
+    ppl = perplexity(model, windows, device, batch_size, progress)
     return {"data": source, "seqlen": seqlen, "windows": int(windows.shape[0]), "perplexity": ppl}
 
 
