@@ -68,7 +68,7 @@ def main() -> None:
         save_json(out, data)
     eval_s = data["dense"]["eval_seconds"]
     todo = [(m, t) for m in methods for t in targets if not _done(data, "lmprune", m, t)]
-    command = "python bench/quality.py " + " ".join(f"'{a}'" if "[" in a else a for a in sys.argv[1:])
+    command = "python bench/quality.py " + " ".join(f"'{a}'" if "[" in a or not a else a for a in sys.argv[1:])
     if (todo or args.peers) and command not in data.setdefault("commands", []):
         data["commands"].append(command)
     print(f"{args.preset}: dense perplexity {data['dense']['perplexity']:.3f}; {len(todo)} runs to do, "
