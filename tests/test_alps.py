@@ -65,7 +65,7 @@ def test_info_and_pcg_does_not_hurt():
     info = result.info
     assert 30 <= info["iterations"] <= 300 and info["rho"] >= 0.1
     assert info["error_after_pcg"] <= info["error_before_pcg"] * (1 + 1e-6)
-    assert info["error_after_pcg"] == pytest.approx(relative_error(W, result.weight, H), rel=1e-6)
+    assert info["error_after_pcg"] == pytest.approx(relative_error(W, result.weight, H), rel=1e-4)
     # On the final support the polished weights are (near) the exact optimum.
     exact = relative_error(W, exact_masked_optimum(W, H, result.mask), H)
     assert info["error_after_pcg"] <= exact * 1.02

@@ -117,3 +117,30 @@ def test_embeddings_and_lm_head_never_pruned(token_ids):
                 SparsityPattern(0.5), torch.device("cpu"), progress=False)
     assert torch.equal(model.get_input_embeddings().weight, embed)
     assert (model.get_output_embeddings().weight != 0).all()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
+    """Layers fed one tensor share its XᵀX product; every Gram must still be that layer's own Σ XᵀX."""
+    from lmprune.pipeline import _collect_grams
+
+    model = tiny_model(model_type)
+    cpu = torch.device("cpu")
+    batches = list(token_ids[:96].reshape(4, 24).split(2))
+    blocks_name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, batches, cpu, cpu)
+    layers = prunable_layers(blocks[0], f"{blocks_name}.0")
+    seen: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    handles = [layer.module.register_forward_hook(
+        lambda mod, args, out, name=layer.name: seen[name].append(args[0].reshape(-1, args[0].shape[-1])))
+        for layer in layers]
+    with torch.no_grad():
+        for j, h in enumerate(inputs.hidden):
+            inputs.call(blocks[0], j, h, cpu)
+    for handle in handles:
+        handle.remove()
+    grams = _collect_grams(blocks[0], layers, inputs, inputs.hidden, cpu)
+    for layer in layers:
+        X = torch.cat(seen[layer.name])
+        assert torch.allclose(grams[layer.name], X.t() @ X, rtol=1e-4, atol=1e-4), layer.name
+    assert len({id(g) for g in grams.values()}) == len(grams)  # no two layers share storage

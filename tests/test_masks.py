@@ -96,3 +96,30 @@ def test_selection_matches_stable_sort_with_many_ties():
         assert torch.equal(prune_lowest_per_row(scores, k), expected)
     inf_scores = scores.masked_fill(scores > 2, float("inf"))  # as the N:M gradual rule protects entries
     assert int((~prune_lowest(inf_scores, 300)).sum()) == 300
+
+
+def _stable_sort_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    pruned = torch.sort(scores.reshape(-1), stable=True).indices[:k]
+    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    mask[pruned] = False
+    return mask.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "half_zero", "sorted", "heavy_tail", "constant", "aliased"])
+def test_large_selection_matches_stable_sort(kind):
+    """Above 65536 entries the k-th value is bracketed from a sample; the mask must still be exact."""
+    torch.manual_seed(1)
+    n = 300_001
+    values = {
+        "normal": lambda: torch.randn(n),
+        "ties": lambda: torch.randn(n).mul(3).round(),
+        "half_zero": lambda: torch.cat([torch.zeros(n // 2), torch.rand(n - n // 2)]),
+        "sorted": lambda: torch.rand(n).sort().values,
+        "heavy_tail": lambda: torch.randn(n).mul(6).exp(),
+        "constant": lambda: torch.ones(n),
+        # every sampled entry is an outlier: the bracket misses and the full selection must take over
+        "aliased": lambda: torch.rand(n).index_add_(0, torch.arange(0, n, n // 16384), torch.full(((n - 1) // (n // 16384) + 1,), 10.0)),
+    }[kind]()
+    for k in (1, 12_345, n // 2, n - 7):
+        mask = layer_mask(values, k / n + 1e-12)
+        assert torch.equal(mask, _stable_sort_mask(values, prune_count(n, k / n + 1e-12))), k

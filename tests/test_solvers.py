@@ -101,3 +101,15 @@ def test_registry_lists_baselines():
 def test_bad_solver_settings(kwargs, message):
     with pytest.raises(LmpruneError, match=message):
         build_layer_solver(**kwargs)
+
+
+def test_reported_errors_match_float64_reference(problem):
+    """The pipeline's float32 report of several candidates agrees with the float64 reference."""
+    from lmprune.solvers.linalg import relative_errors
+
+    W, H = problem
+    candidates = [build_layer_solver(m)(W, H, SparsityPattern(0.6)).weight for m in ("magnitude", "sparsegpt")]
+    reported = relative_errors(W, candidates, H)
+    for got, candidate in zip(reported, candidates):
+        assert got == pytest.approx(relative_error(W, candidate, H), rel=1e-4)
+    assert relative_errors(W, [W], H) == [0.0]

@@ -28,7 +28,7 @@ from .model import (
     prunable_layers,
 )
 from .solvers import LayerSolver
-from .solvers.linalg import reconstruction_error
+from .solvers.linalg import relative_errors
 
 
 def plan_layers(model: nn.Module, pattern: SparsityPattern, skip: list[str]) -> list[list[PrunableLayer]]:
@@ -145,13 +145,22 @@ def prune_model(
 
 
 def _collect_grams(block, layers, inputs: BlockInputs, hidden, device) -> dict[str, torch.Tensor]:
-    """Run the block on every batch with hooks adding each layer's XᵀX (float32) to a running sum."""
+    """Run the block on every batch with hooks adding each layer's XᵀX (float32) to a running sum.
+
+    Layers fed the very same tensor in a call (q/k/v, gate/up) share its product: it is computed
+    once per batch and added to each of their sums. Checked per call, so it is exact for any model.
+    """
     grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in layers}
+    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(input) -> (input, XᵀX) this call
 
     def make_hook(name: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            grams[name].addmm_(x.t(), x)
+            x = args[0]  # the caller's object itself: a detached view would be a new one per layer
+            seen = products.get(id(x))
+            if seen is None or seen[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                seen = products[id(x)] = (x, flat.t() @ flat)
+            grams[name].add_(seen[1])
 
         return hook
 
@@ -160,6 +169,7 @@ def _collect_grams(block, layers, inputs: BlockInputs, hidden, device) -> dict[s
         with torch.no_grad():
             for j, h in enumerate(hidden):
                 inputs.call(block, j, h.to(device), device)
+                products.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -176,14 +186,13 @@ def _prune_layer(layer: PrunableLayer, H: torch.Tensor, layer_solver: LayerSolve
         # Never write NaN/Inf into a model: fall back to the mask without the update.
         weight = W * mask
         record["fallback"] = "non-finite update; kept the masked weights"
-    masked_err, reference = reconstruction_error(W, W * mask, H)
-    err, _ = reconstruction_error(W, weight, H)
+    error_masked, error = relative_errors(W, [W * mask, weight], H)
     layer.set_weight(weight)
     stored = layer.module.weight
     record.update(
         sparsity=float((stored == 0).sum()) / stored.numel(),
-        error=err / reference if reference > 0 else 0.0,
-        error_masked=masked_err / reference if reference > 0 else 0.0,
+        error=error,
+        error_masked=error_masked,
         **({"info": solved.info} if solved.info else {}),
     )
     return record

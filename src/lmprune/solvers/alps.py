@@ -30,7 +30,7 @@ import torch
 from ..config import SparsityPattern
 from ..masks import topk_mask
 from .base import Solver, SolverResult
-from .linalg import fix_dead_inputs, precondition, relative_error
+from .linalg import fix_dead_inputs, precondition, relative_errors
 
 _RHO_MAX = 1e6  # beyond this (G + ρI)⁻¹ ≈ I/ρ and Ŵ is pinned to D: growing further changes nothing
 
@@ -198,15 +198,10 @@ def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: 
     Wn, G, norms = _normalise(W0, H, settings.lambda2)
     Z, mask, iterations, rho = _admm(Wn, G, pattern, settings)
     before = (Z * mask) / norms[None, :]
-    error_before = relative_error(W0, before, H.float())
     Zn = masked_pcg(G, Wn @ G, mask, X0=Z, iterations=settings.pcg_iterations)
     weight = (Zn / norms[None, :]) * mask
-    info = {
-        "iterations": iterations,
-        "rho": rho,
-        "error_before_pcg": error_before,
-        "error_after_pcg": relative_error(W0, weight, H.float()),
-    }
+    error_before, error_after = relative_errors(W0, [before, weight], H)
+    info = {"iterations": iterations, "rho": rho, "error_before_pcg": error_before, "error_after_pcg": error_after}
     return SolverResult(weight, mask, info)
 
 
@@ -216,10 +211,8 @@ def update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings: AlpsS
     Wn, G, norms = _normalise(W0, H, settings.lambda2)
     Zn = masked_pcg(G, Wn @ G, mask, X0=Wn, iterations=settings.pcg_iterations)
     weight = (Zn / norms[None, :]) * mask
-    info = {
-        "error_before_pcg": relative_error(W0, W0 * mask, H.float()),
-        "error_after_pcg": relative_error(W0, weight, H.float()),
-    }
+    error_before, error_after = relative_errors(W0, [W0 * mask, weight], H)
+    info = {"error_before_pcg": error_before, "error_after_pcg": error_after}
     return weight, info
 
 

@@ -14,6 +14,20 @@ def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) 
     return err, ref
 
 
+def relative_errors(W: torch.Tensor, candidates: list[torch.Tensor], H: torch.Tensor) -> list[float]:
+    """‖XW − XŴ‖² / ‖XW‖² for several Ŵ at once: what the pipeline reports for every layer.
+
+    One float32 product of the stacked differences with H (a float64 one costs twice as much and
+    these are reports, not solves); the sums are taken in float64.
+    """
+    rows = W.shape[0]
+    W32 = W.float()
+    stacked = torch.cat([W32, *[W32 - c.float() for c in candidates]])
+    quad = ((stacked @ H.float()) * stacked).double().sum(1).split(rows)
+    reference = float(quad[0].sum())
+    return [float(q.sum()) / reference if reference > 0 else 0.0 for q in quad[1:]]
+
+
 def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
     err, ref = reconstruction_error(W, W_new, H)
     return err / ref if ref > 0 else 0.0
