@@ -136,3 +136,12 @@ def test_methods_lists_solvers(capsys):
 def test_unknown_dataset_name_is_a_clear_error(capsys, tiny_llama, tmp_path):
     code, _, err = run(capsys, *prune_args(tiny_llama, "c5", tmp_path / "out", "--method", "wanda", "--sparsity", "0.5"))
     assert code == 2 and "wikitext2, ptb, c4" in err[0]
+
+
+def test_version_flag(capsys):
+    import lmprune
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lmprune {lmprune.__version__}"

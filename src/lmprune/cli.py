@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from .config import PruneConfig, SparsityPattern, parse_options
 from .errors import LmpruneError
+from . import __version__
 from .report import REPORT_NAME, format_report, library_versions, load_report, plot_layer_errors, summarize_layers, write_json
 
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
@@ -18,6 +19,7 @@ DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's c
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmprune", description="One-shot pruning of Hugging Face causal LMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model and save it")
