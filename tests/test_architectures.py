@@ -144,3 +144,12 @@ def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
         X = torch.cat(seen[layer.name])
         assert torch.allclose(grams[layer.name], X.t() @ X, rtol=1e-4, atol=1e-4), layer.name
     assert len({id(g) for g in grams.values()}) == len(grams)  # no two layers share storage
+
+
+def test_progress_prints_expected_duration_after_first_block(token_ids, capsys):
+    model = tiny_model("llama")
+    calibration = calibration_windows(token_ids, nsamples=2, seqlen=32, seed=0)
+    prune_model(model, calibration, build_layer_solver("wanda"), SparsityPattern(0.5), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "block 0 took" in out and "for all 2 blocks" in out
+    assert out.count("relative errors:") == 2

@@ -138,10 +138,19 @@ def prune_model(
         block.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if progress and index == 0 and len(blocks) > 1:
+            # Every block does the same work, so the first one predicts the whole run.
+            first = time.perf_counter() - start
+            bar.write(f"block 0 took {_duration(first)}: expect about {_duration(first * len(blocks))} "
+                      f"for all {len(blocks)} blocks")
     bar.close()
     timings["total"] = time.perf_counter() - start
     result.timings = timings
     return result
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _collect_grams(block, layers, inputs: BlockInputs, hidden, device) -> dict[str, torch.Tensor]:
