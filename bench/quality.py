@@ -4,7 +4,9 @@
     python bench/quality.py --preset smollm2-135m --methods sparsegpt,wanda --peers
 
 Results go to bench/results/quality_<preset>.json (saved after every run; an interrupted run resumes,
-skipping rows already there; --fresh starts over) and a table in bench/RESULTS.md.
+skipping rows already there; --fresh starts over) and a table in bench/RESULTS.md. A row whose time is
+known to be disturbed by other work on the machine can be marked "timing_disturbed": true in the JSON;
+the table then flags its time with *.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the RESULTS.md table from the JSON; run nothing")
     args = parser.parse_args()
+    if args.table_only:
+        data = load_json(BENCH / "results" / f"quality_{args.preset}.json")
+        replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", format_table(data))
+        print(format_table(data))
+        return
     require_shared()
     torch.set_num_threads(args.threads)
     preset = dict(PRESETS[args.preset])
@@ -159,8 +167,10 @@ def format_table(data: dict) -> str:
         for t in targets:
             row = next((r for r in runs if r["tool"] == tool and r["method"] == method and r["target"] == t), None)
             cells.append(f"{row['perplexity']:.2f}" if row else "—")
-            times.append(f"{row['prune_seconds']:.0f}" if row else "—")
+            times.append((f"{row['prune_seconds']:.0f}" + ("*" if row.get("timing_disturbed") else "")) if row else "—")
         lines.append(f"| {tool} | {method} | " + " | ".join(cells) + " | " + "/".join(times) + " |")
+    if any(r.get("timing_disturbed") for r in runs):
+        lines += ["", "\\* prune time inflated by another process that ran at the same time; the perplexity is unaffected."]
     off = [r for r in runs if ":" not in r["target"] and "sparsity" in r
            and abs(r["sparsity"] - float(r["target"])) > 0.002]
     off += [r for r in runs if ":" not in r["target"] and "summary" in r
