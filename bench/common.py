@@ -65,10 +65,14 @@ def build(method: str):
     return build_method(name, options=options)
 
 
-def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False) -> dict:
-    """Prune a copy of the dense model and evaluate it; returns the row the benchmarks store."""
+def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False,
+             built=None) -> dict:
+    """Prune a copy of the dense model and evaluate it; returns the row the benchmarks store.
+
+    `built` overrides the Method that `method` names (e.g. a wrapped layer solver).
+    """
     model = copy.deepcopy(dense_model)
-    built = build(method)
+    built = built or build(method)
     tick = time.perf_counter()
     result = prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(target)), device,
                          refiner=built.refiner, progress=progress)
