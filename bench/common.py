@@ -81,10 +81,21 @@ def run_once(dense_model, method: str, target: str, calibration, evaluation, dev
     ppl = perplexity(model, evaluation, device, batch_size=8, progress=progress)
     return {
         "tool": "lmprune", "method": method, "target": target, "perplexity": ppl,
-        "prune_seconds": prune_seconds, "eval_seconds": time.perf_counter() - tick,
+        "prune_seconds": prune_seconds, "eval_seconds": time.perf_counter() - tick, "commit": git_commit(),
         "timings": result.timings, "summary": summarize_layers(result.layers),
         "layers": [{k: r[k] for k in ("name", "error", "error_masked", "sparsity", "seconds")} for r in result.layers],
     }
+
+
+def git_commit() -> str:
+    """The checkout's commit (with "+dirty" for uncommitted changes), so every row says what code made it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "../src") else "")
 
 
 def load_json(path: Path) -> dict:
