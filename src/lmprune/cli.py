@@ -9,9 +9,9 @@ import sys
 import time
 from dataclasses import asdict
 
+from . import __version__
 from .config import PruneConfig, SparsityPattern, parse_options
 from .errors import LmpruneError
-from . import __version__
 from .report import REPORT_NAME, format_report, library_versions, load_report, plot_layer_errors, summarize_layers, write_json
 
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length

@@ -23,7 +23,7 @@ def relative_errors(W: torch.Tensor, candidates: list[torch.Tensor], H: torch.Te
     rows = W.shape[0]
     W32 = W.float()
     stacked = torch.cat([W32, *[W32 - c.float() for c in candidates]])
-    quad = ((stacked @ H.float()) * stacked).double().sum(1).split(rows)
+    quad = ((stacked @ H.float()) * stacked).sum(1, dtype=torch.float64).split(rows)  # no float64 copy
     reference = float(quad[0].sum())
     return [float(q.sum()) / reference if reference > 0 else 0.0 for q in quad[1:]]
 
