@@ -11,7 +11,7 @@ every predicted token of every evaluation window (logits[:, :-1] against ids[:, 
 by the total count), the same convention as lmprune's.
 
     .venv-llmc/bin/python run_llmcompressor.py --model PATH --windows FILE.pt
-        --method sparsegpt|wanda (--sparsity S | --pattern 2:4) --out RESULT.json [--threads N]
+        --method sparsegpt|wanda (--sparsity S | --pattern 2:4) --out RESULT.json [--threads N] [--save-masks MASKS.pt]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--dense", action="store_true", help="also measure the dense model's perplexity first")
+    p.add_argument("--save-masks", help="also save {layer name: bool keep-mask} of every measured Linear here")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="a targeted layer whose measured sparsity falls short of the target by more fails")
     args = p.parse_args(argv)
@@ -193,6 +194,9 @@ def main(argv=None):
         if not lm_head_untouched:
             problems.append("lm_head changed")
 
+    if args.save_masks:
+        torch.save({name: module.weight.detach() != 0 for name, module in model.named_modules()
+                    if name in layers}, args.save_masks)
     t0 = time.perf_counter()
     ppl = perplexity(model, evaluation, args.eval_batch_size)
     eval_seconds = time.perf_counter() - t0
