@@ -106,13 +106,16 @@ def main() -> None:
         runs = [spawn(["--preset", args.preset, "--one", method, *common_args, *extra]) for _ in range(args.repeat)]
         rows.append(min(runs, key=lambda r: r["total_s"]))
         print(rows[-1], file=sys.stderr)
-    save_json(BENCH / "results" / f"speed_{args.preset}.json", {"command": command, "runs": rows})
-    replace_section(BENCH / "RESULTS.md", f"speed-{args.preset}", model_table(rows, command, args))
+    # A smaller calibration set is a different measurement: keep it beside the preset's, not over it.
+    name = args.preset + (f"-n{args.nsamples}" if args.nsamples else "")
+    save_json(BENCH / "results" / f"speed_{name}.json", {"command": command, "runs": rows})
+    replace_section(BENCH / "RESULTS.md", f"speed-{name}", model_table(rows, command, args))
 
 
 def model_table(rows, command, args) -> str:
     base = next((r for r in rows if r["method"] == "sparsegpt"), None)
-    lines = [f"### Prune time: {args.preset}, target {args.target}, {args.threads} threads", "",
+    sizes = f", {args.nsamples} calibration windows" if args.nsamples else ""
+    lines = [f"### Prune time: {args.preset}{sizes}, target {args.target}, {args.threads} threads", "",
              f"Command: `{command}`", "",
              "| method | total s | forward s | solve s | × sparsegpt (total) | peak RSS MB |", "|---|---|---|---|---|---|"]
     for r in rows:
