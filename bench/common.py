@@ -65,6 +65,13 @@ def build(method: str):
     return build_method(name, options=options)
 
 
+def prune(model, method: str, target: str, calibration, device, progress=False, built=None):
+    """Prune `model` in place with the method spec at the target; returns the pipeline's PruneResult."""
+    built = built or build(method)
+    return prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(target)), device,
+                       refiner=built.refiner, progress=progress)
+
+
 def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False,
              built=None) -> dict:
     """Prune a copy of the dense model and evaluate it; returns the row the benchmarks store.
@@ -72,10 +79,8 @@ def run_once(dense_model, method: str, target: str, calibration, evaluation, dev
     `built` overrides the Method that `method` names (e.g. a wrapped layer solver).
     """
     model = copy.deepcopy(dense_model)
-    built = built or build(method)
     tick = time.perf_counter()
-    result = prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(target)), device,
-                         refiner=built.refiner, progress=progress)
+    result = prune(model, method, target, calibration, device, progress=progress, built=built)
     prune_seconds = time.perf_counter() - tick
     tick = time.perf_counter()
     ppl = perplexity(model, evaluation, device, batch_size=8, progress=progress)

@@ -47,9 +47,9 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="rewrite the RESULTS.md table from the JSON; run nothing")
     args = parser.parse_args()
     if args.table_only:
-        data = load_json(BENCH / "results" / f"quality_{args.preset}.json")
-        replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", format_table(data))
-        print(format_table(data))
+        table = format_table(load_json(BENCH / "results" / f"quality_{args.preset}.json"))
+        replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", table)
+        print(table)
         return
     require_shared()
     torch.set_num_threads(args.threads)

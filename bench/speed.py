@@ -22,14 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BENCH, METHODS, PRESETS, build, build_windows, load_dense, parse_target, replace_section,
+    BENCH, METHODS, PRESETS, build, build_windows, load_dense, parse_target, prune, replace_section,
     require_shared, save_json,
 )
 
 
 def one_model_run(preset_name: str, method: str, target: str, threads: int, nsamples: int | None) -> dict:
     from lmprune.model import resolve_device
-    from lmprune.pipeline import prune_model
 
     torch.set_num_threads(threads)
     preset = dict(PRESETS[preset_name])
@@ -37,10 +36,8 @@ def one_model_run(preset_name: str, method: str, target: str, threads: int, nsam
         preset["nsamples"] = nsamples
     model, tokenizer = load_dense(preset)
     calibration, _ = build_windows(preset, tokenizer)
-    built = build(method)
     tick = time.perf_counter()
-    result = prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(target)),
-                         resolve_device("auto"), refiner=built.refiner, progress=False)
+    result = prune(model, method, target, calibration, resolve_device("auto"))
     total = time.perf_counter() - tick
     t = result.timings
     return {"method": method, "target": target, "total_s": total, "solve_s": t["solve"] + t.get("refine", 0.0),

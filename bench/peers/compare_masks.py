@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import build, parse_target  # noqa: E402
+from common import prune  # noqa: E402
 from lmprune.model import load_model, resolve_device  # noqa: E402
-from lmprune.pipeline import prune_model  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
     calibration = torch.load(args.windows)["calibration"]
-    built = build(args.method)
-    prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(args.target)),
-                resolve_device("auto"), refiner=built.refiner, progress=False)
+    prune(model, args.method, args.target, calibration, resolve_device("auto"))
     peer = torch.load(args.peer_masks)
     modules = dict(model.named_modules())
     per_block: dict[int, list[float]] = {}
