@@ -15,7 +15,7 @@ from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, load_text, tokenize
 from lmprune.evaluate import perplexity
 from lmprune.methods import build_method
-from lmprune.model import load_model
+from lmprune.model import describe_device, load_model
 from lmprune.pipeline import prune_model
 from lmprune.report import summarize_layers
 
@@ -87,6 +87,7 @@ def run_once(dense_model, method: str, target: str, calibration, evaluation, dev
     return {
         "tool": "lmprune", "method": method, "target": target, "perplexity": ppl,
         "prune_seconds": prune_seconds, "eval_seconds": time.perf_counter() - tick, "commit": git_commit(),
+        "device": describe_device(device),
         "timings": result.timings, "summary": summarize_layers(result.layers),
         "layers": [{k: r[k] for k in ("name", "error", "error_masked", "sparsity", "seconds")} for r in result.layers],
     }
@@ -99,7 +100,9 @@ def git_commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:  # a copy without .git (e.g. sent to another machine): the sender names the commit
+        return os.environ.get("LMPRUNE_COMMIT", "unknown")
     return commit + ("+dirty" if git("status", "--porcelain", "--", "../src") else "")
 
 

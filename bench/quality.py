@@ -26,7 +26,7 @@ from common import (  # noqa: E402
     run_once, save_json,
 )
 from lmprune.evaluate import perplexity  # noqa: E402
-from lmprune.model import resolve_device  # noqa: E402
+from lmprune.model import describe_device, resolve_device  # noqa: E402
 
 PEER_PYTHON = BENCH / "peers" / ".venv-llmc" / "bin" / "python"
 PEER_METHODS = ("sparsegpt", "wanda")
@@ -66,8 +66,12 @@ def main() -> None:
 
     dense, tokenizer = load_dense(preset)
     calibration, evaluation = build_windows(preset, tokenizer)
-    data.update(preset=args.preset, settings=preset, threads=args.threads, device=str(device),
-                machine=f"{platform.machine()} {platform.processor() or ''}".strip())
+    data.update(preset=args.preset, settings=preset)
+    # The file's machine is the one that made its first rows; a row made elsewhere records its own device
+    # (and the table flags its time), so a run on a lent GPU cannot relabel the CPU rows.
+    data.setdefault("threads", args.threads)
+    data.setdefault("device", describe_device(device))
+    data.setdefault("machine", f"{platform.machine()} {platform.processor() or ''}".strip())
     data.pop("command", None)
     if "dense" not in data:
         tick = time.perf_counter()
@@ -167,10 +171,15 @@ def format_table(data: dict) -> str:
         for t in targets:
             row = next((r for r in runs if r["tool"] == tool and r["method"] == method and r["target"] == t), None)
             cells.append(f"{row['perplexity']:.2f}" if row else "—")
-            times.append((f"{row['prune_seconds']:.0f}" + ("*" if row.get("timing_disturbed") else "")) if row else "—")
+            times.append((f"{row['prune_seconds']:.0f}" + ("*" if row.get("timing_disturbed") else "")
+                          + ("†" if _elsewhere(data, row) else "")) if row else "—")
         lines.append(f"| {tool} | {method} | " + " | ".join(cells) + " | " + "/".join(times) + " |")
     if any(r.get("timing_disturbed") for r in runs):
         lines += ["", "\\* prune time inflated by another process that ran at the same time; the perplexity is unaffected."]
+    elsewhere = sorted({r["device"] for r in runs if _elsewhere(data, r)})
+    if elsewhere:
+        lines += ["", f"† pruned and evaluated on {', '.join(elsewhere)}, not on {data.get('device')}: "
+                  "its time is not comparable with the other rows'."]
     off = [r for r in runs if ":" not in r["target"] and "sparsity" in r
            and abs(r["sparsity"] - float(r["target"])) > 0.002]
     off += [r for r in runs if ":" not in r["target"] and "summary" in r
@@ -180,6 +189,10 @@ def format_table(data: dict) -> str:
             f"{r['tool']} {r['method']} {_label(r['target'])}: {r.get('sparsity', r.get('summary', {}).get('sparsity')):.4f}"
             for r in off)]
     return "\n".join(lines)
+
+
+def _elsewhere(data: dict, row: dict) -> bool:
+    return row.get("device", data.get("device")) != data.get("device")
 
 
 def _label(target: str) -> str:

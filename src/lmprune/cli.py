@@ -154,7 +154,9 @@ def cmd_prune(args) -> int:
 def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args) -> int:
     from .data import calibration_windows, evaluation_windows, load_text, tokenize
     from .evaluate import perplexity
-    from .model import load_model, resolve_device
+    import torch
+
+    from .model import describe_device, load_model, resolve_device
     from .pipeline import plan_layers, prune_model
 
     device = resolve_device(config.device)
@@ -173,7 +175,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
 
     _log(f"pruning {config.model} with {config.method} to {pattern.describe()} on {device}; "
          f"calibration {config.nsamples} × {config.seqlen} tokens")
-    store = None if not args.offload_activations else __import__("torch").device("cpu")
+    store = torch.device("cpu") if args.offload_activations else None
     result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
                          config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress)
     evaluation = []
@@ -190,6 +192,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     report = {
         "method": config.method,
         "pattern": pattern.describe(),
+        "device": describe_device(device),
         "settings": settings,
         "summary": summarize_layers(result.layers),
         "evaluation": evaluation,

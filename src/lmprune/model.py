@@ -38,6 +38,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def describe_device(device: torch.device) -> str:
+    """"cpu", or e.g. "cuda (NVIDIA H100 80GB HBM3)": reports and benchmarks say what hardware ran."""
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
