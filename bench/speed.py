@@ -2,10 +2,12 @@
 
     python bench/speed.py --preset stories260k --target 0.6          # whole-model timings, one run
     python bench/speed.py --layers --widths 512,1024,2048,4096       # synthetic square layers
+    python bench/speed.py --preset smollm2-135m --device cuda        # on a GPU (files get a -cuda suffix)
 
 Every method runs in its own subprocess (so peak RSS is its own) with a fixed thread count; run it on
 an otherwise idle machine and compare ratios from one invocation, not absolute seconds across runs.
-Results: bench/results/speed_<preset>.json / speed_layers.json and a table in bench/RESULTS.md.
+Results: bench/results/speed_<preset>.json / speed_layers.json and a table in bench/RESULTS.md. GPU
+timings synchronise the device before every clock read, so each phase is charged its own kernels.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from common import (  # noqa: E402
     BENCH, METHODS, PRESETS, build, build_windows, load_dense, parse_target, prune, replace_section,
     require_shared, save_json,
 )
+from lmprune.model import describe_device, resolve_device  # noqa: E402
 
 
-def one_model_run(preset_name: str, method: str, target: str, threads: int, nsamples: int | None) -> dict:
-    from lmprune.model import resolve_device
-
+def one_model_run(preset_name: str, method: str, target: str, threads: int, nsamples: int | None,
+                  device: torch.device) -> dict:
     torch.set_num_threads(threads)
     preset = dict(PRESETS[preset_name])
     if nsamples:
@@ -37,23 +39,31 @@ def one_model_run(preset_name: str, method: str, target: str, threads: int, nsam
     model, tokenizer = load_dense(preset)
     calibration, _ = build_windows(preset, tokenizer)
     tick = time.perf_counter()
-    result = prune(model, method, target, calibration, resolve_device("auto"))
+    result = prune(model, method, target, calibration, device)
     total = time.perf_counter() - tick
     t = result.timings
     return {"method": method, "target": target, "total_s": total, "solve_s": t["solve"] + t.get("refine", 0.0),
             "forward_s": t["capture"] + t["gram_forward"] + t["propagate"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": describe_device(device),
+            **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {})}
 
 
-def one_layer_run(method: str, width: int, target: str, threads: int) -> dict:
+def one_layer_run(method: str, width: int, target: str, threads: int, device: torch.device) -> dict:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(4 * width, width, generator=g) @ (torch.eye(width) + torch.randn(width, width, generator=g) / width**0.5)
-    H, W = X.T @ X, torch.randn(width, width, generator=g)
+    H, W = (X.T @ X).to(device), torch.randn(width, width, generator=g).to(device)
     built = build(method)
+    pattern = built.pattern(parse_target(target))
+    if device.type == "cuda":  # the first CUDA call pays for kernel loading; time the second
+        built.layer_solver(W, H, pattern)
+        torch.cuda.synchronize(device)
     tick = time.perf_counter()
-    built.layer_solver(W, H, built.pattern(parse_target(target)))
-    return {"method": method, "width": width, "target": target, "solve_s": time.perf_counter() - tick}
+    built.layer_solver(W, H, pattern)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"method": method, "width": width, "target": target, "solve_s": time.perf_counter() - tick,
+            "device": describe_device(device)}
 
 
 def spawn(args: list[str]) -> dict:
@@ -68,6 +78,7 @@ def main() -> None:
     parser.add_argument("--target", default="0.6")
     parser.add_argument("--nsamples", type=int)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is kept")
     parser.add_argument("--layers", action="store_true", help="synthetic layers instead of a model")
     parser.add_argument("--widths", default="512,1024,2048")
@@ -75,14 +86,17 @@ def main() -> None:
     parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
+    device = resolve_device(args.device)
+    # Timings on another device are another measurement: keep them beside the CPU's, not over them.
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
 
     if args.one:
-        row = (one_layer_run(args.one, args.width, args.target, args.threads) if args.layers
-               else one_model_run(args.preset, args.one, args.target, args.threads, args.nsamples))
+        row = (one_layer_run(args.one, args.width, args.target, args.threads, device) if args.layers
+               else one_model_run(args.preset, args.one, args.target, args.threads, args.nsamples, device))
         print(json.dumps(row))
         return
 
-    common_args = ["--target", args.target, "--threads", str(args.threads)]
+    common_args = ["--target", args.target, "--threads", str(args.threads), "--device", args.device]
     command = "python bench/speed.py " + " ".join(sys.argv[1:])
     if args.layers:
         rows = []
@@ -92,8 +106,8 @@ def main() -> None:
                         for _ in range(args.repeat)]
                 rows.append(min(runs, key=lambda r: r["solve_s"]))
                 print(rows[-1], file=sys.stderr)
-        save_json(BENCH / "results" / "speed_layers.json", {"command": command, "runs": rows})
-        replace_section(BENCH / "RESULTS.md", "speed-layers", layer_table(rows, command, args))
+        save_json(BENCH / "results" / f"speed_layers{suffix}.json", {"command": command, "runs": rows})
+        replace_section(BENCH / "RESULTS.md", f"speed-layers{suffix}", layer_table(rows, command, args))
         return
 
     require_shared()
@@ -104,7 +118,7 @@ def main() -> None:
         rows.append(min(runs, key=lambda r: r["total_s"]))
         print(rows[-1], file=sys.stderr)
     # A smaller calibration set is a different measurement: keep it beside the preset's, not over it.
-    name = args.preset + (f"-n{args.nsamples}" if args.nsamples else "")
+    name = args.preset + (f"-n{args.nsamples}" if args.nsamples else "") + suffix
     save_json(BENCH / "results" / f"speed_{name}.json", {"command": command, "runs": rows})
     replace_section(BENCH / "RESULTS.md", f"speed-{name}", model_table(rows, command, args))
 
@@ -112,19 +126,27 @@ def main() -> None:
 def model_table(rows, command, args) -> str:
     base = next((r for r in rows if r["method"] == "sparsegpt"), None)
     sizes = f", {args.nsamples} calibration windows" if args.nsamples else ""
-    lines = [f"### Prune time: {args.preset}{sizes}, target {args.target}, {args.threads} threads", "",
+    gpu = any("peak_gpu_mb" in r for r in rows)
+    lines = [f"### Prune time: {args.preset}{sizes}, target {args.target}, {_where(rows, args)}", "",
              f"Command: `{command}`", "",
-             "| method | total s | forward s | solve s | × sparsegpt (total) | peak RSS MB |", "|---|---|---|---|---|---|"]
+             "| method | total s | forward s | solve s | × sparsegpt (total) | peak RSS MB |" + (" peak GPU MB |" if gpu else ""),
+             "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in rows:
         ratio = f"{r['total_s'] / base['total_s']:.2f}" if base else "—"
-        lines.append(f"| {r['method']} | {r['total_s']:.1f} | {r['forward_s']:.1f} | {r['solve_s']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['method']} | {r['total_s']:.1f} | {r['forward_s']:.1f} | {r['solve_s']:.1f} | {ratio} | "
+                     f"{r['peak_rss_mb']:.0f} |" + (f" {r.get('peak_gpu_mb', 0):.0f} |" if gpu else ""))
     return "\n".join(lines)
+
+
+def _where(rows, args) -> str:
+    device = rows[0].get("device", "cpu") if rows else "cpu"
+    return f"{args.threads} threads" if device == "cpu" else device
 
 
 def layer_table(rows, command, args) -> str:
     widths = sorted({r["width"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [f"### Solve time per layer vs width (square layer, 4·width tokens, target {args.target}, {args.threads} threads)",
+    lines = [f"### Solve time per layer vs width (square layer, 4·width tokens, target {args.target}, {_where(rows, args)})",
              "", f"Command: `{command}`", "",
              "| method | " + " | ".join(str(w) for w in widths) + " |", "|---|" + "---|" * len(widths)]
     for m in methods:
