@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import byte_tokenizer, random_text
 from lmprune.cli import main
+from lmprune.model import describe_device, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_prune_writes_checkpoint_and_report(capsys, tiny_llama, calib, tmp_path)
     assert code == 0, err
     report = json.loads((out / "lmprune_report.json").read_text())
     assert report["method"] == "wanda+sparsegpt" and report["pattern"] == "2:4"
-    assert report["device"] == "cpu"
+    assert report["device"] == describe_device(resolve_device("auto"))
     assert report["summary"]["layers"] == 12  # 2 blocks × 6 (down_proj skipped)
     assert report["summary"]["sparsity"] == 0.5
     assert all(r["error"] <= r["error_masked"] for r in report["layers"])
