@@ -143,6 +143,10 @@ def _where(rows, args) -> str:
     return f"{args.threads} threads" if device == "cpu" else device
 
 
+def _seconds(s: float) -> str:
+    return f"{s:.2f}" if s >= 0.1 else f"{s:.2g}"  # GPU solves take milliseconds
+
+
 def layer_table(rows, command, args) -> str:
     widths = sorted({r["width"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -150,7 +154,7 @@ def layer_table(rows, command, args) -> str:
              "", f"Command: `{command}`", "",
              "| method | " + " | ".join(str(w) for w in widths) + " |", "|---|" + "---|" * len(widths)]
     for m in methods:
-        cells = [next((f"{r['solve_s']:.2f}" for r in rows if r["method"] == m and r["width"] == w), "—") for w in widths]
+        cells = [next((_seconds(r["solve_s"]) for r in rows if r["method"] == m and r["width"] == w), "—") for w in widths]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import lmprune
 from conftest import byte_tokenizer, random_text
 from lmprune.cli import main
 from lmprune.model import describe_device, resolve_device
@@ -113,7 +114,8 @@ def test_prune_writes_checkpoint_and_report(capsys, tiny_llama, calib, tmp_path)
     assert all(r["error"] <= r["error_masked"] for r in report["layers"])
     assert report["evaluation"][0]["perplexity"] > 1
     assert {"capture", "gram_forward", "solve", "propagate", "total"} <= set(report["timings"])
-    assert report["versions"]["torch"] == torch.__version__
+    assert report["versions"]["torch"] == torch.__version__  # with its build tag (+cpu, +cu130, ...)
+    assert report["versions"]["lmprune"] == lmprune.__version__
 
     code, text, _ = run(capsys, "report", out)
     assert code == 0 and "wanda+sparsegpt" in text and "model.layers.1.mlp.up_proj" in text

@@ -14,12 +14,22 @@ REPORT_NAME = "lmprune_report.json"
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of the code that ran, as the imported modules report them.
+
+    A module's own ``__version__`` is preferred over installed-package metadata: it is right for code run
+    from a source tree, and it keeps the build tag that says which CUDA a torch wheel was built for.
+    """
+    import importlib
+
     versions = {"python": platform.python_version()}
     for package in ("lmprune", "torch", "transformers", "safetensors", "numpy"):
         try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+            versions[package] = str(importlib.import_module(package).__version__)
+        except (ImportError, AttributeError):
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                versions[package] = "not installed"
     return versions
 
 
