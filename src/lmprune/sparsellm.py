@@ -59,6 +59,7 @@ weights (d², F², F·d) always live on the device.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, fields, replace
@@ -301,6 +302,28 @@ def _p_inverse(W_down: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(M)).to(torch.float32)
 
 
+# Elementwise chains over token-sized tensors run in row blocks on the CPU, so that each block's
+# temporaries stay in cache instead of being allocated (and page-faulted in) at tokens × width: 7× faster
+# for the Gauss-Newton steps at 8192 × 1536, and bitwise the same. On a GPU one pass is faster.
+_ELEMENTWISE_ROWS = 512
+
+
+def _row_blocked(fn):
+    """Apply elementwise `fn(first, *args)` to row blocks of every tensor argument (all row-aligned)."""
+
+    @functools.wraps(fn)
+    def blocked(first: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if first.device.type != "cpu" or first.shape[0] <= _ELEMENTWISE_ROWS:
+            return fn(first, *args, **kwargs)
+        out = torch.empty_like(first)
+        for sl in _chunks(first.shape[0], _ELEMENTWISE_ROWS):
+            out[sl] = fn(first[sl], *(a[sl] if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+        return out
+
+    return blocked
+
+
+@_row_blocked
 def update_z_relu(m: torch.Tensor, p: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """argmin_z α(z − m)² + γ(p − relu z)², elementwise: the better of the z ≥ 0 and z ≤ 0 branches."""
     z_pos = ((alpha * m + gamma * p) / (alpha + gamma)).clamp_min(0)
@@ -310,11 +333,13 @@ def update_z_relu(m: torch.Tensor, p: torch.Tensor, alpha: float, gamma: float) 
     return torch.where(f_pos <= f_neg, z_pos, z_neg)
 
 
+@_row_blocked
 def update_z_gated(m: torch.Tensor, p: torch.Tensor, sigma: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """argmin_z α(z − m)² + γ(p − σ⊙z)², σ = act(s): z = (αm + γσp)/(α + γσ²)."""
     return (alpha * m + gamma * sigma * p) / (alpha + gamma * sigma**2)
 
 
+@_row_blocked
 def gauss_newton(x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, scale: torch.Tensor | None, act: Activation,
                  alpha: float, gamma: float, steps: int) -> torch.Tensor:
     """Elementwise steps on f(x) = α(x − m)² + γ(p − act(x)·scale)² (scale = 1 if None).
