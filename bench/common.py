@@ -45,10 +45,6 @@ def require_shared() -> None:
         sys.exit(f"skipped: {SHARED} not found (../shared beside the repo holds the models and data)")
 
 
-def parse_target(target: str) -> SparsityPattern:
-    return SparsityPattern.nm(target) if ":" in target else SparsityPattern(float(target))
-
-
 def build_windows(preset: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     calib_ids = tokenize(tokenizer, load_text(preset["calib"]))
     eval_ids = tokenize(tokenizer, load_text(preset["eval"], "evaluation"))
@@ -68,7 +64,7 @@ def build(method: str):
 def prune(model, method: str, target: str, calibration, device, progress=False, built=None):
     """Prune `model` in place with the method spec at the target; returns the pipeline's PruneResult."""
     built = built or build(method)
-    return prune_model(model, calibration, built.layer_solver, built.pattern(parse_target(target)), device,
+    return prune_model(model, calibration, built.layer_solver, built.pattern(SparsityPattern.parse(target)), device,
                        refiner=built.refiner, progress=progress)
 
 

@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BENCH, METHODS, PRESETS, build, build_windows, load_dense, parse_target, prune, replace_section,
+    BENCH, METHODS, PRESETS, build, build_windows, load_dense, prune, replace_section,
     require_shared, save_json,
 )
-from lmprune.model import describe_device, resolve_device  # noqa: E402
+from lmprune.config import SparsityPattern  # noqa: E402
+from lmprune.model import describe_device, device_clock, resolve_device  # noqa: E402
 
 
 def one_model_run(preset_name: str, method: str, target: str, threads: int, nsamples: int | None,
@@ -54,15 +55,12 @@ def one_layer_run(method: str, width: int, target: str, threads: int, device: to
     X = torch.randn(4 * width, width, generator=g) @ (torch.eye(width) + torch.randn(width, width, generator=g) / width**0.5)
     H, W = (X.T @ X).to(device), torch.randn(width, width, generator=g).to(device)
     built = build(method)
-    pattern = built.pattern(parse_target(target))
+    pattern = built.pattern(SparsityPattern.parse(target))
     if device.type == "cuda":  # the first CUDA call pays for kernel loading; time the second
         built.layer_solver(W, H, pattern)
-        torch.cuda.synchronize(device)
-    tick = time.perf_counter()
+    tick = device_clock(device)
     built.layer_solver(W, H, pattern)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {"method": method, "width": width, "target": target, "solve_s": time.perf_counter() - tick,
+    return {"method": method, "width": width, "target": target, "solve_s": device_clock(device) - tick,
             "device": describe_device(device)}
 
 

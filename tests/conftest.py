@@ -32,6 +32,14 @@ def tinystories_path() -> Path:
     return require_shared(TINYSTORIES)
 
 
+def model_linears(model):
+    """Every prunable Linear of every decoder block, named as the pipeline names them."""
+    from lmprune.model import find_blocks, prunable_layers
+
+    name, blocks = find_blocks(model)
+    return [layer for i, block in enumerate(blocks) for layer in prunable_layers(block, f"{name}.{i}")]
+
+
 def byte_tokenizer():
     """A self-contained byte-level tokenizer (256 ids + eos): no hub, no shared files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

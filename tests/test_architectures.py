@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import byte_tokenizer, random_text
+from conftest import byte_tokenizer, model_linears, random_text
 from lmprune.cli import save_checkpoint
 from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, tokenize
@@ -73,8 +73,7 @@ def test_prune_save_reload(model_type, tokenizer, token_ids, tmp_path):
     pattern = SparsityPattern(0.5)
     result = prune_model(model, calibration, build_layer_solver("sparsegpt"), pattern, torch.device("cpu"),
                          batch_size=2, progress=False)
-    blocks_name, blocks = find_blocks(model)
-    layers = [l for i, b in enumerate(blocks) for l in prunable_layers(b, f"{blocks_name}.{i}")]
+    layers = model_linears(model)
     assert len(result.layers) == len(layers) >= 8
     for layer in layers:
         weight = layer.module.weight

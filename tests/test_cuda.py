@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import correlated_problem
+from conftest import correlated_problem, model_linears
 from lmprune.cli import main
 from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, load_text, tokenize
 from lmprune.evaluate import perplexity
 from lmprune.masks import is_nm
 from lmprune.methods import build_method
-from lmprune.model import find_blocks, load_model, prunable_layers
+from lmprune.model import load_model
 from lmprune.pipeline import prune_model
 from lmprune.solvers import build_layer_solver, method_names
 from lmprune.solvers.linalg import relative_error
@@ -28,10 +28,6 @@ from lmprune.solvers.linalg import relative_error
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 METHODS = ["magnitude", "wanda", "sparsegpt", "admm1", "admm-grad", "alps", "sparsellm"]
-
-
-def _pattern(target: str) -> SparsityPattern:
-    return SparsityPattern.nm(target) if ":" in target else SparsityPattern(float(target))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,7 @@ def problem():
 @pytest.mark.parametrize("method", method_names())
 def test_solver_on_cuda_matches_cpu(problem, method, target):
     W, H = problem
-    pattern = _pattern(target)
+    pattern = SparsityPattern.parse(target)
     solver = build_layer_solver(method)
     on_cpu = solver(W, H, pattern)
     on_gpu = solver(W.to(CUDA), H.to(CUDA), pattern)
@@ -68,14 +64,9 @@ def stories(stories_path, tinystories_path):
 def _prune(dense, method, calibration, device, store_device=None, target="0.5"):
     model = copy.deepcopy(dense)
     built = build_method(method)
-    result = prune_model(model, calibration, built.layer_solver, built.pattern(_pattern(target)), device,
+    result = prune_model(model, calibration, built.layer_solver, built.pattern(SparsityPattern.parse(target)), device,
                          store_device=store_device, refiner=built.refiner, progress=False)
     return model, result
-
-
-def _linears(model):
-    name, blocks = find_blocks(model)
-    return [layer for i, block in enumerate(blocks) for layer in prunable_layers(block, f"{name}.{i}")]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -86,7 +77,7 @@ def test_pipeline_on_cuda_matches_cpu(stories, method):
         model, result = _prune(dense, method, calibration, device)
         # The pipeline hands the model back where it found it; only one block at a time visits the GPU.
         assert {p.device for p in model.parameters()} == {CPU}
-        for layer in _linears(model):
+        for layer in model_linears(model):
             weight = layer.module.weight
             assert int((weight == 0).sum()) == weight.numel() // 2, (device, layer.name)
         assert len(result.layers) == 35
@@ -110,7 +101,7 @@ def test_half_precision_model_on_cuda(stories, dtype):
     dense, calibration, evaluation = stories
     reference, _ = _prune(dense, "sparsegpt", calibration, CUDA, target="2:4")
     model, _ = _prune(copy.deepcopy(dense).to(dtype), "sparsegpt", calibration, CUDA, target="2:4")
-    for layer in _linears(model):
+    for layer in model_linears(model):
         assert layer.module.weight.dtype == dtype
         assert is_nm(layer.module.weight != 0, 2, 4), layer.name
     ppl_half = perplexity(model.float(), evaluation, CUDA, 16, progress=False)
@@ -127,7 +118,7 @@ def test_cli_prunes_on_cuda_and_checkpoint_reloads_on_cpu(stories_path, tinystor
     report = json.loads((out / "lmprune_report.json").read_text())
     assert report["device"].startswith("cuda"), report["device"]
     model = AutoModelForCausalLM.from_pretrained(out)
-    for layer in _linears(model):
+    for layer in model_linears(model):
         assert is_nm(layer.module.weight != 0, 2, 4), layer.name
     assert main(["eval", str(out), "--data", str(tinystories_path), "--seqlen", "256", "--max-windows", "20",
                  "--device", "cuda", "--no-progress"]) == 0

@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import model_linears
 from lmprune.cli import main
 from lmprune.data import evaluation_windows, load_text, tokenize
 from lmprune.evaluate import perplexity
 from lmprune.masks import is_nm
-from lmprune.model import find_blocks, load_model, prunable_layers
+from lmprune.model import load_model
 
 pytestmark = pytest.mark.slow
 EVAL_BATCH = 16
@@ -45,8 +46,7 @@ def pruned(stories_path, tinystories_path, tmp_path_factory):
 
 def pruned_weights(path):
     model = AutoModelForCausalLM.from_pretrained(path)
-    name, blocks = find_blocks(model)
-    return model, [l for i, b in enumerate(blocks) for l in prunable_layers(b, f"{name}.{i}")]
+    return model, model_linears(model)
 
 
 def test_dense_perplexity_matches_reference(stories_path, eval_windows):

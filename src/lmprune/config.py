@@ -46,6 +46,16 @@ class SparsityPattern:
             raise LmpruneError(f"invalid pattern {text!r}: expected N:M such as 2:4")
         return cls(n=int(match.group(1)), m=int(match.group(2)))
 
+    @classmethod
+    def parse(cls, text: str) -> "SparsityPattern":
+        """Parse a target: '2:4' (N:M) or a sparsity such as '0.7'."""
+        if ":" in text:
+            return cls.nm(text)
+        try:
+            return cls(float(text))
+        except ValueError:
+            raise LmpruneError(f"invalid target {text!r}: expected a sparsity such as 0.7 or N:M such as 2:4") from None
+
     def check_width(self, in_features: int, layer_name: str) -> None:
         if self.is_nm and in_features % self.m:
             raise LmpruneError(

@@ -9,7 +9,6 @@ one.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from .model import (
     BlockInputs,
     PrunableLayer,
     capture_block_inputs,
+    device_clock,
     find_blocks,
     move_outside_blocks,
     prunable_layers,
@@ -92,7 +92,7 @@ def prune_model(
     home = next(model.parameters()).device
     result = PruneResult()
     timings = {"capture": 0.0, "gram_forward": 0.0, "solve": 0.0, "propagate": 0.0, "refine": 0.0}
-    start = _clock(device)
+    start = device_clock(device)
 
     move_outside_blocks(model, blocks_name, device)
     try:
@@ -100,22 +100,22 @@ def prune_model(
     finally:
         move_outside_blocks(model, blocks_name, home)
     hidden = inputs.hidden
-    timings["capture"] = _clock(device) - start
+    timings["capture"] = device_clock(device) - start
 
     bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
     for index, (block, layers) in enumerate(zip(blocks, plan)):
         block.to(device)
-        tick = _clock(device)
+        tick = device_clock(device)
         grams = _collect_grams(block, layers, inputs, hidden, device)
-        timings["gram_forward"] += _clock(device) - tick
+        timings["gram_forward"] += device_clock(device) - tick
 
         dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
         first_record = len(result.layers)
         for layer in layers:
             bar.set_postfix_str(f"block {index}: {layer.name.rsplit('.', 1)[-1]}")
-            tick = _clock(device)
+            tick = device_clock(device)
             record = _prune_layer(layer, grams.pop(layer.name), layer_solver, pattern, device)
-            record["seconds"] = _clock(device) - tick
+            record["seconds"] = device_clock(device) - tick
             timings["solve"] += record["seconds"]
             result.layers.append(record)
             bar.update()
@@ -125,35 +125,28 @@ def prune_model(
             bar.write(f"block {index} relative errors: {errors}")
 
         if refiner is not None:
-            tick = _clock(device)
+            tick = device_clock(device)
             context = BlockContext(index, block, layers, dense, inputs, hidden, device, pattern, layer_solver)
             result.blocks.append({"block": index, **refiner(context)})
-            timings["refine"] += _clock(device) - tick
+            timings["refine"] += device_clock(device) - tick
 
-        tick = _clock(device)
+        tick = device_clock(device)
         with torch.no_grad():
             for j, h in enumerate(hidden):
                 hidden[j] = inputs.call(block, j, h.to(device), device).to(store_device)
-        timings["propagate"] += _clock(device) - tick
+        timings["propagate"] += device_clock(device) - tick
         block.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if progress and index == 0 and len(blocks) > 1:
             # Every block does the same work, so the first one predicts the whole run.
-            first = _clock(device) - start
+            first = device_clock(device) - start
             bar.write(f"block 0 took {_duration(first)}: expect about {_duration(first * len(blocks))} "
                       f"for all {len(blocks)} blocks")
     bar.close()
-    timings["total"] = _clock(device) - start
+    timings["total"] = device_clock(device) - start
     result.timings = timings
     return result
-
-
-def _clock(device: torch.device) -> float:
-    """Wall time after the device's queued kernels finish, so each phase is charged its own GPU work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _duration(seconds: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -19,8 +20,6 @@ def library_versions() -> dict[str, str]:
     A module's own ``__version__`` is preferred over installed-package metadata: it is right for code run
     from a source tree, and it keeps the build tag that says which CUDA a torch wheel was built for.
     """
-    import importlib
-
     versions = {"python": platform.python_version()}
     for package in ("lmprune", "torch", "transformers", "safetensors", "numpy"):
         try:
