@@ -35,7 +35,7 @@ PRESETS = {
     ),
 }
 
-METHODS = ["magnitude", "wanda", "sparsegpt", "admm1", "admm-grad", "alps", "sparsellm"]
+METHODS = ["magnitude", "wanda", "dsnot", "sparsegpt", "admm1", "admm-grad", "alps", "sparsellm"]
 TARGETS = ["0.5", "0.6", "0.7", "0.8", "2:4"]  # run by default
 TABLE_TARGETS = ["0.5", "0.6", "0.7", "0.8", "0.9", "2:4"]  # column order of the tables
 

@@ -37,10 +37,10 @@ class PerturbedGram:
     def __getattr__(self, name):  # name, per_row_default, ... of the wrapped solver
         return getattr(self.layer_solver, name)
 
-    def __call__(self, W, H, pattern):
+    def __call__(self, W, H, pattern, stats=None):
         scale = 1.0 + self.eps * torch.randn(H.shape[0], generator=self.generator)
         scale = scale.to(H.device, H.dtype)
-        return self.layer_solver(W, H * scale[:, None] * scale[None, :], pattern)
+        return self.layer_solver(W, H * scale[:, None] * scale[None, :], pattern, stats)
 
 
 def main() -> None:

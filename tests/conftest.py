@@ -68,11 +68,13 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-def correlated_problem(rows: int = 96, cols: int = 192, tokens: int = 2048, seed: int = 0, scales: str = "linear"):
+def correlated_problem(rows: int = 96, cols: int = 192, tokens: int = 2048, seed: int = 0, scales: str = "linear",
+                       offset: float = 0.0, with_stats: bool = False):
     """A layer least-squares problem with correlated inputs X = G(I + 2A) and uneven input scales.
 
-    Returns (W, H = XᵀX). Column scales run 0.2–3 ("linear") or over two decades ("log") and are
-    permuted, so large features are spread over the columns as real LLM outlier features are.
+    Returns (W, H = XᵀX), or (W, H, InputStats) `with_stats`. Column scales run 0.2–3 ("linear") or
+    over two decades ("log") and are permuted, so large features are spread over the columns as real
+    LLM outlier features are. `offset` > 0 gives every feature a mean offset·N(0, 1), as real inputs have.
     """
     g = torch.Generator().manual_seed(seed)
     G = torch.randn(tokens, cols, generator=g)
@@ -80,5 +82,11 @@ def correlated_problem(rows: int = 96, cols: int = 192, tokens: int = 2048, seed
     X = G @ (torch.eye(cols) + 2.0 * A)
     scale = torch.linspace(0.2, 3.0, cols) if scales == "linear" else torch.logspace(-1, 1, cols)
     X = X * scale[torch.randperm(cols, generator=g)]
+    if offset:
+        X = X + offset * torch.randn(cols, generator=g)
     W = torch.randn(rows, cols, generator=g)
+    if with_stats:
+        from lmprune.solvers import InputStats
+
+        return W, X.T @ X, InputStats(X.sum(0), tokens)
     return W, X.T @ X

@@ -120,7 +120,8 @@ def test_embeddings_and_lm_head_never_pruned(token_ids):
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
 def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
-    """Layers fed one tensor share its XᵀX product; every Gram must still be that layer's own Σ XᵀX."""
+    """Layers fed one tensor share its XᵀX product; every Gram (and input sum) must still be that
+    layer's own Σ XᵀX (Σ x, token count)."""
     from lmprune.pipeline import _collect_grams
 
     model = tiny_model(model_type)
@@ -138,11 +139,17 @@ def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
             inputs.call(blocks[0], j, h, cpu)
     for handle in handles:
         handle.remove()
-    grams = _collect_grams(blocks[0], layers, inputs, inputs.hidden, cpu)
+    grams = _collect_grams(blocks[0], layers, inputs, inputs.hidden, cpu, with_stats=True)
     for layer in layers:
         X = torch.cat(seen[layer.name])
-        assert torch.allclose(grams[layer.name], X.t() @ X, rtol=1e-4, atol=1e-4), layer.name
-    assert len({id(g) for g in grams.values()}) == len(grams)  # no two layers share storage
+        H, stats = grams[layer.name]
+        assert torch.allclose(H, X.t() @ X, rtol=1e-4, atol=1e-4), layer.name
+        assert stats.tokens == X.shape[0] == 96
+        assert torch.allclose(stats.mean, X.mean(0), rtol=1e-4, atol=1e-5), layer.name
+        assert torch.allclose(stats.variance(H), X.var(0, unbiased=False), rtol=1e-3, atol=1e-5), layer.name
+    assert len({id(H) for H, _ in grams.values()}) == len(grams)  # no two layers share storage
+    assert len({id(s.total) for _, s in grams.values()}) == len(grams)
+    assert all(s is None for _, s in _collect_grams(blocks[0], layers, inputs, inputs.hidden, cpu).values())
 
 
 def test_progress_prints_expected_duration_after_first_block(token_ids, capsys):

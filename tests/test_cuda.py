@@ -22,27 +22,27 @@ from lmprune.masks import is_nm
 from lmprune.methods import build_method
 from lmprune.model import load_model
 from lmprune.pipeline import prune_model
-from lmprune.solvers import build_layer_solver, method_names
+from lmprune.solvers import InputStats, build_layer_solver, method_names
 from lmprune.solvers.linalg import relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-METHODS = ["magnitude", "wanda", "sparsegpt", "admm1", "admm-grad", "alps", "sparsellm"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "admm1", "admm-grad", "alps", "dsnot", "sparsellm"]
 
 
 @pytest.fixture(scope="module")
 def problem():
-    return correlated_problem()
+    return correlated_problem(offset=1.0, with_stats=True)
 
 
 @pytest.mark.parametrize("target", ["0.6", "2:4"])
 @pytest.mark.parametrize("method", method_names())
 def test_solver_on_cuda_matches_cpu(problem, method, target):
-    W, H = problem
+    W, H, stats = problem
     pattern = SparsityPattern.parse(target)
     solver = build_layer_solver(method)
-    on_cpu = solver(W, H, pattern)
-    on_gpu = solver(W.to(CUDA), H.to(CUDA), pattern)
+    on_cpu = solver(W, H, pattern, stats)
+    on_gpu = solver(W.to(CUDA), H.to(CUDA), pattern, InputStats(stats.total.to(CUDA), stats.tokens))
     assert on_gpu.weight.device.type == "cuda" and on_gpu.mask.device.type == "cuda"
     weight, mask = on_gpu.weight.cpu(), on_gpu.mask.cpu()
     assert torch.isfinite(weight).all()

@@ -83,3 +83,20 @@ def test_two_four_pattern_in_every_layer(pruned, method):
         assert is_nm(layer.module.weight != 0, 2, 4), layer.name
     report = json.loads((out / "lmprune_report.json").read_text())
     assert report["summary"]["sparsity"] == 0.5
+
+
+def test_dsnot_moves_wanda_masks_and_beats_wanda_at_70(pruned, eval_windows):
+    ppl, row_counts = {}, {}
+    for method in ("wanda", "dsnot"):
+        out = pruned(method, "--sparsity", "0.7")
+        model, layers = pruned_weights(out)
+        ppl[method] = perplexity(model, eval_windows, torch.device("cpu"), EVAL_BATCH, progress=False)
+        row_counts[method] = [(layer.module.weight != 0).sum(1) for layer in layers]
+    for wanda_rows, dsnot_rows in zip(row_counts["wanda"], row_counts["dsnot"]):
+        assert torch.equal(wanda_rows, dsnot_rows)  # swaps keep every row's count
+    report = json.loads((pruned("dsnot", "--sparsity", "0.7") / "lmprune_report.json").read_text())
+    swaps = [layer["info"]["swaps"] for layer in report["layers"]]
+    assert len(swaps) == 35 and min(swaps) > 0
+    assert all(layer["info"]["expected_error_ratio"] < 1 for layer in report["layers"])
+    # 128 windows (bench/RESULTS.md): Wanda 135.63, DSnoT 122.31
+    assert ppl["dsnot"] < 0.95 * ppl["wanda"], ppl

@@ -12,6 +12,11 @@ by the total count), the same convention as lmprune's.
 
     .venv-llmc/bin/python run_llmcompressor.py --model PATH --windows FILE.pt
         --method sparsegpt|wanda (--sparsity S | --pattern 2:4) --out RESULT.json [--threads N] [--save-masks MASKS.pt]
+        [--perturb EPS --perturb-seed S]
+
+`--perturb` (Wanda only) multiplies every input norm llm-compressor's Wanda computed by its own factor
+1 + EPS·N(0, 1) before the mask is chosen: the perturbation bench/sensitivity.py applies to lmprune, so
+the two tools' rounding noise floors can be compared.
 """
 
 from __future__ import annotations
@@ -41,7 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--save-masks", help="also save {layer name: bool keep-mask} of every measured Linear here")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="a targeted layer whose measured sparsity falls short of the target by more fails")
+    p.add_argument("--perturb", type=float, default=0.0,
+                   help="Wanda only: scale each input norm by 1 + PERTURB·N(0, 1) (rounding-noise study)")
+    p.add_argument("--perturb-seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.perturb and args.method != "wanda":
+        p.error("--perturb applies to --method wanda only")
     if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
         p.error("--sparsity must be in (0, 1)")
     if args.pattern is not None:
@@ -106,6 +116,23 @@ def measure(model, n, m):
     return layers, (zeros / total if total else 0.0)
 
 
+def perturb_wanda_norms(eps, seed):
+    """Wrap llm-compressor's Wanda so each layer's squared input norms are scaled by (1 + eps·N(0,1))²."""
+    import torch
+    from llmcompressor.modifiers.pruning.wanda import base
+
+    generator = torch.Generator().manual_seed(seed)
+    original = base.sparsify_weight
+
+    def perturbed(module, row_scalars_dict, **kwargs):
+        norms_squared = row_scalars_dict[module]
+        scale = 1.0 + eps * torch.randn(norms_squared.shape[0], generator=generator)
+        row_scalars_dict[module] = norms_squared * scale.to(norms_squared) ** 2
+        return original(module=module, row_scalars_dict=row_scalars_dict, **kwargs)
+
+    base.sparsify_weight = perturbed
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -123,6 +150,9 @@ def main(argv=None):
     else:
         from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier as Modifier
 
+    if args.perturb:
+        perturb_wanda_norms(args.perturb, args.perturb_seed)
+
     calib, evaluation = load_windows(args.windows)
     n_calib, seqlen = calib.shape
     print(f"[llmc] windows: calibration {tuple(calib.shape)}, evaluation {tuple(evaluation.shape)}", flush=True)
@@ -133,7 +163,8 @@ def main(argv=None):
     lm_head_before = lm_head.weight.detach().clone() if lm_head is not None else None
 
     result = {"tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"),
-              "method": args.method, "target": args.pattern or str(args.sparsity)}
+              "method": args.method, "target": args.pattern or str(args.sparsity),
+              **({"perturb": args.perturb, "perturb_seed": args.perturb_seed} if args.perturb else {})}
     if args.dense:
         t0 = time.perf_counter()
         result["dense_perplexity"] = perplexity(model, evaluation, args.eval_batch_size)

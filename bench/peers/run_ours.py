@@ -31,7 +31,7 @@ def use_peer_norms() -> None:
 
     collect = pipeline._collect_grams
 
-    def collect_with_peer_norms(block, layers, inputs, hidden, device):
+    def collect_with_peer_norms(block, layers, inputs, hidden, device, with_stats=False):
         scalars = {layer.name: torch.zeros(layer.in_features, device=device) for layer in layers}
         counts = dict.fromkeys(scalars, 0)
 
@@ -49,11 +49,11 @@ def use_peer_norms() -> None:
 
         handles = [layer.module.register_forward_pre_hook(make_hook(layer.name)) for layer in layers]
         try:
-            grams = collect(block, layers, inputs, hidden, device)
+            grams = collect(block, layers, inputs, hidden, device, with_stats)
         finally:
             for handle in handles:
                 handle.remove()
-        for name, gram in grams.items():
+        for name, (gram, _stats) in grams.items():
             gram.diagonal().copy_(scalars[name])
         return grams
 

@@ -27,7 +27,7 @@ from .model import (
     move_outside_blocks,
     prunable_layers,
 )
-from .solvers import LayerSolver
+from .solvers import InputStats, LayerSolver
 from .solvers.linalg import relative_errors
 
 
@@ -106,7 +106,7 @@ def prune_model(
     for index, (block, layers) in enumerate(zip(blocks, plan)):
         block.to(device)
         tick = device_clock(device)
-        grams = _collect_grams(block, layers, inputs, hidden, device)
+        grams = _collect_grams(block, layers, inputs, hidden, device, layer_solver.needs_input_stats)
         timings["gram_forward"] += device_clock(device) - tick
 
         dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
@@ -114,7 +114,7 @@ def prune_model(
         for layer in layers:
             bar.set_postfix_str(f"block {index}: {layer.name.rsplit('.', 1)[-1]}")
             tick = device_clock(device)
-            record = _prune_layer(layer, grams.pop(layer.name), layer_solver, pattern, device)
+            record = _prune_layer(layer, *grams.pop(layer.name), layer_solver, pattern, device)
             record["seconds"] = device_clock(device) - tick
             timings["solve"] += record["seconds"]
             result.layers.append(record)
@@ -153,14 +153,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def _collect_grams(block, layers, inputs: BlockInputs, hidden, device) -> dict[str, torch.Tensor]:
-    """Run the block on every batch with hooks adding each layer's XᵀX (float32) to a running sum.
+def _collect_grams(block, layers, inputs: BlockInputs, hidden, device,
+                   with_stats: bool = False) -> dict[str, tuple[torch.Tensor, InputStats | None]]:
+    """Run the block on every batch with hooks adding each layer's XᵀX (float32) to a running sum,
+    and, `with_stats`, the sum of its inputs and their count (for solvers that need the mean).
 
     Layers fed the very same tensor in a call (q/k/v, gate/up) share its product: it is computed
     once per batch and added to each of their sums. Checked per call, so it is exact for any model.
     """
     grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in layers}
-    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(input) -> (input, XᵀX) this call
+    totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in layers} if with_stats else {}
+    tokens = dict.fromkeys(grams, 0)
+    products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count) this call
 
     def make_hook(name: str):
         def hook(module, args, output):
@@ -168,8 +172,12 @@ def _collect_grams(block, layers, inputs: BlockInputs, hidden, device) -> dict[s
             seen = products.get(id(x))
             if seen is None or seen[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                seen = products[id(x)] = (x, flat.t() @ flat)
+                total = flat.sum(0) if with_stats else None
+                seen = products[id(x)] = (x, flat.t() @ flat, total, flat.shape[0])
             grams[name].add_(seen[1])
+            tokens[name] += seen[3]
+            if with_stats:
+                totals[name].add_(seen[2])
 
         return hook
 
@@ -182,13 +190,13 @@ def _collect_grams(block, layers, inputs: BlockInputs, hidden, device) -> dict[s
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    return {name: (H, InputStats(totals[name], tokens[name]) if with_stats else None) for name, H in grams.items()}
 
 
-def _prune_layer(layer: PrunableLayer, H: torch.Tensor, layer_solver: LayerSolver,
+def _prune_layer(layer: PrunableLayer, H: torch.Tensor, stats: InputStats | None, layer_solver: LayerSolver,
                  pattern: SparsityPattern, device: torch.device) -> dict[str, Any]:
     W = layer.get_weight(device)
-    solved = layer_solver(W, H, pattern)
+    solved = layer_solver(W, H, pattern, stats)
     weight, mask = solved.weight, solved.mask
     record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features]}
     if not torch.isfinite(weight).all():

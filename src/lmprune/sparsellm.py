@@ -151,6 +151,11 @@ def build_block_method(options: dict[str, str]) -> BlockMethod:
             f"layer_method={settings.layer_method!r} only updates weights; choose a pruning method "
             f"({', '.join(method_names())}) and add --update {settings.layer_method} for its update"
         )
+    if get_solver(settings.layer_method).needs_input_stats:
+        raise LmpruneError(
+            f"layer_method={settings.layer_method!r} needs the inputs' mean, which SparseLLM's "
+            "subproblems do not track; choose a method that needs only XᵀX"
+        )
     report = {f"sparsellm_{f.name}": getattr(settings, f.name) for f in fields(settings)}
     for name in ("alpha", "beta", "gamma"):
         if report[f"sparsellm_{name}"] is None:

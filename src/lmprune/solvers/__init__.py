@@ -10,10 +10,10 @@ import torch
 
 from ..config import SparsityPattern, settings_from_options
 from ..errors import LmpruneError
-from .base import Solver, SolverResult
+from .base import InputStats, Solver, SolverResult
 
 # Modules that define solvers; each exposes SOLVERS, a list of Solver.
-_MODULES = ("magnitude", "wanda", "sparsegpt", "admm", "alps")
+_MODULES = ("magnitude", "wanda", "sparsegpt", "admm", "alps", "dsnot")
 
 
 def _load() -> dict[str, Solver]:
@@ -63,6 +63,10 @@ class LayerSolver:
     def per_row_default(self) -> bool:
         return self.mask_solver.per_row_default
 
+    @property
+    def needs_input_stats(self) -> bool:
+        return self.mask_solver.needs_input_stats
+
     def settings_dict(self) -> dict[str, Any]:
         out = {}
         for settings in (self.mask_settings, self.update_settings):
@@ -70,8 +74,14 @@ class LayerSolver:
                 out.update({f.name: getattr(settings, f.name) for f in fields(settings)})
         return out
 
-    def __call__(self, W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern) -> SolverResult:
-        result = self.mask_solver.solve(W, H, pattern, self.mask_settings)
+    def __call__(self, W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern,
+                 stats: InputStats | None = None) -> SolverResult:
+        if self.needs_input_stats:
+            if stats is None:
+                raise LmpruneError(f"{self.mask_solver.name} needs the inputs' mean (InputStats), not only XᵀX")
+            result = self.mask_solver.solve(W, H, pattern, self.mask_settings, stats)
+        else:
+            result = self.mask_solver.solve(W, H, pattern, self.mask_settings)
         if self.drop_update:
             return SolverResult(W * result.mask, result.mask, result.info)
         if self.update_solver is not None:

@@ -2,11 +2,15 @@
 
     solve(W, H, pattern, settings)  -> SolverResult   (chooses a mask and updates the kept weights)
     update(W, H, mask, settings)    -> (W', info)     (updates the kept weights for a fixed mask)
+    solve(W, H, pattern, settings, stats)             (solvers that declare needs_input_stats)
 
 W is a float32 [out, in] weight, H = XᵀX the float32 [in, in] Gram matrix of the layer's inputs summed
 over calibration tokens (its scale does not matter: every solver is invariant to it), and the mask is
 bool, True where a weight is kept. A method may offer either or both: `--mask A --update B` takes A's
 mask and B's update.
+
+A few methods (DSnoT) also need the inputs' mean, which H does not carry: they declare
+`needs_input_stats` and get an InputStats, summed by the pipeline over the same tokens as H.
 """
 
 from __future__ import annotations
@@ -24,6 +28,23 @@ class SolverResult:
     weight: torch.Tensor  # float32 [out, in], exactly zero where the mask is False
     mask: torch.Tensor  # bool [out, in], True = kept
     info: dict[str, Any] = field(default_factory=dict)  # per-layer facts for the report
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """First moments of a layer's inputs, over the calibration tokens its Gram matrix H sums over."""
+
+    total: torch.Tensor  # float32 [in]: Σ x over the tokens
+    tokens: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.tokens
+
+    def variance(self, H: torch.Tensor) -> torch.Tensor:
+        """Per-feature variance E[x²] − E[x]², in float64: the difference cancels when the mean is large."""
+        mean = self.total.double() / self.tokens
+        return (torch.diagonal(H).double() / self.tokens - mean**2).clamp_min(0).to(self.total.dtype)
 
 
 SolveFn = Callable[[torch.Tensor, torch.Tensor, SparsityPattern, Any], SolverResult]
@@ -44,3 +65,4 @@ class Solver:
     update: UpdateFn | None = None
     # Mask granularity when the user does not choose: Wanda compares weights within a row.
     per_row_default: bool = False
+    needs_input_stats: bool = False  # solve() takes an InputStats as a fifth argument
