@@ -29,6 +29,7 @@ from common import (  # noqa: E402
 )
 from lmprune.config import SparsityPattern  # noqa: E402
 from lmprune.model import describe_device, device_clock, resolve_device  # noqa: E402
+from lmprune.solvers import InputStats  # noqa: E402
 
 
 def one_model_run(preset_name: str, method: str, target: str, threads: int, nsamples: int | None,
@@ -54,12 +55,13 @@ def one_layer_run(method: str, width: int, target: str, threads: int, device: to
     g = torch.Generator().manual_seed(0)
     X = torch.randn(4 * width, width, generator=g) @ (torch.eye(width) + torch.randn(width, width, generator=g) / width**0.5)
     H, W = (X.T @ X).to(device), torch.randn(width, width, generator=g).to(device)
+    stats = InputStats(X.sum(0).to(device), X.shape[0])
     built = build(method)
     pattern = built.pattern(SparsityPattern.parse(target))
     if device.type == "cuda":  # the first CUDA call pays for kernel loading; time the second
-        built.layer_solver(W, H, pattern)
+        built.layer_solver(W, H, pattern, stats)
     tick = device_clock(device)
-    built.layer_solver(W, H, pattern)
+    built.layer_solver(W, H, pattern, stats)
     return {"method": method, "width": width, "target": target, "solve_s": device_clock(device) - tick,
             "device": describe_device(device)}
 

@@ -48,6 +48,19 @@ def test_swap_refused_by_sign_threshold_or_cycles(options):
     assert result.info["swaps"] == 0
 
 
+def test_nm_swap_that_grows_the_error_is_refused():
+    # 2:4 keeps 3 and 2, prunes 1 and 0.5: e = 1.5. Growing 1 forces pruning the group's weaker kept
+    # weight, 2, so e becomes 1.5 + 2 − 1 = 2.5: same sign but larger. Unchecked, the next swap grows
+    # 0.5 and prunes 3: e = 5. The default refuses the first swap.
+    W, H, stats = unit_problem([3.0, 2.0, 1.0, 0.5])
+    pattern = SparsityPattern.parse("2:4")
+    unchecked = build_layer_solver("dsnot", options={"same_sign": "false"})(W, H, pattern, stats)
+    assert unchecked.mask.tolist() == [[False, False, True, True]]
+    assert unchecked.info["expected_error_ratio"] == pytest.approx(5 / 1.5)
+    checked = build_layer_solver("dsnot")(W, H, pattern, stats)
+    assert checked.mask.tolist() == [[True, True, False, False]] and checked.info["swaps"] == 0
+
+
 @pytest.fixture(scope="module")
 def shifted():
     """Inputs with large per-feature means, where the expected error dominates the squared error."""
@@ -108,8 +121,8 @@ def test_keeps_counts_and_cuts_expected_error(shifted, target):
     before = expected_errors(W, wanda.weight, stats).norm()
     after = expected_errors(W, dsnot.weight, stats).norm()
     assert float(after / before) == pytest.approx(dsnot.info["expected_error_ratio"], rel=1e-4)
-    # N:M prunes inside the grown weight's group, whatever its sign: a smaller cut.
-    assert after < (0.5 if pattern.is_nm else 0.4) * before
+    # N:M must prune inside the grown weight's group, whatever its sign, so more swaps are refused.
+    assert after < (0.8 if pattern.is_nm else 0.4) * before
 
 
 def test_same_sign_never_flips_an_error(shifted):
