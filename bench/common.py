@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,11 @@ def build_windows(preset: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
         calibration_windows(calib_ids, preset["nsamples"], preset["seqlen"], seed=0),
         evaluation_windows(eval_ids, preset["eval_seqlen"], preset["eval_windows"]),
     )
+
+
+def split_methods(text: str) -> list[str]:
+    """Split a --methods list on commas outside brackets: "wanda,dsnot[cycles=5,init=magnitude]" is two."""
+    return [m for m in re.split(r",(?![^\[]*\])", text) if m]
 
 
 def build(method: str):

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    split_methods,
     BENCH, METHODS, PRESETS, TABLE_TARGETS, TARGETS, build_windows, load_dense, load_json, replace_section, require_shared,
     run_once, save_json,
 )
@@ -58,7 +59,7 @@ def main() -> None:
         preset["nsamples"] = args.nsamples
     if args.eval_windows:
         preset["eval_windows"] = args.eval_windows
-    methods = [m for m in args.methods.split(",") if m]
+    methods = split_methods(args.methods)
     targets = [t for t in args.targets.split(",") if t]
     out = BENCH / "results" / f"quality_{args.preset}.json"
     data = {"runs": []} if args.fresh else load_json(out)

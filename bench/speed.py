@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    split_methods,
     BENCH, METHODS, PRESETS, build, build_windows, load_dense, prune, replace_section,
     require_shared, save_json,
 )
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    methods = [m for m in args.methods.split(",") if m]
+    methods = split_methods(args.methods)
     device = resolve_device(args.device)
     # Timings on another device are another measurement: keep them beside the CPU's, not over them.
     suffix = "" if device.type == "cpu" else f"-{device.type}"

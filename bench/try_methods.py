@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PRESETS, build_windows, load_dense, require_shared, run_once  # noqa: E402
+from common import PRESETS, build_windows, load_dense, require_shared, run_once, split_methods  # noqa: E402
+from lmprune.model import resolve_device  # noqa: E402
 
 
 def main() -> None:
@@ -30,18 +31,11 @@ def main() -> None:
     preset = PRESETS[args.preset]
     model, tokenizer = load_dense(preset)
     calibration, evaluation = build_windows(preset, tokenizer)
-    # Split on commas outside brackets: 'dsnot[a=1,b=2]' is one method.
-    methods, depth, current = [], 0, ""
-    for ch in args.methods + ",":
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            methods, current = methods + [current] if current else methods, ""
-        else:
-            current += ch
-    for method in methods:
+    device = resolve_device("auto")
+    for method in split_methods(args.methods):
         for target in args.targets.split(","):
             tick = time.perf_counter()
-            row = run_once(model, method, target, calibration, evaluation, torch.device("cpu"))
+            row = run_once(model, method, target, calibration, evaluation, device)
             print(f"{method:36s} {target:5s} perplexity {row['perplexity']:10.2f}  "
                   f"mean layer error {row['summary']['mean_error']:.4f}  {time.perf_counter() - tick:.0f} s", flush=True)
 

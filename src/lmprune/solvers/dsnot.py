@@ -33,11 +33,11 @@ import torch
 
 from ..config import SparsityPattern
 from ..masks import topk_mask
+from . import wanda
 from .base import InputStats, Solver, SolverResult
-from .linalg import input_norms
 
 INITIAL_SCORES = {
-    "wanda": lambda W, H: W.abs() * input_norms(H)[None, :],
+    "wanda": wanda.scores,
     "magnitude": lambda W, H: W.abs(),
 }
 
@@ -61,10 +61,13 @@ class DSnoTSettings:
             raise ValueError(f"variance_power must be non-negative, got {self.variance_power}")
 
 
-def _candidates(keys: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the columns of the k lowest keys among valid entries (lowest first) and how many exist."""
-    order = torch.topk(keys.masked_fill(~valid, float("inf")), k, dim=1, largest=False, sorted=True).indices
-    return order, valid.sum(1).clamp(max=k)
+def _candidates(lists: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each (keys, valid) pair, per row the columns of the k lowest keys among valid entries (lowest
+    first) and how many exist; stacked as [rows, len(lists), k] and [rows, len(lists)]."""
+    columns = [torch.topk(keys.masked_fill(~valid, float("inf")), k, dim=1, largest=False, sorted=True).indices
+               for keys, valid in lists]
+    counts = [valid.sum(1).clamp(max=k) for _, valid in lists]
+    return torch.stack(columns, 1), torch.stack(counts, 1)
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: DSnoTSettings,
@@ -74,7 +77,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: 
     mean = stats.mean.to(W)
     contribution = W * mean[None, :]  # each weight's share of its output's mean
     error = (contribution * ~mask).sum(1, dtype=torch.float64)
-    initial_error = error.clone()
+    before = float(error.norm())
     if settings.cycles == 0 or mask.all() or not mask.any():
         return SolverResult(W * mask, mask, {"swaps": 0, "expected_error_ratio": 1.0})
 
@@ -87,15 +90,12 @@ def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: 
     pruned = ~mask
     # Lists per sign, index 0 = negative contribution, 1 = positive: growing cuts e_i, so it takes the
     # sign of e_i (largest magnitude first); pruning adds to e_i, so it takes the other sign.
-    grow = [_candidates(grow_key, pruned & (grow_key < 0), k), _candidates(-grow_key, pruned & (grow_key > 0), k)]
-    grow_cols = torch.stack([grow[0][0], grow[1][0]], 1)  # [rows, 2, k]
-    grow_count = torch.stack([grow[0][1], grow[1][1]], 1)  # [rows, 2]
+    grow_cols, grow_count = _candidates([(grow_key, pruned & (grow_key < 0)), (-grow_key, pruned & (grow_key > 0))], k)
     if pattern.is_nm:
         never_grown = mask.clone()  # only originally kept weights may be pruned: groups keep N
     else:
-        shrink = [_candidates(scores, mask & (contribution < 0), k), _candidates(scores, mask & (contribution > 0), k)]
-        prune_cols = torch.stack([shrink[0][0], shrink[1][0]], 1)
-        prune_count = torch.stack([shrink[0][1], shrink[1][1]], 1)
+        prune_cols, prune_count = _candidates(
+            [(scores, mask & (contribution < 0)), (scores, mask & (contribution > 0))], k)
     grow_at = torch.zeros_like(grow_count)
     prune_at = torch.zeros_like(grow_count)
 
@@ -136,7 +136,6 @@ def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: 
         swaps += ok.long()
         active = ok & (error.abs() > settings.threshold)
 
-    before = float(initial_error.norm())
     ratio = float(error.norm()) / before if before > 0 else 1.0
     return SolverResult(W * mask, mask, {"swaps": int(swaps.sum()), "expected_error_ratio": ratio})
 
