@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmprune import sparsellm as S
+from lmprune.refiners import sparsellm as S
 from lmprune.config import SparsityPattern
 from lmprune.errors import LmpruneError
 from lmprune.pipeline import prune_model

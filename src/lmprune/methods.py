@@ -16,7 +16,7 @@ from .solvers import LayerSolver, build_layer_solver
 
 # Methods that refine whole blocks after the layer-wise pass: name -> module exposing DESCRIPTION,
 # SETTINGS and build_block_method(options) -> object with .layer_method, .layer_options, .refiner, .settings.
-BLOCK_METHODS = {"sparsellm": "lmprune.sparsellm"}
+BLOCK_METHODS = {"sparsellm": "lmprune.refiners.sparsellm"}
 
 
 @dataclass

@@ -69,8 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import settings_from_options
-from .errors import LmpruneError
+from ..config import settings_from_options
+from ..errors import LmpruneError
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 Pruner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W [out, in], H = AᵀA [in, in]) -> pruned W
@@ -137,7 +137,7 @@ class BlockMethod:
 
 def build_block_method(options: dict[str, str]) -> BlockMethod:
     """Split `--opt` into SparseLLM's settings and the layer solver's options; validate ours."""
-    from .solvers import get_solver, method_names
+    from ..solvers import get_solver, method_names
 
     known = {f.name for f in fields(SparseLLMSettings)}
     mine = {k: v for k, v in options.items() if k.replace("-", "_") in known}
@@ -640,7 +640,7 @@ class SparseLLMRefiner:
 
     def find(self, ctx) -> tuple[list[FoundMLP], str | None]:
         """Trace the block on (the start of) the first batch and recognise its MLP(s)."""
-        from .model import PrunableLayer, is_prunable
+        from ..model import PrunableLayer, is_prunable
 
         pruned = {id(layer.module): layer for layer in ctx.layers}
         layers = {}
