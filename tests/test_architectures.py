@@ -10,7 +10,7 @@ from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, tokenize
 from lmprune.evaluate import perplexity
 from lmprune.masks import is_nm
-from lmprune.model import capture_block_inputs, find_blocks, prunable_layers
+from lmprune.model import find_blocks, prunable_layers, record_block_calls
 from lmprune.pipeline import prune_model
 from lmprune.solvers import build_layer_solver
 
@@ -61,8 +61,8 @@ def test_captured_inputs_reproduce_first_block(model_type, token_ids):
     with torch.no_grad():
         expected = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[1]
         _, blocks = find_blocks(model)
-        inputs = capture_block_inputs(model, blocks, [ids], torch.device("cpu"), torch.device("cpu"))
-        got = inputs.call(blocks[0], 0, inputs.hidden[0], torch.device("cpu"))
+        calls = record_block_calls(model, blocks, [ids], torch.device("cpu"), torch.device("cpu"))
+        got = calls.for_block(0).call(blocks[0], 0, calls.hidden[0], torch.device("cpu"))
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -128,28 +128,30 @@ def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
     cpu = torch.device("cpu")
     batches = list(token_ids[:96].reshape(4, 24).split(2))
     blocks_name, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks, batches, cpu, cpu)
+    calls = record_block_calls(model, blocks, batches, cpu, cpu)
+    inputs = calls.for_block(0)
     layers = prunable_layers(blocks[0], f"{blocks_name}.0")
     seen: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
     handles = [layer.module.register_forward_hook(
         lambda mod, args, out, name=layer.name: seen[name].append(args[0].reshape(-1, args[0].shape[-1])))
         for layer in layers]
     with torch.no_grad():
-        for j, h in enumerate(inputs.hidden):
+        for j, h in enumerate(calls.hidden):
             inputs.call(blocks[0], j, h, cpu)
     for handle in handles:
         handle.remove()
-    grams = _collect_grams(blocks[0], layers, inputs, inputs.hidden, cpu, with_stats=True)
+    grams = _collect_grams(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu, with_stats=True).inputs
     for layer in layers:
         X = torch.cat(seen[layer.name])
-        H, stats = grams[layer.name]
+        H, stats = grams[layer.name].gram, grams[layer.name].stats
         assert torch.allclose(H, X.t() @ X, rtol=1e-4, atol=1e-4), layer.name
         assert stats.tokens == X.shape[0] == 96
         assert torch.allclose(stats.mean, X.mean(0), rtol=1e-4, atol=1e-5), layer.name
         assert torch.allclose(stats.variance(H), X.var(0, unbiased=False), rtol=1e-3, atol=1e-5), layer.name
-    assert len({id(H) for H, _ in grams.values()}) == len(grams)  # no two layers share storage
-    assert len({id(s.total) for _, s in grams.values()}) == len(grams)
-    assert all(s is None for _, s in _collect_grams(blocks[0], layers, inputs, inputs.hidden, cpu).values())
+    assert len({id(g.gram) for g in grams.values()}) == len(grams)  # no two layers share storage
+    assert len({id(g.stats.total) for g in grams.values()}) == len(grams)
+    plain = _collect_grams(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu).inputs
+    assert all(g.stats is None and g.tokens == 96 for g in plain.values())
 
 
 def test_progress_prints_expected_duration_after_first_block(token_ids, capsys):

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not prune layers whose full name matches (repeatable)")
     prune.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="solver setting, e.g. iterations=30 (repeatable)")
+    prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
+                       help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
     prune.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
     prune.add_argument("--eval-max-windows", type=int, help="evaluate at most this many windows")
@@ -140,7 +142,7 @@ def cmd_prune(args) -> int:
         nsamples=args.nsamples, seqlen=args.seqlen or DEFAULT_SEQLEN, seed=args.seed, device=args.device,
         mask=args.mask, update=args.update, options=method.settings, skip=args.skip,
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
-        batch_size=args.batch_size, overwrite=args.overwrite,
+        batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
     )
     _check_out_dir(args.out, args.overwrite)
     _check_source(args.calib, "--calib")
@@ -177,7 +179,8 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
          f"calibration {config.nsamples} × {config.seqlen} tokens")
     store = torch.device("cpu") if args.offload_activations else None
     result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
-                         config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress)
+                         config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
+                         moe_calibration=config.moe_calibration)
     evaluation = []
     if eval_windows is not None:
         tick = time.perf_counter()
@@ -198,6 +201,8 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         "evaluation": evaluation,
         "timings": result.timings,
         "layers": result.layers,
+        "routers": result.routers,
+        "unpruned": result.unpruned,
         "blocks": result.blocks,
         "versions": library_versions(),
     }

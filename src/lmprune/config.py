@@ -141,6 +141,7 @@ class PruneConfig:
     eval_max_windows: int | None = None
     batch_size: int = 1
     overwrite: bool = False
+    moe_calibration: str = "routed"
 
     def __post_init__(self) -> None:
         if self.nsamples < 1:
@@ -149,6 +150,8 @@ class PruneConfig:
             raise LmpruneError(f"--seqlen must be at least 2, got {self.seqlen}")
         if self.batch_size < 1:
             raise LmpruneError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.moe_calibration not in ("routed", "all"):
+            raise LmpruneError(f"invalid --moe-calibration {self.moe_calibration!r}: choose routed or all")
         for regex in self.skip:
             try:
                 re.compile(regex)

@@ -1,14 +1,20 @@
-"""Block-by-block one-shot pruning: capture -> Gram -> solve -> write back -> re-run block.
+"""Block-by-block one-shot pruning: record calls -> Gram -> solve -> write back -> re-run block.
 
 Only the current block sits on the compute device. Calibration activations stay where
 `store_device` says (CPU by default off-GPU). Each layer's Gram matrix XᵀX is a running float32 sum
-filled by forward hooks: activations are never stored per layer. After a block's layers are pruned,
-the block is re-run so the next block is calibrated on the outputs of the pruned model, not the dense
-one.
+filled while the block runs: activations are never stored per layer. Every block is run with its own
+recorded call (its own mask and rotary table). An expert's Gram matrix sums exactly the tokens the
+model routes to it, read off the block's own products (model/tracing.py); routers are found the same
+way and never pruned. After a block's layers are pruned, the block is re-run so the next block is
+calibrated on the outputs of the pruned model, not the dense one. Any ≥2-D weight of a block that was
+not pruned, not a router and not excluded with --skip is named in a warning and in the result.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,22 +25,29 @@ from tqdm.auto import tqdm
 from .config import SparsityPattern
 from .errors import LmpruneError
 from .model import (
-    BlockInputs,
+    BlockCall,
+    ExpertSlice,
     PrunableLayer,
-    capture_block_inputs,
     device_clock,
+    expert_count,
     find_blocks,
     move_outside_blocks,
     prunable_layers,
+    record_block_calls,
+    text_config,
 )
-from .solvers import InputStats, LayerSolver
+from .model.tracing import BlockTracer
+from .solvers import InputStats, LayerSolver, build_layer_solver
 from .solvers.linalg import relative_errors
+
+MOE_CALIBRATION = ("routed", "all")
 
 
 def plan_layers(model: nn.Module, pattern: SparsityPattern, skip: list[str]) -> list[list[PrunableLayer]]:
     """The layers to prune, per block; fails before any work if the pattern does not fit one of them."""
     blocks_name, blocks = find_blocks(model)
-    plan = [prunable_layers(block, f"{blocks_name}.{i}", skip) for i, block in enumerate(blocks)]
+    config = text_config(model)
+    plan = [prunable_layers(block, f"{blocks_name}.{i}", skip, config) for i, block in enumerate(blocks)]
     if not any(plan):
         raise LmpruneError("no prunable layers left (check --skip)")
     for layers in plan:
@@ -51,7 +64,7 @@ class BlockContext:
     block: nn.Module
     layers: list[PrunableLayer]
     dense_weights: dict[str, torch.Tensor]  # float32 [out, in] copies of the weights before pruning
-    inputs: BlockInputs
+    inputs: BlockCall
     hidden: list[torch.Tensor]  # the block's inputs, one tensor per batch (on the store device)
     device: torch.device
     pattern: SparsityPattern
@@ -71,6 +84,17 @@ class PruneResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    routers: list[str] = field(default_factory=list)  # weights found to compute routing logits: never pruned
+    unpruned: list[dict[str, Any]] = field(default_factory=list)  # ≥2-D block weights left dense, and why
+
+
+@dataclass
+class LayerInputs:
+    """What the solve of one layer needs: its Gram matrix, input statistics and token count."""
+
+    gram: torch.Tensor
+    stats: InputStats | None
+    tokens: int
 
 
 def prune_model(
@@ -84,8 +108,16 @@ def prune_model(
     store_device: torch.device | None = None,
     refiner: BlockRefiner | None = None,
     progress: bool = True,
+    moe_calibration: str = "routed",
 ) -> PruneResult:
-    """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings."""
+    """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
+
+    `moe_calibration`: "routed" calibrates each expert on the tokens the router sends it; "all" sends
+    every calibration token through every expert (the model's own routing still decides what the next
+    block sees).
+    """
+    if moe_calibration not in MOE_CALIBRATION:
+        raise LmpruneError(f"invalid MoE calibration {moe_calibration!r}: choose from {', '.join(MOE_CALIBRATION)}")
     plan = plan_layers(model, pattern, skip or [])
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
@@ -94,75 +126,147 @@ def prune_model(
     timings = {"capture": 0.0, "gram_forward": 0.0, "solve": 0.0, "propagate": 0.0, "refine": 0.0}
     start = device_clock(device)
 
-    move_outside_blocks(model, blocks_name, device)
-    try:
-        inputs = capture_block_inputs(model, blocks, list(calibration.split(batch_size)), device, store_device)
-    finally:
-        move_outside_blocks(model, blocks_name, home)
-    hidden = inputs.hidden
-    timings["capture"] = device_clock(device) - start
+    with _eager_experts(model):
+        move_outside_blocks(model, blocks_name, device)
+        try:
+            calls = record_block_calls(model, blocks, list(calibration.split(batch_size)), device, store_device)
+        finally:
+            move_outside_blocks(model, blocks_name, home)
+        hidden = calls.hidden
+        timings["capture"] = device_clock(device) - start
+        block_tokens = sum(h[..., 0].numel() for h in hidden)
+        fallback_solver = build_layer_solver("magnitude")
+        problems: dict[str, str] = {}
 
-    bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
-    for index, (block, layers) in enumerate(zip(blocks, plan)):
-        block.to(device)
-        tick = device_clock(device)
-        grams = _collect_grams(block, layers, inputs, hidden, device, layer_solver.needs_input_stats)
-        timings["gram_forward"] += device_clock(device) - tick
-
-        dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
-        first_record = len(result.layers)
-        for layer in layers:
-            bar.set_postfix_str(f"block {index}: {layer.name.rsplit('.', 1)[-1]}")
+        bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
+        for index, (block, layers) in enumerate(zip(blocks, plan)):
+            block.to(device)
+            block_call = calls.for_block(index)
             tick = device_clock(device)
-            record = _prune_layer(layer, *grams.pop(layer.name), layer_solver, pattern, device)
-            record["seconds"] = device_clock(device) - tick
-            timings["solve"] += record["seconds"]
-            result.layers.append(record)
-            bar.update()
+            collected = _collect_grams(block, f"{blocks_name}.{index}", layers, block_call, hidden, device,
+                                       layer_solver.needs_input_stats, moe_calibration)
+            timings["gram_forward"] += device_clock(device) - tick
+            routers = collected.routers | {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
+            result.routers.extend(sorted(routers))
+            problems.update(collected.problems)
 
-        if progress and layers:
-            errors = ", ".join(f"{r['name'].rsplit('.', 1)[-1]} {r['error']:.3g}" for r in result.layers[first_record:])
-            bar.write(f"block {index} relative errors: {errors}")
+            dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
+            first_record = len(result.layers)
+            for layer in layers:
+                bar.update()
+                inputs = collected.inputs.pop(layer.name, None)
+                if _is_router(layer, routers) or inputs is None:
+                    continue  # routers stay dense; unreadable expert tensors are reported below
+                bar.set_postfix_str(f"block {index}: {_short(layer.name)}")
+                pattern.check_width(layer.in_features, layer.name)
+                tick = device_clock(device)
+                solver, fallback = layer_solver, None
+                if inputs.tokens < block_tokens and inputs.tokens < layer.in_features:
+                    # A routed layer (an expert) that saw fewer tokens than it has inputs: its Gram matrix
+                    # cannot determine an update, and a zero Gram would let a solver delete it. Magnitude
+                    # needs no data and keeps the weights it keeps.
+                    solver = fallback_solver
+                    fallback = (f"expert saw {inputs.tokens} calibration tokens for {layer.in_features} inputs: "
+                                "magnitude mask, kept weights unchanged")
+                record = _prune_layer(layer, inputs, solver, pattern, device)
+                record["tokens"] = inputs.tokens
+                if fallback:
+                    record["fallback"] = fallback
+                record["seconds"] = device_clock(device) - tick
+                timings["solve"] += record["seconds"]
+                result.layers.append(record)
 
-        if refiner is not None:
+            if progress and len(result.layers) > first_record:
+                errors = ", ".join(f"{_short(r['name'])} {r['error']:.3g}" for r in result.layers[first_record:][:16])
+                more = len(result.layers) - first_record - 16
+                bar.write(f"block {index} relative errors: {errors}" + (f", … ({more} more)" if more > 0 else ""))
+
+            if refiner is not None:
+                tick = device_clock(device)
+                context = BlockContext(index, block, layers, dense, block_call, hidden, device, pattern, layer_solver)
+                result.blocks.append({"block": index, **refiner(context)})
+                timings["refine"] += device_clock(device) - tick
+
             tick = device_clock(device)
-            context = BlockContext(index, block, layers, dense, inputs, hidden, device, pattern, layer_solver)
-            result.blocks.append({"block": index, **refiner(context)})
-            timings["refine"] += device_clock(device) - tick
+            with torch.no_grad():
+                for j, h in enumerate(hidden):
+                    hidden[j] = block_call.call(block, j, h.to(device), device).to(store_device)
+            timings["propagate"] += device_clock(device) - tick
+            block.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if progress and index == 0 and len(blocks) > 1:
+                # Every block does about the same work, so the first one predicts the whole run.
+                first = device_clock(device) - start
+                bar.write(f"block 0 took {_duration(first)}: expect about {_duration(first * len(blocks))} "
+                          f"for all {len(blocks)} blocks")
+        bar.close()
 
-        tick = device_clock(device)
-        with torch.no_grad():
-            for j, h in enumerate(hidden):
-                hidden[j] = inputs.call(block, j, h.to(device), device).to(store_device)
-        timings["propagate"] += device_clock(device) - tick
-        block.to(home)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if progress and index == 0 and len(blocks) > 1:
-            # Every block does the same work, so the first one predicts the whole run.
-            first = device_clock(device) - start
-            bar.write(f"block 0 took {_duration(first)}: expect about {_duration(first * len(blocks))} "
-                      f"for all {len(blocks)} blocks")
-    bar.close()
+    pruned = {r["name"] for r in result.layers}
+    result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
+    if result.unpruned:
+        shown = ", ".join(f"{u['name']} ({u['reason']})" for u in result.unpruned[:6])
+        more = f" and {len(result.unpruned) - 6} more (see the report)" if len(result.unpruned) > 6 else ""
+        print(f"lmprune: warning: {len(result.unpruned)} block weight(s) left dense: {shown}{more}", file=sys.stderr)
     timings["total"] = device_clock(device) - start
     result.timings = timings
     return result
+
+
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def _collect_grams(block, layers, inputs: BlockInputs, hidden, device,
-                   with_stats: bool = False) -> dict[str, tuple[torch.Tensor, InputStats | None]]:
-    """Run the block on every batch with hooks adding each layer's XᵀX (float32) to a running sum,
-    and, `with_stats`, the sum of its inputs and their count (for solvers that need the mean).
+def _is_router(layer: PrunableLayer, routers: set[str]) -> bool:
+    # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
+    return layer.out_features == 1 or any(name in routers for name in layer.param_names())
 
-    Layers fed the very same tensor in a call (q/k/v, gate/up) share its product: it is computed
-    once per batch and added to each of their sums. Checked per call, so it is exact for any model.
+
+@contextmanager
+def _eager_experts(model: nn.Module):
+    """Run experts with transformers' reference (eager) implementation while pruning.
+
+    Its per-expert products are what the expert tap reads; the fused kernels (grouped_mm, …) compute the
+    same function in one opaque call. Restored afterwards, so the saved config is the user's.
     """
-    grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in layers}
-    totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in layers} if with_stats else {}
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    changed = []
+    for config in configs.values():
+        current = getattr(config, "_experts_implementation", None)
+        if current not in (None, "eager"):
+            changed.append((config, current))
+            config._experts_implementation = "eager"
+    try:
+        yield
+    finally:
+        for config, value in changed:
+            config._experts_implementation = value
+
+
+@dataclass
+class CollectedInputs:
+    inputs: dict[str, LayerInputs]
+    routers: set[str]
+    problems: dict[str, str]  # fused tensor name -> why it could not be read (not pruned)
+
+
+def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
+                   device, with_stats: bool = False, moe_calibration: str = "routed") -> CollectedInputs:
+    """Run the block on every batch, adding each layer's XᵀX (float32) to a running sum, and, `with_stats`,
+    the sum of its inputs (for solvers that need the mean). Also finds the block's routers (first batch).
+
+    Linear layers are read by forward hooks. Layers fed the very same tensor in a call (q/k/v, gate/up)
+    share its product: it is computed once per batch and added to each of their sums. Checked per call,
+    so it is exact for any model. Expert slices of fused tensors are read by the block tracer.
+    """
+    linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
+    experts = [layer for layer in layers if isinstance(layer, ExpertSlice)]
+    grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in linear}
+    totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear} if with_stats else {}
     tokens = dict.fromkeys(grams, 0)
     products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count) this call
 
@@ -181,22 +285,130 @@ def _collect_grams(block, layers, inputs: BlockInputs, hidden, device,
 
         return hook
 
-    handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers]
+    fused_modules = {id(layer.module): layer.module for layer in experts}
+    fused = {_fused_name(layer): layer.param for layer in experts}
+    params = {f"{prefix}.{name}": p for name, p in block.named_parameters() if p.dim() >= 2}
+    tracer = BlockTracer(fused, params, device, with_stats)
+    tracer.collect_experts = moe_calibration == "routed"
+    handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in linear]
+    if moe_calibration == "all":
+        handles += [m.register_forward_pre_hook(_all_experts_hook(tracer)) for m in fused_modules.values()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tracer:
             for j, h in enumerate(hidden):
-                inputs.call(block, j, h.to(device), device)
+                if j == 0:
+                    tracer.start_router_trace()
+                call.call(block, j, h.to(device), device)
+                if j == 0:
+                    tracer.stop_router_trace()
                 products.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (H, InputStats(totals[name], tokens[name]) if with_stats else None) for name, H in grams.items()}
+
+    inputs = {name: LayerInputs(H, InputStats(totals[name], tokens[name]) if with_stats else None, tokens[name])
+              for name, H in grams.items()}
+    problems = {}
+    for layer in experts:
+        seen = tracer.fused[_fused_name(layer)]
+        if seen.problem:
+            problems[seen.name] = seen.problem
+            continue
+        if seen.transposed is not None:
+            layer.transposed = seen.transposed  # the model's own product decides the storage order
+        sums = seen.sums.pop(layer.expert, None)
+        if sums is None:
+            width = layer.in_features
+            inputs[layer.name] = LayerInputs(torch.zeros(width, width, device=device),
+                                             InputStats(torch.zeros(width, device=device), 0) if with_stats else None, 0)
+        else:
+            inputs[layer.name] = LayerInputs(sums.gram, InputStats(sums.total, sums.tokens) if with_stats else None,
+                                             sums.tokens)
+    return CollectedInputs(inputs, tracer.routers, problems)
 
 
-def _prune_layer(layer: PrunableLayer, H: torch.Tensor, stats: InputStats | None, layer_solver: LayerSolver,
+def _fused_name(layer: ExpertSlice) -> str:
+    return layer.name.rsplit("[", 1)[0]
+
+
+def _all_experts_hook(tracer: BlockTracer):
+    """--moe-calibration all: before the experts run on their routed tokens, run every token through every
+    expert once, with the tracer collecting; the routed call that follows is not collected."""
+
+    def hook(module, args, kwargs):
+        params = list(args) + list(kwargs.values())
+        if len(params) < 3 or not (isinstance(params[1], torch.Tensor) and not params[1].is_floating_point()):
+            raise LmpruneError(
+                f"--moe-calibration all needs experts called as (hidden states, top-k indices, top-k weights); "
+                f"{type(module).__name__} is not: use --moe-calibration routed")
+        x, index, weights = params[0], params[1], params[2]
+        tokens = x.reshape(-1, x.shape[-1]).shape[0]
+        count = module_experts(module)
+        every = torch.arange(count, device=index.device).expand(tokens, count).contiguous()
+        ones = torch.ones(tokens, count, dtype=weights.dtype, device=weights.device)
+        tracer.collect_experts = True
+        try:
+            module.forward(x, every, ones)
+        finally:
+            tracer.collect_experts = False
+
+    return hook
+
+
+def module_experts(module: nn.Module) -> int:
+    count = expert_count(module)
+    if count is None:
+        raise LmpruneError(f"cannot tell how many experts {type(module).__name__} holds")
+    return count
+
+
+def unpruned_weights(blocks_name: str, blocks: nn.ModuleList, plan: list[list[PrunableLayer]], pruned: set[str],
+                     routers: set[str], skip: list[str], problems: dict[str, str]) -> list[dict[str, Any]]:
+    """Every ≥2-D block weight that no pruned layer covers and that is neither a router nor --skip'ed.
+
+    Biases (fused ones are 2-D) are never pruned and not listed.
+    """
+    patterns = [re.compile(s) for s in skip]
+    covered: dict[int, set] = {}
+    skipped: dict[int, set] = {}
+    planned = {layer.name for layers in plan for layer in layers}
+    for layers in plan:
+        for layer in layers:
+            for param, expert in layer.parameters():
+                target = covered if layer.name in pruned else skipped
+                target.setdefault(id(param), set()).add(expert)
+    out = []
+    for index, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            full = f"{blocks_name}.{index}.{name}"
+            if p.dim() < 2 or "bias" in name.rsplit(".", 1)[-1] or full in routers:
+                continue
+            done = covered.get(id(p), set())
+            if None in done or (p.dim() == 3 and done >= set(range(p.shape[0]))):
+                continue
+            owner = full.rsplit(".", 1)[0]
+            if any(pt.search(owner) or pt.search(full) for pt in patterns):
+                continue
+            if full in problems:
+                reason = f"expert tensor {problems[full]}"
+            elif id(p) in skipped or owner in planned:
+                reason = "router or gate" if owner in routers else "not pruned"
+            else:
+                reason = f"a {p.dim()}-D {type(_owner(block, name)).__name__} weight lmprune cannot prune"
+            out.append({"name": full, "shape": list(p.shape), "reason": reason})
+    return out
+
+
+def _owner(block: nn.Module, param_name: str) -> nn.Module:
+    path = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+    return block.get_submodule(path) if path else block
+
+
+def _prune_layer(layer: PrunableLayer, inputs: LayerInputs, layer_solver: LayerSolver,
                  pattern: SparsityPattern, device: torch.device) -> dict[str, Any]:
     W = layer.get_weight(device)
-    solved = layer_solver(W, H, pattern, stats)
+    H = inputs.gram
+    solved = layer_solver(W, H, pattern, inputs.stats)
     weight, mask = solved.weight, solved.mask
     record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features]}
     if not torch.isfinite(weight).all():
@@ -205,9 +417,8 @@ def _prune_layer(layer: PrunableLayer, H: torch.Tensor, stats: InputStats | None
         record["fallback"] = "non-finite update; kept the masked weights"
     error_masked, error = relative_errors(W, [W * mask, weight], H)
     layer.set_weight(weight)
-    stored = layer.module.weight
     record.update(
-        sparsity=float((stored == 0).sum()) / stored.numel(),
+        sparsity=layer.zeros() / layer.numel(),
         error=error,
         error_masked=error_masked,
         **({"info": solved.info} if solved.info else {}),

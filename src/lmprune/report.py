@@ -38,8 +38,13 @@ def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
         return {"layers": 0}
     numel = [r["shape"][0] * r["shape"][1] for r in layers]
     zeros = sum(r["sparsity"] * n for r, n in zip(layers, numel))
+    experts = [r for r in layers if "[" in r["name"]]
+    fallbacks = [{"name": r["name"], "tokens": r.get("tokens")} for r in layers if r.get("tokens") is not None
+                 and "fallback" in r]
     return {
         "layers": len(layers),
+        "expert_slices": len(experts),
+        "layers_with_fallback": fallbacks,  # e.g. experts that saw too few calibration tokens
         "pruned_parameters": sum(numel),
         "sparsity": zeros / sum(numel),
         "mean_error": sum(r["error"] for r in layers) / len(layers),
@@ -82,11 +87,20 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("time (s): " + "  ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     for result in report.get("evaluation", []):
         lines.append(f"perplexity on {result['data']} ({result['windows']}×{result['seqlen']}): {result['perplexity']:.3f}")
+    if summary.get("expert_slices"):
+        lines.append(f"experts:  {summary['expert_slices']} expert slices pruned")
+    for r in summary.get("layers_with_fallback", []):
+        lines.append(f"fallback: {r['name']} ({r['tokens']} calibration tokens)")
+    if report.get("routers"):
+        lines.append(f"routers (never pruned): {len(report['routers'])}")
+    for u in report.get("unpruned", []):
+        lines.append(f"left dense: {u['name']} {tuple(u['shape'])}: {u['reason']}")
     lines.append("")
-    lines.append(f"{'layer':<48} {'shape':>12} {'sparsity':>9} {'error':>10} {'mask only':>10}")
+    lines.append(f"{'layer':<48} {'shape':>12} {'sparsity':>9} {'error':>10} {'mask only':>10} {'tokens':>8}")
     for r in report.get("layers", []):
         shape = "x".join(str(s) for s in r["shape"])
-        lines.append(f"{r['name']:<48} {shape:>12} {r['sparsity']:>9.4f} {r['error']:>10.4g} {r['error_masked']:>10.4g}")
+        lines.append(f"{r['name']:<48} {shape:>12} {r['sparsity']:>9.4f} {r['error']:>10.4g} {r['error_masked']:>10.4g}"
+                     f" {r.get('tokens', ''):>8}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,12 @@
-"""Each block's own call: the arguments the model passes to a block, recorded once and replayed."""
+"""Each block's own call: the arguments the model passes to every block, recorded once and replayed.
+
+Models that mix layer types (`config.layer_types`: sliding, chunked and full attention, Mamba and
+attention blocks) give each block its own mask and, in some, its own rotary table. So the arguments are
+recorded for *every* block, in one pass where each block is replaced by a recorder that hands its input
+back unchanged (no block and no lm_head is computed; the pass stops after the last block). The
+arguments never depend on the hidden states flowing between blocks, only on the token ids, so passing
+the input through is enough. Arguments equal across blocks or batches are stored once.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +19,37 @@ from torch import nn
 from ..errors import LmpruneError
 
 
-class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass once the first block's inputs are in hand."""
+class _Recorded(Exception):
+    """Raised by the last block's recorder: everything after the blocks is not needed."""
 
 
 @dataclass
-class BlockInputs:
-    """The first block's calls: hidden states per batch, plus the other arguments, shared when equal."""
+class BlockCalls:
+    """Block 0's input hidden states per batch, and every block's other arguments per batch."""
 
-    hidden: list[torch.Tensor]  # one [batch, seq, hidden] tensor per forward call
-    call_args: list[tuple[tuple, dict]]  # distinct (args without hidden states, kwargs)
-    call_index: list[int]  # which call_args each batch uses
+    hidden: list[torch.Tensor]  # block 0's input, one [batch, seq, hidden] tensor per forward call
+    call_args: list[tuple[tuple, dict]]  # distinct (args without the hidden states, kwargs)
+    call_index: list[list[int]]  # [block][batch] -> index into call_args
+    returns_tuple: dict[type, int]  # block class -> length of the tuple it returns (absent: a tensor)
 
-    def call(self, block: nn.Module, i: int, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Run `block` on batch i's arguments with `hidden` as its hidden states; return hidden states."""
-        args, kwargs = self.call_args[self.call_index[i]]
-        args = _to_device(args, device)
-        kwargs = _to_device(kwargs, device)
-        out = block(hidden, *args, **kwargs)
+    def distinct_calls(self, block: int) -> int:
+        return len(set(self.call_index[block]))
+
+    def for_block(self, index: int) -> "BlockCall":
+        return BlockCall(self, index)
+
+
+@dataclass
+class BlockCall:
+    """One block's calls: `call(block, batch, hidden, device)` runs it as the model would."""
+
+    calls: BlockCalls
+    index: int
+
+    def call(self, block: nn.Module, batch: int, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Run `block` with batch `batch`'s arguments and `hidden` as its hidden states; return hidden states."""
+        args, kwargs = self.calls.call_args[self.calls.call_index[self.index][batch]]
+        out = block(hidden, *_to_device(args, device), **_to_device(kwargs, device))
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -45,74 +66,122 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
             and isinstance(b, torch.Tensor)
             and a.shape == b.shape
             and a.dtype == b.dtype
-            and torch.equal(a.cpu(), b.cpu())
+            and a.device == b.device
+            and torch.equal(a, b)
         )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a is b or (type(a) is type(b) and not hasattr(a, "__dict__") and a == b)
+    return type(a) is type(b) and not hasattr(a, "__dict__") and a == b
 
 
-_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache_params")
 
 
-def capture_block_inputs(
+def _is_cache(obj: Any) -> bool:
+    return type(obj).__name__.endswith("Cache")
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, the other positional args, kwargs) with caches dropped: blocks re-run without one."""
+    if args:
+        hidden, rest = args[0], tuple(args[1:])
+    elif "hidden_states" in kwargs:
+        kwargs = dict(kwargs)
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    else:
+        raise LmpruneError("a decoder block was called without hidden states as its first argument")
+    kwargs = {k: (None if k in _CACHE_KEYS or _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    rest = tuple(None if _is_cache(a) else a for a in rest)
+    return hidden, rest, kwargs
+
+
+def record_block_calls(
     model: nn.Module,
     blocks: nn.ModuleList,
     batches: list[torch.Tensor],
     device: torch.device,
     store_device: torch.device,
-) -> BlockInputs:
-    """Run each batch of token ids through the model up to the first block and record its call.
+) -> BlockCalls:
+    """Run each batch of token ids through the model's stack of recorders; return every block's call.
 
-    Only the modules outside the blocks (embeddings, rotary tables) need to be on `device`.
+    Only the modules outside the blocks (embeddings, rotary tables) need to be on `device`. What a block
+    returns (a tensor or a tuple) is learnt by running the real block once per block class, on the first
+    batch, so the model's code between blocks sees what it expects.
     """
     hidden: list[torch.Tensor] = []
     call_args: list[tuple[tuple, dict]] = []
-    call_index: list[int] = []
+    call_index: list[list[int]] = [[] for _ in blocks]
+    returns_tuple: dict[type, int] = {}
+    learnt: dict[type, Any] = {}  # block class -> extra outputs after the hidden states (or None: a tensor)
+    last = len(blocks) - 1
 
-    def hook(module, args, kwargs):
-        if args:
-            state, rest = args[0], tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            state, rest = kwargs.pop("hidden_states"), ()
-        # A cache object would grow across calls; the blocks are always re-run without one.
-        kwargs = {k: (None if k in _CACHE_KEYS else v) for k, v in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        rest = tuple(None if _is_cache(a) else a for a in rest)
-        hidden.append(state.detach().to(store_device))
-        for j, known in enumerate(call_args):
-            if _same(known, (rest, kwargs)):
-                call_index.append(j)
-                break
-        else:
-            call_args.append((rest, kwargs))
-            call_index.append(len(call_args) - 1)
-        raise _Captured
+    def intern(call: tuple[tuple, dict]) -> int:
+        # Newest first: consecutive blocks of one type usually share the very same objects.
+        for j in range(len(call_args) - 1, -1, -1):
+            if _same(call_args[j], call):
+                return j
+        call_args.append(call)
+        return len(call_args) - 1
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def make_recorder(index: int, block: nn.Module):
+        original = block.forward
+
+        def recorder(*args, **kwargs):
+            state, rest, kept = _split_call(args, kwargs)
+            if index == 0:
+                hidden.append(state.detach().to(store_device))
+            call_index[index].append(intern((rest, kept)))
+            kind = type(block)
+            if kind not in learnt:
+                with torch.no_grad():
+                    block.to(device)
+                    try:
+                        out = original(*args, **kwargs)
+                    finally:
+                        block.to(home)
+                learnt[kind] = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
+                if learnt[kind] is not None:
+                    returns_tuple[kind] = 1 + len(learnt[kind])
+            if index == last:
+                raise _Recorded
+            extra = learnt[kind]
+            return state if extra is None else (state, *extra)
+
+        return recorder
+
+    home = next(blocks.parameters()).device
+    own = [block.__dict__.get("forward") for block in blocks]  # e.g. an accelerate hook's wrapper
+    for i, block in enumerate(blocks):
+        block.forward = make_recorder(i, block)
     try:
         with torch.no_grad():
             for ids in batches:
+                seen = [len(c) for c in call_index]
                 try:
                     model(input_ids=ids.to(device), use_cache=False)
-                except _Captured:
+                except _Recorded:
                     pass
+                missing = [i for i, c in enumerate(call_index) if len(c) != seen[i] + 1]
+                if missing:
+                    raise LmpruneError(
+                        f"the model did not call decoder block(s) {missing[:5]} exactly once per forward pass: "
+                        "cannot record their inputs")
     finally:
-        handle.remove()
-    if len(hidden) != len(batches):
-        raise LmpruneError("could not capture the first block's inputs: the model never called it")
-    return BlockInputs(hidden, call_args, call_index)
-
-
-def _is_cache(obj: Any) -> bool:
-    return type(obj).__name__.endswith("Cache")
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward  # the recorder shadowed the class's forward
+            else:
+                block.forward = forward
+    return BlockCalls(hidden, call_args, call_index, returns_tuple)

@@ -640,13 +640,15 @@ class SparseLLMRefiner:
 
     def find(self, ctx) -> tuple[list[FoundMLP], str | None]:
         """Trace the block on (the start of) the first batch and recognise its MLP(s)."""
-        from ..model import PrunableLayer, is_prunable
+        from ..model import ExpertSlice, LinearLayer, is_prunable
 
-        pruned = {id(layer.module): layer for layer in ctx.layers}
+        pruned = {id(layer.module): layer for layer in ctx.layers if not isinstance(layer, ExpertSlice)}
+        # Experts in fused tensors are not Linear modules: their MLPs keep the layer-wise result.
+        fused = sorted({layer.name.rsplit("[", 1)[0] for layer in ctx.layers if isinstance(layer, ExpertSlice)})
         layers = {}
         for name, module in ctx.block.named_modules():
             if is_prunable(module):
-                layers[id(module)] = pruned.get(id(module)) or PrunableLayer(f"(not pruned) {name}", module)
+                layers[id(module)] = pruned.get(id(module)) or LinearLayer(f"(not pruned) {name}", module)
         by_name = {layer.name: layer for layer in layers.values()}
         traces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -666,8 +668,10 @@ class SparseLLMRefiner:
             for handle in handles:
                 handle.remove()
         found = recognise_mlps(traces, activation_candidates(ctx.block))
+        moe_note = f"MoE experts left to the layer-wise pass: {', '.join(fused)}" if fused else None
         if not found:
-            return [], "no MLP recognised (down(act(up x)) or down(act(gate x) ⊙ up x)); kept layer-wise"
+            note = "no MLP recognised (down(act(up x)) or down(act(gate x) ⊙ up x)); kept layer-wise"
+            return [], "; ".join(filter(None, [note, moe_note]))
         mlps, skipped = [], []
         for up, gate, down, act_name, act, mismatch in found:
             mlp = FoundMLP(by_name[up], by_name[down], by_name[gate] if gate else None, act, act_name, mismatch)
@@ -678,7 +682,7 @@ class SparseLLMRefiner:
         note = None
         if skipped:
             note = f"MLP(s) with layers excluded from pruning kept as they are: {', '.join(skipped)}"
-        return mlps, note
+        return mlps, "; ".join(filter(None, [note, moe_note])) or None
 
     # -- refinement ------------------------------------------------------------------------------
 

@@ -1,0 +1,193 @@
+"""Watching a block's own arithmetic: expert inputs for fused expert tensors, and which weights route.
+
+Both are read from the torch calls the block really makes (a TorchFunctionMode), not from class or
+attribute names, so they hold for any model that multiplies by its weights in the usual ways.
+
+Experts. transformers 5 stores experts as fused 3-D tensors and multiplies by one expert's slice
+(`F.linear(x, w[e])`, `x @ w[e]`) or by the whole tensor at once (`torch.bmm(x, w)` with x [experts,
+tokens, in]). Each such product tells which expert's slice it uses (from the view's storage offset), how
+the slice is stored ([out, in] or [in, out]) and exactly which tokens reached it: the expert's Gram
+matrix sums those, in the same pass as every other layer's.
+
+Routers. A router is a weight whose product with the hidden states is, perhaps through elementwise
+steps (softmax, sigmoid, a bias), the input of a selection (top-k, sort, argmax). Tracking that is a
+small taint analysis over one batch: a product by a parameter-derived operand starts a fresh "logits
+of W" mark, elementwise steps carry it, and a selection names its sources routers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+# name -> operand layout: "linear" takes (x, w [out, in]); "matmul" takes (x, w [in, out])
+_PRODUCTS = {
+    F.linear: "linear",
+    torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
+    torch.mm: "matmul", torch.Tensor.mm: "matmul", torch.bmm: "matmul", torch.Tensor.bmm: "matmul",
+}
+_OTHER_PRODUCTS = {torch.addmm, torch.Tensor.addmm, torch.einsum, torch.baddbmm, torch.Tensor.__rmatmul__}
+_SELECTIONS = {torch.topk, torch.Tensor.topk, torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort,
+               torch.argmax, torch.Tensor.argmax}
+
+
+@dataclass
+class ExpertSums:
+    """Running sums over the tokens that reached one expert slice."""
+
+    gram: torch.Tensor  # float32 [in, in]
+    total: torch.Tensor  # float32 [in]
+    tokens: int = 0
+
+
+@dataclass
+class FusedParam:
+    """What was learnt about one fused expert tensor while watching the block."""
+
+    name: str
+    param: torch.nn.Parameter
+    transposed: bool | None = None  # None until a product shows the storage order
+    problem: str | None = None  # set when a product could not be read: the tensor is then not pruned
+    sums: dict[int, ExpertSums] = field(default_factory=dict)
+
+
+class BlockTracer(TorchFunctionMode):
+    """Collects expert sums (while `collect_experts`) and router marks (while `trace_routers`)."""
+
+    def __init__(self, fused: dict[str, torch.nn.Parameter], params: dict[str, torch.Tensor], device: torch.device,
+                 with_totals: bool):
+        super().__init__()
+        self.fused = {name: FusedParam(name, p) for name, p in fused.items()}
+        self._by_storage = {p.untyped_storage().data_ptr(): f for f in self.fused.values()
+                            for p in (f.param,)}
+        self.device = device
+        self.with_totals = with_totals
+        self.collect_experts = True
+        self.trace_routers = False
+        self.routers: set[str] = set()
+        self._params = params
+        self._derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> params it is a view/cast of
+        self._logits: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> params whose product it carries
+
+    def start_router_trace(self) -> None:
+        self.trace_routers = True
+        for name, p in self._params.items():
+            self._derived[p] = frozenset([name])
+
+    def stop_router_trace(self) -> None:
+        self.trace_routers = False
+        self._derived = WeakIdKeyDictionary()
+        self._logits = WeakIdKeyDictionary()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        layout = _PRODUCTS.get(func)
+        if layout is not None and self.collect_experts and self._by_storage:
+            x, w = _operands(layout, args, kwargs)
+            if isinstance(w, torch.Tensor):
+                fused = self._by_storage.get(_storage(w))
+                if fused is not None:
+                    self._expert_product(fused, layout, x, w)
+        if self.trace_routers:
+            self._trace(func, layout, args, kwargs, out)
+        return out
+
+    # -- experts ---------------------------------------------------------------------------------
+
+    def _expert_product(self, fused: FusedParam, layout: str, x: torch.Tensor, w: torch.Tensor) -> None:
+        p = fused.param
+        offset = w.storage_offset() - p.storage_offset()
+        experts = range(p.shape[0])
+        if w.dim() == 3 and offset == 0 and w.shape[0] == p.shape[0] and x.dim() == 3:
+            slice_shape, slice_stride, chosen = tuple(w.shape[1:]), tuple(w.stride()[1:]), list(experts)
+            inputs = [x[e] for e in chosen]
+        elif w.dim() == 2 and offset % p.stride(0) == 0 and offset // p.stride(0) in experts:
+            slice_shape, slice_stride, chosen = tuple(w.shape), tuple(w.stride()), [offset // p.stride(0)]
+            inputs = [x]
+        else:
+            fused.problem = f"multiplied as a {tuple(w.shape)} view that is not one expert's slice"
+            return
+        stored_shape, stored_stride = tuple(p.shape[1:]), tuple(p.stride()[1:])
+        if (slice_shape, slice_stride) == (stored_shape, stored_stride):
+            flipped = False
+        elif (slice_shape, slice_stride) == (stored_shape[::-1], stored_stride[::-1]):
+            flipped = True
+        else:
+            fused.problem = f"multiplied through a {slice_shape} view of its {stored_shape} slices"
+            return
+        # F.linear reads its weight as [out, in], a matmul as [in, out].
+        transposed = flipped if layout == "linear" else not flipped
+        if fused.transposed is None:
+            fused.transposed = transposed
+        elif fused.transposed != transposed:
+            fused.problem = "multiplied in both storage orders"
+            return
+        width = stored_shape[0] if transposed else stored_shape[1]
+        for e, xe in zip(chosen, inputs):
+            flat = xe.detach().reshape(-1, width).to(self.device, torch.float32)
+            sums = fused.sums.get(e)
+            if sums is None:
+                sums = fused.sums[e] = ExpertSums(torch.zeros(width, width, device=self.device),
+                                                  torch.zeros(width, device=self.device))
+            sums.gram.addmm_(flat.t(), flat)
+            if self.with_totals:
+                sums.total.add_(flat.sum(0))
+            # Rows of zeros are tokens the router gave this expert no share of (Llama 4 feeds every token
+            # to every expert, scaled by its routing weight); they add nothing to the Gram matrix.
+            sums.tokens += int(flat.ne(0).any(1).sum())
+
+    # -- routers ---------------------------------------------------------------------------------
+
+    def _trace(self, func, layout, args, kwargs, out) -> None:
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if func in _SELECTIONS:
+            if inputs and inputs[0] in self._logits:
+                self.routers |= self._logits[inputs[0]]
+            return
+        derived = [self._derived[t] for t in inputs if t in self._derived]
+        if layout is not None or func in _OTHER_PRODUCTS:
+            # A product by a weight starts a fresh mark: what it computes are that weight's logits.
+            sources = frozenset().union(*derived) if derived else _union(self._logits, inputs)
+            for t in outputs:
+                if sources:
+                    self._logits[t] = sources
+            return
+        activations = [t for t in inputs if t not in self._derived and t.is_floating_point()]
+        if derived and not activations:
+            # A cast, transpose or slice of weights is still those weights.
+            for t in outputs:
+                self._derived[t] = frozenset().union(*derived)
+            return
+        sources = _union(self._logits, inputs)
+        if sources:
+            for t in outputs:
+                self._logits[t] = sources | self._logits.get(t, frozenset())
+
+
+def _union(marks: WeakIdKeyDictionary, tensors: list[torch.Tensor]) -> frozenset:
+    found = [marks[t] for t in tensors if t in marks]
+    return frozenset().union(*found) if found else frozenset()
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, functional wrappers)
+        return -1
+
+
+def _operands(layout: str, args: tuple, kwargs: dict):
+    if layout == "linear":
+        x = args[0] if args else kwargs.get("input")
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+    else:
+        x = args[0] if args else kwargs.get("input")
+        w = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+    return x, w
