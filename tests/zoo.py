@@ -22,7 +22,7 @@ MOE = dict(num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_p
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8)
 
 SPECIFIC = {
-    "llama": {}, "qwen3": {}, "phi3": {}, "gemma": {}, "olmo2": {}, "smollm3": {},
+    "llama": {}, "qwen3": {}, "phi3": {}, "phi": {}, "gemma": {}, "olmo2": {}, "smollm3": {},
     "mistral": dict(sliding_window=WINDOW),
     "qwen2": dict(sliding_window=WINDOW, use_sliding_window=True, max_window_layers=2),
     "gemma2": dict(sliding_window=WINDOW, layer_types=ALTERNATING),

@@ -292,7 +292,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     tracer.collect_experts = moe_calibration == "routed"
     handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in linear]
     if moe_calibration == "all":
-        handles += [m.register_forward_pre_hook(_all_experts_hook(tracer)) for m in fused_modules.values()]
+        handles += [m.register_forward_pre_hook(_all_experts_hook(tracer), with_kwargs=True)
+                    for m in fused_modules.values()]
     try:
         with torch.no_grad(), tracer:
             for j, h in enumerate(hidden):
@@ -311,6 +312,9 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     problems = {}
     for layer in experts:
         seen = tracer.fused[_fused_name(layer)]
+        if seen.transposed is None and not seen.problem:
+            # Not one product of any of its experts was read: its use is unknown, so it cannot be pruned.
+            seen.problem = "never multiplied by its experts' inputs in a way lmprune can read"
         if seen.problem:
             problems[seen.name] = seen.problem
             continue

@@ -94,6 +94,11 @@ class BlockTracer(TorchFunctionMode):
                 fused = self._by_storage.get(_storage(w))
                 if fused is not None:
                     self._expert_product(fused, layout, x, w)
+        elif func in _OTHER_PRODUCTS and self._by_storage:
+            for t in tree_flatten((args, kwargs))[0]:
+                fused = self._by_storage.get(_storage(t)) if isinstance(t, torch.Tensor) else None
+                if fused is not None:
+                    fused.problem = f"multiplied through {getattr(func, '__name__', func)}, which lmprune cannot read"
         if self.trace_routers:
             self._trace(func, layout, args, kwargs, out)
         return out
