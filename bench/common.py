@@ -22,6 +22,7 @@ from lmprune.report import summarize_layers
 
 BENCH = Path(__file__).resolve().parent
 SHARED = BENCH.parent.parent / "shared"
+MOE_STORIES = BENCH / "runs" / "moe-stories"  # made by bench/train_moe.py, not in git
 
 PRESETS = {
     "stories260k": dict(
@@ -33,6 +34,15 @@ PRESETS = {
         model="smollm2-135m",
         calib=str(SHARED / "data" / "wikitext2.valid.tokens.txt"), nsamples=64, seqlen=512,
         eval=str(SHARED / "data" / "wikitext2.test.raw.txt"), eval_seqlen=512, eval_windows=32,
+    ),
+    # A small trained Mixtral-style MoE (8 experts, top-2) for expert pruning. Create it first (≈15 min on
+    # the CPU): `python bench/train_moe.py`. It writes the model and its story split: train.txt (90%,
+    # calibration) and heldout.txt (10%, evaluation), so calibration never sees the evaluation text.
+    "moe-stories": dict(
+        model=str(MOE_STORIES),
+        calib=str(MOE_STORIES / "train.txt"), nsamples=128, seqlen=256,
+        eval=str(MOE_STORIES / "heldout.txt"), eval_seqlen=256, eval_windows=None,
+        created_by="python bench/train_moe.py",
     ),
 }
 
@@ -67,22 +77,24 @@ def build(method: str):
     return build_method(name, options=options)
 
 
-def prune(model, method: str, target: str, calibration, device, progress=False, built=None):
+def prune(model, method: str, target: str, calibration, device, progress=False, built=None,
+          moe_calibration="routed"):
     """Prune `model` in place with the method spec at the target; returns the pipeline's PruneResult."""
     built = built or build(method)
     return prune_model(model, calibration, built.layer_solver, built.pattern(SparsityPattern.parse(target)), device,
-                       refiner=built.refiner, progress=progress)
+                       refiner=built.refiner, progress=progress, moe_calibration=moe_calibration)
 
 
 def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False,
-             built=None) -> dict:
+             built=None, moe_calibration="routed") -> dict:
     """Prune a copy of the dense model and evaluate it; returns the row the benchmarks store.
 
     `built` overrides the Method that `method` names (e.g. a wrapped layer solver).
     """
     model = copy.deepcopy(dense_model)
     tick = time.perf_counter()
-    result = prune(model, method, target, calibration, device, progress=progress, built=built)
+    result = prune(model, method, target, calibration, device, progress=progress, built=built,
+                   moe_calibration=moe_calibration)
     prune_seconds = time.perf_counter() - tick
     tick = time.perf_counter()
     ppl = perplexity(model, evaluation, device, batch_size=8, progress=progress)
@@ -91,7 +103,8 @@ def run_once(dense_model, method: str, target: str, calibration, evaluation, dev
         "prune_seconds": prune_seconds, "eval_seconds": time.perf_counter() - tick, "commit": git_commit(),
         "device": describe_device(device),
         "timings": result.timings, "summary": summarize_layers(result.layers),
-        "layers": [{k: r[k] for k in ("name", "error", "error_masked", "sparsity", "seconds")} for r in result.layers],
+        "layers": [{k: r.get(k) for k in ("name", "error", "error_masked", "sparsity", "seconds", "tokens")}
+                   for r in result.layers],
     }
 
 
@@ -131,6 +144,14 @@ def replace_section(markdown: Path, marker: str, body: str) -> None:
     markdown.write_text(text)
 
 
+def require_model(preset: dict) -> None:
+    """Exit with a message naming the script that makes a preset's model when that model is not there yet."""
+    # config.json, not the directory: the training script writes its data split there before the model.
+    if "created_by" in preset and not (Path(preset["model"]) / "config.json").is_file():
+        sys.exit(f"no model at {preset['model']}: create it first with `{preset['created_by']}`")
+
+
 def load_dense(preset: dict):
+    require_model(preset)
     model, tokenizer = load_model(preset["model"])
     return model, tokenizer
