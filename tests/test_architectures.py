@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import byte_tokenizer, model_linears, random_text
-from lmprune.cli import save_checkpoint
+from lmprune.model.saving import save_checkpoint
 from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, tokenize
 from lmprune.evaluate import perplexity
