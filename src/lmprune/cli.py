@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"tokens per window (default {DEFAULT_SEQLEN}, capped at the model's context)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
-    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    prune.add_argument("--overwrite", action="store_true", help="replace an earlier lmprune output in --out")
     prune.add_argument("--skip", action="append", default=[], metavar="REGEX",
                        help="do not prune layers whose full name matches (repeatable)")
     prune.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
