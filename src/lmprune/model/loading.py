@@ -60,7 +60,7 @@ def load_model(name_or_path: str, dtype: str = "auto"):
             f"{name_or_path}: the checkpoint lacks {len(missing)} weight(s) of {type(model).__name__} "
             f"(e.g. {missing[0]}) that would be initialised at random: is it a causal LM checkpoint?"
         )
-    require_finite_weights(model, f"model {name_or_path}")
+    require_finite_weights(model, f"model {name_or_path!r}")
     model.eval()
     return model, tokenizer
 
