@@ -48,7 +48,6 @@ class Destination:
         self._old = os.path.join(self.parent, f".{base}.old-{os.getpid()}")
         self._lock_fd: int | None = None
         self._made_parents: list[str] = []
-        self._saved = False
 
     def __enter__(self) -> "Destination":
         if os.path.exists(self.out) and not os.path.isdir(self.out):
@@ -73,12 +72,11 @@ class Destination:
             shutil.rmtree(self.tmp, ignore_errors=True)
             _release_lock(self._lock_fd, self.lock_path)
             self._lock_fd = None
-        if not self._saved:
-            for path in reversed(self._made_parents):
-                try:
-                    os.rmdir(path)  # only if still empty: never removes anything but what this run made
-                except OSError:
-                    break
+        for path in reversed(self._made_parents):
+            try:
+                os.rmdir(path)  # only while empty (a failed run): never removes anything but what it made
+            except OSError:
+                break
 
     def save(self, model, tokenizer, report: dict) -> None:
         """Write the checkpoint into the temporary directory, then swap it into `out`."""
@@ -91,8 +89,10 @@ class Destination:
         # Whatever appeared in `out` since the start (another program, not another lmprune: the lock)
         # must pass the same test again.
         self._check_replaceable()
-        self._swap()
-        self._saved = True
+        try:
+            self._swap()
+        except OSError as exc:
+            raise LmpruneError(f"cannot move the checkpoint into {self.out!r}: {_os_reason(exc)}") from None
 
     def _swap(self) -> None:
         if not os.path.isdir(self.out) or not os.listdir(self.out):
