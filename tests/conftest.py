@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -59,6 +60,45 @@ def random_text(words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     vocab = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home", "to", "big", "red"]
     return " ".join(rng.choice(vocab) for _ in range(words)) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A saved tiny Llama whose MLP width (172) is not a multiple of 8, like stories260K's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *args) -> tuple[int, str, list[str]]:
+    """`lmprune ARGS` in-process: (exit code, stdout, the non-blank lines of stderr)."""
+    from lmprune.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def prune_args(model, calib, out, *extra) -> list:
+    """A fast `prune` command line: 2 windows of 32 tokens, no progress bars."""
+    return ["prune", model, "--calib", calib, "--nsamples", 2, "--seqlen", 32, "--out", out, "--no-progress", *extra]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and directory under `root`, hidden ones included: relative path -> sha256 of its bytes
+    ("dir" for a directory). Equal snapshots: nothing changed, appeared or disappeared."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        state[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
 
 
 @pytest.fixture

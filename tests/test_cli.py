@@ -4,25 +4,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lmprune
-from conftest import byte_tokenizer, random_text
+from conftest import prune_args, random_text, run_cli as run, snapshot
 from lmprune.cli import main
 from lmprune.model import describe_device, resolve_device
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A tiny Llama whose MLP width (172) is not a multiple of 8, like stories260K's."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=0, eos_token_id=256)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture
@@ -30,16 +16,6 @@ def calib(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(random_text(800))
     return path
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
-
-
-def prune_args(model, calib, out, *extra):
-    return ["prune", model, "--calib", calib, "--nsamples", 2, "--seqlen", 32, "--out", out, "--no-progress", *extra]
 
 
 @pytest.mark.parametrize(
@@ -50,55 +26,52 @@ def prune_args(model, calib, out, *extra):
         (["--method", "sparsegpt", "--pattern", "4:4"], "invalid N:M pattern 4:4: need 0 < N < M"),
         (["--method", "sparsegpt", "--pattern", "2-4"], "invalid pattern '2-4'"),
         (["--method", "sparsegpt", "--pattern", "4:8"], "4:8 does not fit layer model.layers.0.mlp.down_proj: its input width 172"),
-        (["--method", "obs", "--sparsity", "0.5"], "unknown method 'obs'"),
+        (["--method", "obs", "--sparsity", "0.5"], "unknown method 'obs' (choose from: admm-grad, admm1, alps, "
+                                                   "dsnot, magnitude, sparsegpt, sparsellm, wanda)"),
         (["--method", "sparsegpt", "--sparsity", "0.5", "--opt", "nope=1"], "unknown option"),
         (["--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "0"], "--nsamples must be at least 1"),
         (["--method", "sparsegpt", "--sparsity", "0.5", "--seqlen", "4096"], "exceeds the model's context length 128"),
         (["--method", "sparsegpt", "--sparsity", "0.5", "--skip", "("], "invalid --skip regex"),
+        (["--method", "wanda", "--sparsity", "0.5", "--seqlen", "0"], "--seqlen must be at least 2, got 0"),
+        (["--method", "wanda", "--sparsity", "0.5", "--seqlen", "-3"], "--seqlen must be at least 2, got -3"),
+        (["--method", "wanda", "--sparsity", "0.5", "--eval-seqlen", "1"], "--eval-seqlen must be at least 2, got 1"),
+        (["--method", "wanda", "--sparsity", "0.5", "--eval-max-windows", "0"],
+         "--eval-max-windows must be at least 1, got 0"),
+        (["--method", "wanda", "--sparsity", "0.5", "--eval-max-windows", "-2"],
+         "--eval-max-windows must be at least 1, got -2"),
     ],
 )
 def test_bad_prune_input(capsys, tiny_llama, calib, tmp_path, extra, message):
+    before, model_before = snapshot(tmp_path), snapshot(tiny_llama)
     out = tmp_path / "out"
-    args = prune_args(tiny_llama, calib, out, *extra)
+    args = prune_args(tiny_llama, calib, out, *extra)  # a --seqlen in extra wins: argparse keeps the last
     code, _, err = run(capsys, *args)
     assert code == 2
     assert len(err) == 1 and err[0].startswith("lmprune: error: ") and message in err[0], err
-    assert not out.exists()
+    assert snapshot(tmp_path) == before and snapshot(tiny_llama) == model_before  # nothing written, nothing left
 
 
 def test_missing_model_path(capsys, calib, tmp_path):
+    before = snapshot(tmp_path)
     out = tmp_path / "out"
     code, _, err = run(capsys, *prune_args(tmp_path / "no_such_model", calib, out, "--method", "wanda", "--sparsity", "0.5"))
     assert code == 2 and len(err) == 1 and "model not found" in err[0]
-    assert not out.exists()
+    assert snapshot(tmp_path) == before
 
 
 def test_calibration_text_too_short(capsys, tiny_llama, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the cat sat")
-    out = tmp_path / "out"
+    before = snapshot(tmp_path)
+    out = tmp_path / "sub" / "out"  # its parent is made for the run, and removed again when it fails
     code, _, err = run(capsys, *prune_args(tiny_llama, short, out, "--method", "wanda", "--sparsity", "0.5"))
     assert code == 2 and len(err) == 1 and "calibration text too short: 11 tokens" in err[0], err
-    assert not out.exists()
+    assert snapshot(tmp_path) == before
 
 
 def test_missing_calibration_file(capsys, tiny_llama, tmp_path):
     code, _, err = run(capsys, *prune_args(tiny_llama, tmp_path / "none.txt", tmp_path / "out", "--method", "wanda", "--sparsity", "0.5"))
     assert code == 2 and len(err) == 1 and "no such file" in err[0]
-
-
-def test_output_dir_not_empty_unless_overwrite(capsys, tiny_llama, calib, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    code, _, err = run(capsys, *prune_args(tiny_llama, calib, out, "--method", "wanda", "--sparsity", "0.5"))
-    assert code == 2 and len(err) == 1 and "is not empty (use --overwrite" in err[0]
-    assert (out / "keep.txt").read_text() == "precious"
-
-    code, _, err = run(capsys, *prune_args(tiny_llama, calib, out, "--method", "wanda", "--sparsity", "0.5", "--overwrite"))
-    assert code == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
 def test_prune_writes_checkpoint_and_report(capsys, tiny_llama, calib, tmp_path):

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
 
 from . import __version__
-from .config import PruneConfig, SparsityPattern, parse_options
+from .config import PruneConfig, SparsityPattern, check_windows, parse_options
 from .errors import LmpruneError
-from .report import REPORT_NAME, format_report, library_versions, load_report, plot_layer_errors, summarize_layers, write_json
+from .report import format_report, library_versions, load_report, plot_layer_errors, summarize_layers
 
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"tokens per window (default {DEFAULT_SEQLEN}, capped at the model's context)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
-    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    prune.add_argument("--overwrite", action="store_true", help="replace an earlier lmprune output in --out")
     prune.add_argument("--skip", action="append", default=[], metavar="REGEX",
                        help="do not prune layers whose full name matches (repeatable)")
     prune.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -97,13 +98,6 @@ def _pattern(args) -> SparsityPattern:
     return SparsityPattern(sparsity=args.sparsity)
 
 
-def _check_out_dir(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise LmpruneError(f"--out {out!r} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise LmpruneError(f"output directory {out!r} is not empty (use --overwrite to replace it)")
-
-
 def _check_source(source: str, flag: str) -> None:
     from .data import NAMED_DATASETS
 
@@ -133,47 +127,78 @@ def _seqlen(requested: int | None, model, flag: str) -> int:
 
 def cmd_prune(args) -> int:
     from .methods import build_method
+    from .model.loading import local_model_dir
+    from .model.saving import Destination, checkpoint_bytes
+    from .safety import check_out_path
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
     method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
     config = PruneConfig(
         model=args.model, method=method.name, pattern=pattern, calib=args.calib, out=args.out,
-        nsamples=args.nsamples, seqlen=args.seqlen or DEFAULT_SEQLEN, seed=args.seed, device=args.device,
-        mask=args.mask, update=args.update, options=method.settings, skip=args.skip,
+        nsamples=args.nsamples, seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen, seed=args.seed,
+        device=args.device, mask=args.mask, update=args.update, options=method.settings, skip=args.skip,
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
     )
-    _check_out_dir(args.out, args.overwrite)
     _check_source(args.calib, "--calib")
     if args.eval_data:
         _check_source(args.eval_data, "--eval")
+    model_dir = local_model_dir(args.model)
+    data_files = [path for path in (args.calib, args.eval_data) if path and os.path.isfile(path)]
+    check_out_path(args.out, [model_dir or _hub_cache()], data_files)
     pattern = method.pattern(pattern, args.per_row)
     layer_solver, refiner = method.layer_solver, method.refiner
-    return _run_prune(config, pattern, layer_solver, refiner, args)
+    # The destination is locked, checked and its temporary directory made before the model loads:
+    # a destination that cannot take the result fails now, not after the pruning.
+    with _terminate_as_interrupt(), Destination(args.out, args.overwrite,
+                                                checkpoint_bytes(model_dir, args.dtype)) as destination:
+        return _run_prune(config, pattern, layer_solver, refiner, args, destination)
 
 
-def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args) -> int:
+def _hub_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return HF_HUB_CACHE
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (kill, a job scheduler's stop) unwinds like Ctrl-C, so the run cleans up after itself."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args, destination) -> int:
     from .data import calibration_windows, evaluation_windows, load_text, tokenize
     from .evaluate import perplexity
     import torch
 
     from .model import describe_device, load_model, resolve_device
+    from .model.loading import require_finite_weights
     from .pipeline import plan_layers, prune_model
 
     device = resolve_device(config.device)
+    calib_text = load_text(config.calib, "calibration")  # unreadable text fails before the model loads
+    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data else None
     model, tokenizer = load_model(config.model, args.dtype)
     config.seqlen = _seqlen(args.seqlen, model, "--seqlen")
     plan_layers(model, pattern, config.skip)  # N:M widths and --skip, before any work
-    calibration = calibration_windows(
-        tokenize(tokenizer, load_text(config.calib, "calibration")), config.nsamples, config.seqlen, config.seed
-    )
+    calibration = calibration_windows(tokenize(tokenizer, calib_text), config.nsamples, config.seqlen, config.seed)
     eval_windows = None
-    if config.eval_data:
+    if eval_text is not None:
         eval_seqlen = _seqlen(config.eval_seqlen or config.seqlen, model, "--eval-seqlen")
-        eval_windows = evaluation_windows(
-            tokenize(tokenizer, load_text(config.eval_data, "evaluation")), eval_seqlen, config.eval_max_windows
-        )
+        eval_windows = evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen, config.eval_max_windows)
 
     _log(f"pruning {config.model} with {config.method} to {pattern.describe()} on {device}; "
          f"calibration {config.nsamples} × {config.seqlen} tokens")
@@ -181,6 +206,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
                          config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
                          moe_calibration=config.moe_calibration)
+    require_finite_weights(model, "the pruned model")  # the last word before anything is written
     evaluation = []
     if eval_windows is not None:
         tick = time.perf_counter()
@@ -206,33 +232,11 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         "blocks": result.blocks,
         "versions": library_versions(),
     }
-    save_checkpoint(model, tokenizer, report, config.out)
+    destination.save(model, tokenizer, report)
     summary = report["summary"]
     _log(f"saved to {config.out}: {summary['layers']} layers at sparsity {summary['sparsity']:.4f}, "
          f"mean relative error {summary['mean_error']:.4g}")
     return 0
-
-
-def save_checkpoint(model, tokenizer, report: dict, out: str) -> None:
-    """Write into a sibling temp dir and swap it in at the end: a crash never leaves half a checkpoint."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, REPORT_NAME), report)
-        if os.path.isdir(out):
-            old = f"{tmp}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_eval(args) -> int:
@@ -243,8 +247,11 @@ def cmd_eval(args) -> int:
         raise LmpruneError("nothing to evaluate: give --data and/or --tasks")
     if args.data:
         _check_source(args.data, "--data")
+    check_windows(args.seqlen, args.max_windows, "--seqlen", "--max-windows")
     if args.batch_size < 1:
         raise LmpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise LmpruneError(f"--limit must be at least 1, got {args.limit}")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, args.dtype)
     if args.data:

@@ -119,6 +119,15 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
+def check_windows(seqlen: int | None, count: int | None, seqlen_flag: str, count_flag: str) -> None:
+    """A window length (None: the default) needs 2 tokens, one to read and one to predict; a window
+    count (None: all) at least 1."""
+    if seqlen is not None and seqlen < 2:
+        raise LmpruneError(f"{seqlen_flag} must be at least 2, got {seqlen}")
+    if count is not None and count < 1:
+        raise LmpruneError(f"{count_flag} must be at least 1, got {count}")
+
+
 @dataclass
 class PruneConfig:
     """Everything `lmprune prune` needs; validated on construction."""
@@ -144,10 +153,8 @@ class PruneConfig:
     moe_calibration: str = "routed"
 
     def __post_init__(self) -> None:
-        if self.nsamples < 1:
-            raise LmpruneError(f"--nsamples must be at least 1, got {self.nsamples}")
-        if self.seqlen < 2:
-            raise LmpruneError(f"--seqlen must be at least 2, got {self.seqlen}")
+        check_windows(self.seqlen, self.nsamples, "--seqlen", "--nsamples")
+        check_windows(self.eval_seqlen, self.eval_max_windows, "--eval-seqlen", "--eval-max-windows")
         if self.batch_size < 1:
             raise LmpruneError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.moe_calibration not in ("routed", "all"):

@@ -6,6 +6,7 @@ datasets (wikitext2, ptb, c4) loaded through `datasets` when the hub is reachabl
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 
@@ -38,10 +39,31 @@ def load_text(source: str, role: str = "calibration") -> str:
     if not os.path.isfile(source):
         names = ", ".join(NAMED_DATASETS)
         raise LmpruneError(f"data not found: {source!r} is neither a file nor a dataset name ({names})")
-    with open(source, encoding="utf-8") as f:
-        if source.endswith(".jsonl"):
-            return _jsonl_text(f, source)
-        return f.read()
+    with open(source, "rb") as f:
+        text = decode_text(f.read(), f"{role} data {source!r}")
+    if source.endswith(".jsonl"):
+        return _jsonl_text(text.split("\n"), source)
+    return text
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    """UTF-8 bytes (a leading byte-order mark dropped) as text with \\n line ends, as text-mode reading
+    gives; anything else is refused by name rather than read as garbage or failing with a traceback."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # also the UTF-32 ones
+        raise LmpruneError(f"{what} is UTF-16 or UTF-32 text (it starts with a byte-order mark): convert it to UTF-8")
+    if b"\0" in raw:  # never in text; in UTF-16 without a byte-order mark, every other byte of ASCII
+        raise LmpruneError(f"{what} contains NUL bytes: it is binary, or UTF-16/32 text without a byte-order mark; "
+                           "give UTF-8 text")
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        raise LmpruneError(
+            f"{what} is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} is invalid "
+            "(Latin-1 or another legacy encoding? convert it, e.g. with iconv -t UTF-8)"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _jsonl_text(lines, source: str) -> str:
@@ -50,10 +72,19 @@ def _jsonl_text(lines, source: str) -> str:
         if not line.strip():
             continue
         try:
-            texts.append(json.loads(line)["text"])
+            text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise LmpruneError(f"{source}:{number}: expected a JSON object with a \"text\" field") from None
+        if not isinstance(text, str):
+            raise LmpruneError(f"{source}:{number}: \"text\" must be a string, not {_json_type(text)}")
+        texts.append(text)
     return "\n\n".join(texts)
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}[type(value)]
 
 
 def _load_named(name: str, role: str) -> str:

@@ -12,11 +12,17 @@ from typing import Any
 
 from .config import SparsityPattern
 from .pipeline import BlockRefiner
-from .solvers import LayerSolver, build_layer_solver
+from .errors import LmpruneError
+from .solvers import SOLVERS, LayerSolver, build_layer_solver, method_names
 
 # Methods that refine whole blocks after the layer-wise pass: name -> module exposing DESCRIPTION,
 # SETTINGS and build_block_method(options) -> object with .layer_method, .layer_options, .refiner, .settings.
 BLOCK_METHODS = {"sparsellm": "lmprune.refiners.sparsellm"}
+
+
+def all_method_names() -> list[str]:
+    """Every --method: the layer-wise ones and the block-level ones."""
+    return sorted([*method_names(), *BLOCK_METHODS])
 
 
 @dataclass
@@ -38,6 +44,8 @@ def build_method(method: str | None, mask: str | None = None, update: str | None
                  options: dict[str, Any] | None = None) -> Method:
     """Resolve --method/--mask/--update/--opt; bad names or options raise LmpruneError."""
     options = dict(options or {})
+    if method is not None and method not in BLOCK_METHODS and method not in SOLVERS:
+        raise LmpruneError(f"unknown method {method!r} (choose from: {', '.join(all_method_names())})")
     if method in BLOCK_METHODS:
         block = importlib.import_module(BLOCK_METHODS[method]).build_block_method(options)
         layer_solver = build_layer_solver(block.layer_method, mask, update, block.layer_options)

@@ -37,6 +37,7 @@ from .model import (
     text_config,
 )
 from .model.tracing import BlockTracer
+from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, build_layer_solver
 from .solvers.linalg import relative_errors
 
@@ -202,6 +203,7 @@ def prune_model(
                           f"for all {len(blocks)} blocks")
         bar.close()
 
+    verify_sparsity(result.layers, pattern, {layer.name: layer for layers in plan for layer in layers})
     pruned = {r["name"] for r in result.layers}
     result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
     if result.unpruned:
@@ -412,13 +414,13 @@ def _prune_layer(layer: PrunableLayer, inputs: LayerInputs, layer_solver: LayerS
                  pattern: SparsityPattern, device: torch.device) -> dict[str, Any]:
     W = layer.get_weight(device)
     H = inputs.gram
+    require_finite_gram(layer.name, H)
     solved = layer_solver(W, H, pattern, inputs.stats)
     weight, mask = solved.weight, solved.mask
     record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features]}
-    if not torch.isfinite(weight).all():
-        # Never write NaN/Inf into a model: fall back to the mask without the update.
-        weight = W * mask
-        record["fallback"] = "non-finite update; kept the masked weights"
+    weight, fallback = finite_layer_weight(layer.name, W, weight, mask)  # never NaN/Inf into a model
+    if fallback:
+        record["fallback"] = fallback
     error_masked, error = relative_errors(W, [W * mask, weight], H)
     layer.set_weight(weight)
     record.update(

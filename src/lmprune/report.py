@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import platform
 from importlib import metadata
@@ -53,12 +54,34 @@ def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    """Write atomically: a crash leaves the old file or the new one, never half of one.
+
+    Non-finite numbers become the strings "NaN", "Infinity", "-Infinity": still valid JSON (json.dump
+    would write bare NaN, which strict readers reject), still readable by `float()`.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
+        json.dump(_finite_json(data), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _number(value: Any) -> float:
+    """A report number as a float: non-finite ones are stored as strings, a missing one is NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def load_report(path: str) -> dict[str, Any]:
@@ -79,14 +102,16 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model:    {settings.get('model')}",
         f"method:   {report.get('method')}  pattern: {report.get('pattern')}",
-        f"layers:   {summary.get('layers')}  sparsity: {summary.get('sparsity', 0):.4f}  "
-        f"mean rel. error: {summary.get('mean_error', 0):.4g} (mask only: {summary.get('mean_error_masked', 0):.4g})",
+        f"layers:   {summary.get('layers')}  sparsity: {_number(summary.get('sparsity', 0)):.4f}  "
+        f"mean rel. error: {_number(summary.get('mean_error', 0)):.4g} "
+        f"(mask only: {_number(summary.get('mean_error_masked', 0)):.4g})",
     ]
     timings = report.get("timings", {})
     if timings:
         lines.append("time (s): " + "  ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     for result in report.get("evaluation", []):
-        lines.append(f"perplexity on {result['data']} ({result['windows']}×{result['seqlen']}): {result['perplexity']:.3f}")
+        lines.append(f"perplexity on {result['data']} ({result['windows']}×{result['seqlen']}): "
+                     f"{_number(result['perplexity']):.3f}")
     if summary.get("expert_slices"):
         lines.append(f"experts:  {summary['expert_slices']} expert slices pruned")
     for r in summary.get("layers_with_fallback", []):
@@ -99,8 +124,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"{'layer':<48} {'shape':>12} {'sparsity':>9} {'error':>10} {'mask only':>10} {'tokens':>8}")
     for r in report.get("layers", []):
         shape = "x".join(str(s) for s in r["shape"])
-        lines.append(f"{r['name']:<48} {shape:>12} {r['sparsity']:>9.4f} {r['error']:>10.4g} {r['error_masked']:>10.4g}"
-                     f" {r.get('tokens', ''):>8}")
+        lines.append(f"{r['name']:<48} {shape:>12} {_number(r['sparsity']):>9.4f} {_number(r['error']):>10.4g} "
+                     f"{_number(r['error_masked']):>10.4g} {r.get('tokens', ''):>8}")
     return "\n".join(lines)
 
 
@@ -115,7 +140,7 @@ def plot_layer_errors(reports: dict[str, dict[str, Any]], path: str) -> None:
         raise LmpruneError("plots need matplotlib: pip install 'lmprune[plots]'") from None
     fig, ax = plt.subplots(figsize=(10, 4))
     for label, report in reports.items():
-        errors = [r["error"] for r in report.get("layers", [])]
+        errors = [_number(r["error"]) for r in report.get("layers", [])]
         ax.plot(range(len(errors)), errors, label=label, linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("layer (in pruning order)")

@@ -1,19 +1,31 @@
-"""Loading a causal LM and its tokenizer from a local directory, a hub id or an alias."""
+"""Loading a causal LM and its tokenizer from a local directory, a hub id or an alias.
+
+Every check that can run before the weights are read does: the model must be a decoder-only causal
+LM, its safetensors files whole, its tokenizer present. After loading, no weight may be missing
+(transformers would fill it with random values) or non-finite.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import LmpruneError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# Files one of which every tokenizer transformers can load comes with (fast, sentencepiece, BPE, WordPiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.tiktoken", "tiktoken.model")
+
 
 def load_model(name_or_path: str, dtype: str = "auto"):
     """Load a causal LM and its tokenizer on the CPU (blocks move to the device one at a time)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from ..aliases import resolve_model
@@ -22,18 +34,126 @@ def load_model(name_or_path: str, dtype: str = "auto"):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    path = resolve_model(name_or_path)
-    if _looks_local(path) and not os.path.isdir(path):
-        raise LmpruneError(f"model not found: {path!r} is not a directory (give a local checkpoint or a hub id)")
+    local_model_dir(name_or_path)  # "not found" before an alias is fetched
     if dtype not in DTYPES:
         raise LmpruneError(f"invalid --dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    path = resolve_model(name_or_path)
+    local = os.path.isdir(path)
+    if local:
+        check_safetensors_files(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], low_cpu_mem_usage=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:  # missing files, unreachable hub, unknown repo id
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:  # missing or broken config.json, unknown model_type
         raise LmpruneError(f"cannot load model {name_or_path!r}: {_first_line(exc)}") from None
+    require_causal_decoder(config, name_or_path)
+    tokenizer = _load_tokenizer(AutoTokenizer, path, name_or_path, local)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=DTYPES[dtype], low_cpu_mem_usage=True, output_loading_info=True
+        )
+    # Unreachable hub, unknown repo, damaged weights (safetensors' own error is not an OSError).
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise LmpruneError(f"cannot load model {name_or_path!r}: {_first_line(exc)}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise LmpruneError(
+            f"{name_or_path}: the checkpoint lacks {len(missing)} weight(s) of {type(model).__name__} "
+            f"(e.g. {missing[0]}) that would be initialised at random: is it a causal LM checkpoint?"
+        )
+    require_finite_weights(model, f"model {name_or_path!r}")
     model.eval()
     return model, tokenizer
+
+
+def local_model_dir(name_or_path: str) -> str | None:
+    """The directory the model is (or an alias will be) read from, without downloading anything;
+    None for a hub id. A local-looking path that is not a directory is an error."""
+    from ..aliases import ALIASES, model_dir
+
+    if name_or_path in ALIASES and not os.path.isdir(name_or_path):
+        return str(model_dir(name_or_path))
+    if _looks_local(name_or_path):
+        if not os.path.isdir(name_or_path):
+            raise LmpruneError(
+                f"model not found: {name_or_path!r} is not a directory (give a local checkpoint or a hub id)"
+            )
+        return name_or_path
+    return None
+
+
+def require_causal_decoder(config, name: str) -> None:
+    """Refuse, from its config alone, a model that is not a decoder-only causal LM.
+
+    transformers offers a causal-LM class for some encoders (BertLMHeadModel, ...): it would run them
+    with bidirectional attention unless the config says `is_decoder: true`, and add a random LM head.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    architectures = list(getattr(config, "architectures", None) or [])
+    what = f"{architectures[0] if architectures else 'the model'} (model_type {model_type!r})"
+    if getattr(config, "is_encoder_decoder", False):
+        reason = "an encoder-decoder model"
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "an encoder" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "not a language model"
+        reason = f"{kind}, with no causal-LM form in transformers"
+    elif hasattr(config, "is_decoder") and not config.is_decoder and (
+        model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        or (architectures and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type] not in architectures)
+    ):
+        reason = "an encoder (bidirectional attention: its config has is_decoder false)"
+    else:
+        return
+    raise LmpruneError(f"{name}: {what} is {reason}; lmprune prunes decoder-only causal LMs only")
+
+
+def check_safetensors_files(path: str) -> None:
+    """Every *.safetensors file in `path` is as long as its header says: a truncated copy is named
+    here, not by a deserialisation error from inside transformers."""
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if not entry.name.endswith(".safetensors") or not entry.is_file():
+            continue
+        size = entry.stat().st_size
+        try:
+            with open(entry.path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if 8 + header_len > size:
+                    raise ValueError
+                header = json.loads(f.read(header_len))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise LmpruneError(f"{entry.path} is not a valid safetensors file (damaged or truncated)") from None
+        expected = 8 + header_len + max(ends, default=0)
+        if size < expected:
+            raise LmpruneError(f"{entry.path} is truncated: {size} bytes, its header describes {expected}")
+
+
+def require_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Fail, naming the tensor, if any parameter holds NaN or Inf."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            bad = int((~torch.isfinite(param)).sum())
+            raise LmpruneError(
+                f"{what}: weight {name} has {bad} NaN/Inf value(s) of {param.numel()}; "
+                "a model with non-finite weights cannot be pruned"
+            )
+
+
+def _load_tokenizer(auto_tokenizer, path: str, name: str, local: bool):
+    try:
+        return auto_tokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError, TypeError) as exc:
+        # Without tokenizer files transformers falls back to converting a slow tokenizer and complains
+        # about sentencepiece: say what is really missing.
+        if local and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+            raise LmpruneError(
+                f"{name}: no tokenizer files in the checkpoint (none of {', '.join(_TOKENIZER_FILES[:3])}, ...): "
+                "copy the tokenizer of the original model beside its weights"
+            ) from None
+        raise LmpruneError(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from None
 
 
 def _looks_local(path: str) -> bool:

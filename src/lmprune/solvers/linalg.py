@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -25,12 +27,22 @@ def relative_errors(W: torch.Tensor, candidates: list[torch.Tensor], H: torch.Te
     stacked = torch.cat([W32, *[W32 - c.float() for c in candidates]])
     quad = ((stacked @ H.float()) * stacked).sum(1, dtype=torch.float64).split(rows)  # no float64 copy
     reference = float(quad[0].sum())
-    return [float(q.sum()) / reference if reference > 0 else 0.0 for q in quad[1:]]
+    return [_ratio(float(q.sum()), reference) for q in quad[1:]]
 
 
 def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
     err, ref = reconstruction_error(W, W_new, H)
-    return err / ref if ref > 0 else 0.0
+    return _ratio(err, ref)
+
+
+def _ratio(err: float, ref: float) -> float:
+    """err / ref; 0 when both are 0 (a layer whose inputs are all zero loses nothing), NaN when a term is
+    not finite or ref alone is 0, so a broken layer never reads as a perfect one."""
+    if not (math.isfinite(err) and math.isfinite(ref)) or ref < 0:
+        return math.nan
+    if ref == 0:
+        return 0.0 if err == 0 else math.nan
+    return err / ref
 
 
 def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,118 @@
+"""Guards that keep a run from harming its inputs or writing a broken model.
+
+- `check_out_path`: `--out` never is, contains or sits inside the model, nor contains the data files.
+- `require_finite_gram`, `finite_layer_weight`: each layer's inputs and result, before it is written back.
+- `verify_sparsity`: after pruning, every layer has the zeros its target asks for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .config import SparsityPattern
+from .errors import LmpruneError
+from .masks import is_nm, prune_count
+
+MASKED_FALLBACK = "non-finite update; kept the masked weights"
+
+
+def check_out_path(out: str, model_dirs: Iterable[str], data_files: Iterable[str]) -> None:
+    """Refuse an `--out` whose replacement could touch the inputs (symlinks resolved).
+
+    `model_dirs`: directories holding the model (a local checkpoint, the cache an alias or hub id is
+    read from); their files are resolved too, since a hub snapshot links into a blobs/ directory.
+    """
+    target = os.path.realpath(out)
+    for model_dir in model_dirs:
+        model = os.path.realpath(model_dir)
+        if target == model:
+            raise LmpruneError(f"--out {out!r} is the model directory: the model is an input and is never replaced")
+        if _inside(target, model):
+            raise LmpruneError(f"--out {out!r} is inside the model directory {model_dir!r}: choose a directory outside it")
+        if _inside(model, target):
+            raise LmpruneError(f"--out {out!r} contains the model directory {model_dir!r}: choose a directory outside it")
+        for path in _files(model):
+            if _inside(os.path.realpath(path), target):
+                raise LmpruneError(f"--out {out!r} contains {os.path.realpath(path)!r}, a file of the model")
+    for path in data_files:
+        if _inside(os.path.realpath(path), target):
+            raise LmpruneError(f"--out {out!r} contains the data file {path!r}: choose a directory that does not")
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path != directory and os.path.commonpath([path, directory]) == directory
+
+
+def _files(directory: str) -> list[str]:
+    try:
+        return [entry.path for entry in os.scandir(directory) if not entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def require_finite_gram(name: str, H: torch.Tensor) -> None:
+    """A NaN/Inf in XᵀX would make every solver fail (or write NaN) with no word about why."""
+    if not torch.isfinite(H).all():
+        raise LmpruneError(
+            f"layer {name}: its calibration inputs contain NaN/Inf (activations overflowed upstream; "
+            "try --dtype float32)"
+        )
+
+
+def finite_layer_weight(name: str, W: torch.Tensor, weight: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """The weight to write back: the solver's if finite, else the masked dense weight if that is finite
+    (with the note to record), else an error: a non-finite value is never written into a model."""
+    if torch.isfinite(weight).all():
+        return weight, None
+    masked = W * mask
+    if torch.isfinite(masked).all():
+        return masked, MASKED_FALLBACK
+    raise LmpruneError(f"layer {name}: the pruned weights are not finite (NaN/Inf), nor are its masked dense weights")
+
+
+def pruned_count(out_features: int, in_features: int, pattern: SparsityPattern) -> int:
+    """How many weights of an [out, in] layer the pattern prunes (the masks' own rule)."""
+    if pattern.is_nm:
+        return out_features * (in_features // pattern.m) * (pattern.m - pattern.n)
+    if pattern.per_row:
+        return out_features * prune_count(in_features, pattern.sparsity)
+    return prune_count(out_features * in_features, pattern.sparsity)
+
+
+def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
+                    layers: Mapping[str, Any] | None = None) -> None:
+    """Fail loudly if a pruned layer has fewer zeros than its target prunes, or breaks its rows or N:M groups.
+
+    Each record gives "name", "shape" [out, in] and "sparsity". `layers`, when given, maps names to the
+    pruned layers (anything with `get_weight(device)` returning the current [out, in] weight): a layer
+    found there is measured instead of trusting its record, row by row and group by group. More zeros
+    than the target are allowed: weights of inputs never active are zeroed, an already sparse model
+    keeps its zeros, and tiny kept weights can round to zero in half precision. Fewer are never right.
+    """
+    for record in records:
+        name, (rows, cols) = record["name"], record["shape"]
+        need = pruned_count(rows, cols, pattern)
+        layer = (layers or {}).get(name)
+        weight = layer.get_weight(torch.device("cpu")) if layer is not None else None
+        if weight is None:
+            zeros = round(record["sparsity"] * rows * cols)
+            broken_groups = False
+        else:
+            zero = weight == 0
+            zeros = int(zero.sum())
+            if pattern.is_nm:
+                broken_groups = not is_nm(~zero, pattern.n, pattern.m)
+            elif pattern.per_row:
+                broken_groups = bool((zero.sum(1) < prune_count(cols, pattern.sparsity)).any())
+            else:
+                broken_groups = False
+        if zeros < need or broken_groups:
+            where = "" if zeros < need else (" (not in every group)" if pattern.is_nm else " (not in every row)")
+            raise LmpruneError(
+                f"layer {name} is off its target {pattern.describe()}: {zeros} of {rows * cols} weights are zero, "
+                f"{need} should be{where}"
+            )
