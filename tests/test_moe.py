@@ -233,3 +233,21 @@ def test_sparsellm_names_the_experts_it_leaves_layerwise(token_ids):
     block = result.blocks[0]
     assert "MoE experts left to the layer-wise pass" in block["note"] and "experts.gate_up_proj" in block["note"]
     assert [m["down"] for m in block["mlps"]] == ["model.layers.0.mlp.shared_expert.down_proj"]
+
+
+def test_all_tokens_reach_every_expert(token_ids):
+    model = tiny_model("olmoe")
+    result = prune_model(model, calibration_windows(token_ids, 4, 32, 0), build_layer_solver("sparsegpt"),
+                         SparsityPattern(0.5), CPU, batch_size=4, progress=False, moe_calibration="all")
+    experts = [r for r in result.layers if "[" in r["name"]]
+    assert len(experts) == 4 * 4 * 2
+    assert all(r["tokens"] == 4 * 32 and "fallback" not in r and r["sparsity"] == 0.5 for r in experts)
+
+
+def test_all_tokens_needs_experts_called_with_their_routing(token_ids):
+    """Llama 4's experts take pre-routed inputs: 'all' cannot be honoured, and says so."""
+    from lmprune.errors import LmpruneError
+
+    with pytest.raises(LmpruneError, match="moe-calibration routed"):
+        prune_model(tiny_model("llama4_text"), calibration_windows(token_ids, 2, 32, 0), build_layer_solver("wanda"),
+                    SparsityPattern(0.5), CPU, progress=False, moe_calibration="all")
