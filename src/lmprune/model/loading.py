@@ -11,7 +11,7 @@ from ..errors import LmpruneError
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_model(name_or_path: str, dtype: str = "auto"):
+def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True):
     """Load a causal LM and its tokenizer on the CPU (blocks move to the device one at a time)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -22,7 +22,7 @@ def load_model(name_or_path: str, dtype: str = "auto"):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, progress)
     if _looks_local(path) and not os.path.isdir(path):
         raise LmpruneError(f"model not found: {path!r} is not a directory (give a local checkpoint or a hub id)")
     if dtype not in DTYPES:
