@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
-from conftest import byte_tokenizer
+from conftest import byte_tokenizer, random_text
 from lmprune.cli import main
 from lmprune.errors import LmpruneError
 from lmprune.selfcalib import self_calibration, start_token, stop_tokens
@@ -129,3 +129,24 @@ def test_cli_without_calib_uses_self(capsys, tmp_path):
     generation = report["settings"]["self_calibration"]
     assert generation["start_token"] == 0 and generation["batch_size"] == 2
     assert report["timings"]["generation"] == generation["seconds"] > 0
+
+
+def test_cli_plan_and_headline_with_a_calibration_file(capsys, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(400))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main([str(a) for a in ["prune", model_dir, "--method", "wanda", "--sparsity", 0.5, "--calib", calib,
+                                  "--nsamples", 2, "--seqlen", 16, "--eval", calib, "--eval-max-windows", 2,
+                                  "--out", out, "--no-progress"]])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 0, err
+    device = "cuda (auto)" if torch.cuda.is_available() else "cpu (auto)"
+    assert err[0] == f"lmprune: plan: prune {model_dir} with wanda to 50% per row on {device}; " \
+                     f"calibration {calib} (2 × 16 tokens)", err
+    assert err[-1].startswith(f"lmprune: saved to {out}: 14 layers at sparsity ") and "perplexity " in err[-1], err
+    report = json.loads((out / "lmprune_report.json").read_text())
+    assert report["settings"]["calib"] == str(calib) and "generation" not in report["timings"]
