@@ -227,3 +227,13 @@ def test_real_download_and_convert(tmp_path, monkeypatch):
         loss = model(ids, labels=ids).loss.item()
     assert loss < 6.0
     assert resolve_model(NAME) == path  # reused
+
+
+def test_gguf_reader_progress_bar_is_hidden(capsys):
+    """transformers' GGUF reader uses plain tqdm (deaf to its disable_progress_bar); ours covers the phase."""
+    reader = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    original = reader.tqdm
+    with aliases._quiet_gguf_reader():
+        assert list(reader.tqdm(range(3), desc="dequantizing")) == [0, 1, 2]
+    assert reader.tqdm is original
+    assert "dequantizing" not in capsys.readouterr().err

@@ -13,6 +13,8 @@ place only when complete, so an interrupted conversion is never mistaken for a f
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -231,6 +233,25 @@ def _strip_quantization(model) -> None:
         raise LmpruneError(f"GGUF weights were not dequantized (e.g. {bad[0]}: packed); cannot convert")
 
 
+@contextlib.contextmanager
+def _quiet_gguf_reader():
+    """Hide transformers' own GGUF dequantization bar: it uses plain tqdm, which its
+    `disable_progress_bar()` does not reach, and our "preparing" bar already covers the phase."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    original = getattr(reader, "tqdm", None)
+    if original is not None:
+        reader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            reader.tqdm = original
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF model + tokenizer with transformers (dequantized to float32) and save as HF."""
     import torch
@@ -238,10 +259,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     src, kw = str(gguf_path.parent), {"gguf_file": gguf_path.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=torch.float32, **_dequantize_kwargs(), **kw
-        )
+        with _quiet_gguf_reader():
+            tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=torch.float32, **_dequantize_kwargs(), **kw
+            )
     except ImportError as e:
         raise LmpruneError(
             f"loading {gguf_path.name} failed: {e} (try `pip install -U gguf accelerate`"
