@@ -83,7 +83,9 @@ def run_cli(capsys, *args) -> tuple[int, str, list[str]]:
 
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+    # The plan line comes before the model is loaded, so errors found by loading it follow the plan.
+    return code, captured.out, [line for line in captured.err.splitlines()
+                                if line.strip() and not line.startswith("lmprune: plan: ")]
 
 
 def prune_args(model, calib, out, *extra) -> list:

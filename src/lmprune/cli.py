@@ -15,7 +15,9 @@ from .config import PruneConfig, SparsityPattern, check_windows, parse_options
 from .errors import LmpruneError
 from .report import format_report, library_versions, load_report, plot_layer_errors, summarize_layers
 
+SELF_CALIB = "self"
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
+DEFAULT_GENERATION_BATCH = 16  # as selfcalib's; a literal here so `--help` does not import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="same sparsity in every output row")
     granularity.add_argument("--per-layer", dest="per_row", action="store_false",
                              help="one threshold over the whole layer")
-    prune.add_argument("--calib", required=True, help=".txt, .jsonl (text field) or wikitext2|ptb|c4")
+    prune.add_argument("--calib", default=None,
+                       help="'self' (the model writes its own; the default), .txt, .jsonl (text field) "
+                            "or wikitext2|ptb|c4")
+    prune.add_argument("--gen-batch-size", type=int, default=DEFAULT_GENERATION_BATCH,
+                       help=f"--calib self: sequences generated together (default {DEFAULT_GENERATION_BATCH})")
     prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--seqlen", type=int, default=None,
                        help=f"tokens per window (default {DEFAULT_SEQLEN}, capped at the model's context)")
@@ -133,6 +139,8 @@ def cmd_prune(args) -> int:
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
+    calib_given = args.calib is not None
+    args.calib = args.calib or SELF_CALIB  # no dataset needed: the model writes its own calibration text
     method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
     config = PruneConfig(
         model=args.model, method=method.name, pattern=pattern, calib=args.calib, out=args.out,
@@ -141,7 +149,10 @@ def cmd_prune(args) -> int:
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
     )
-    _check_source(args.calib, "--calib")
+    if args.calib != SELF_CALIB:
+        _check_source(args.calib, "--calib")
+    if args.gen_batch_size < 1:
+        raise LmpruneError(f"--gen-batch-size must be at least 1, got {args.gen_batch_size}")
     if args.eval_data:
         _check_source(args.eval_data, "--eval")
     model_dir = local_model_dir(args.model)
@@ -149,6 +160,12 @@ def cmd_prune(args) -> int:
     check_out_path(args.out, [model_dir or _hub_cache()], data_files)
     pattern = method.pattern(pattern, args.per_row)
     layer_solver, refiner = method.layer_solver, method.refiner
+    seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
+    source = (f"{args.calib} ({args.nsamples} × {seqlen} tokens)" if calib_given and args.calib != SELF_CALIB
+              else f"self-generated ({args.nsamples} × {seqlen} tokens sampled from the model"
+                   f"{'' if calib_given else '; no --calib given'})")
+    _log(f"plan: prune {args.model} with {method.name} to {pattern.describe()} on "
+         f"{_describe(args.device)}; calibration {source}")
     # The destination is locked, checked and its temporary directory made before the model loads:
     # a destination that cannot take the result fails now, not after the pruning.
     with _terminate_as_interrupt(), Destination(args.out, args.overwrite,
@@ -187,26 +204,34 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     from .model import describe_device, load_model, resolve_device
     from .model.loading import require_finite_weights
     from .pipeline import plan_layers, prune_model
+    from .selfcalib import self_calibration
+
+    wall = time.perf_counter()
 
     device = resolve_device(config.device)
-    calib_text = load_text(config.calib, "calibration")  # unreadable text fails before the model loads
-    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data else None
-    model, tokenizer = load_model(config.model, args.dtype)
+    calib_text = None if config.calib == SELF_CALIB else load_text(config.calib, "calibration")
+    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data else None  # before the model loads
+    model, tokenizer = load_model(config.model, args.dtype, progress=not args.no_progress)
     config.seqlen = _seqlen(args.seqlen, model, "--seqlen")
     plan_layers(model, pattern, config.skip)  # N:M widths and --skip, before any work
-    calibration = calibration_windows(tokenize(tokenizer, calib_text), config.nsamples, config.seqlen, config.seed)
+    generation = None
+    if calib_text is None:
+        calibration, generation = self_calibration(model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                                   device, args.gen_batch_size, progress=not args.no_progress)
+    else:
+        calibration = calibration_windows(tokenize(tokenizer, calib_text), config.nsamples, config.seqlen, config.seed)
     eval_windows = None
     if eval_text is not None:
         eval_seqlen = _seqlen(config.eval_seqlen or config.seqlen, model, "--eval-seqlen")
         eval_windows = evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen, config.eval_max_windows)
 
-    _log(f"pruning {config.model} with {config.method} to {pattern.describe()} on {device}; "
-         f"calibration {config.nsamples} × {config.seqlen} tokens")
     store = torch.device("cpu") if args.offload_activations else None
     result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
                          config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
                          moe_calibration=config.moe_calibration)
     require_finite_weights(model, "the pruned model")  # the last word before anything is written
+    if generation is not None:
+        result.timings["generation"] = generation["seconds"]
     evaluation = []
     if eval_windows is not None:
         tick = time.perf_counter()
@@ -218,6 +243,8 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
 
     settings = asdict(config)
     settings["pattern"] = asdict(pattern)
+    if generation is not None:
+        settings["self_calibration"] = generation
     report = {
         "method": config.method,
         "pattern": pattern.describe(),
@@ -234,8 +261,9 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     }
     destination.save(model, tokenizer, report)
     summary = report["summary"]
-    _log(f"saved to {config.out}: {summary['layers']} layers at sparsity {summary['sparsity']:.4f}, "
-         f"mean relative error {summary['mean_error']:.4g}")
+    ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in evaluation)
+    _log(f"saved to {config.out}: {summary['layers']} layers at sparsity {summary['sparsity']:.4f}{ppl}, "
+         f"mean relative error {summary['mean_error']:.4g}; wall time {_duration(time.perf_counter() - wall)}")
     return 0
 
 
@@ -298,6 +326,18 @@ def cmd_methods(args) -> int:
         for f in fields(settings):
             print(f"{'':<14}--opt {f.name}={getattr(settings(), f.name)}")
     return 0
+
+
+def _describe(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda (auto)" if torch.cuda.is_available() else "cpu (auto)"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _log(message: str) -> None:

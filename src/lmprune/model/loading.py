@@ -23,7 +23,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
                     "sentencepiece.bpe.model", "tokenizer.tiktoken", "tiktoken.model")
 
 
-def load_model(name_or_path: str, dtype: str = "auto"):
+def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True):
     """Load a causal LM and its tokenizer on the CPU (blocks move to the device one at a time)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -37,7 +37,7 @@ def load_model(name_or_path: str, dtype: str = "auto"):
     local_model_dir(name_or_path)  # "not found" before an alias is fetched
     if dtype not in DTYPES:
         raise LmpruneError(f"invalid --dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, progress)
     local = os.path.isdir(path)
     if local:
         check_safetensors_files(path)
