@@ -70,7 +70,8 @@ def main() -> None:
     dense, tokenizer = load_dense(preset)
     calibration, evaluation = build_windows(preset, tokenizer)
     setup = {"limit": args.limit, "nsamples": args.nsamples, "seqlen": preset["seqlen"], "ppl_windows": args.ppl_windows}
-    plan = [("dense", "-")] + [(m, t) for m in split_methods(args.methods) for t in args.targets.split(",")]
+    # target-major: an interrupted run still compares every method at the first targets
+    plan = [("dense", "-")] + [(m, t) for t in args.targets.split(",") for m in split_methods(args.methods)]
     for method, target in plan:
         if any(r["method"] == method and r["target"] == target and r["setup"] == setup for r in data["runs"]):
             print(f"skip {method} {target} (done)")
@@ -124,7 +125,8 @@ def check(args, batch_size, device) -> dict:
              if ours.get(t, {}).get(k) != v}
     diffs.update({t: "missing from direct" for t in ours if t not in direct})
     print("identical" if not diffs else f"DIFFERENT: {diffs}")
-    return {"command": "lmprune " + " ".join(command), "identical": not diffs, "differences": diffs,
+    shown = " ".join(command).replace(str(TASK_DATA), "../shared/data/zeroshot").replace(str(out), "FILE")
+    return {"command": "lmprune " + shown, "identical": not diffs, "differences": diffs,
             "lmprune": ours, "direct": direct, "cli_seconds": cli_seconds, "direct_seconds": direct_seconds,
             "commit": git_commit(), "device": describe_device(device), "threads": args.threads}
 

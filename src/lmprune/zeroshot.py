@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -247,7 +248,8 @@ def run_tasks(model, tokenizer, tasks: list[str], device, batch_size: int | str 
     home = next(model.parameters()).device
     lm = make_lm(model, tokenizer, device, batch_size, progress)
     try:
-        with quiet(), task_documents(task_data):
+        # lm-eval print()s notices (e.g. "bootstrapping for stddev"): stdout is kept for lmprune's table
+        with quiet(), task_documents(task_data), contextlib.redirect_stdout(sys.stderr):
             results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=0, log_samples=False,
                                               bootstrap_iters=bootstrap_iters, task_manager=task_manager())
     finally:
