@@ -174,3 +174,27 @@ def test_bad_task_input_writes_nothing(capsys, tmp_path, stories_path, tinystori
 def test_batch_size_auto_is_for_tasks(capsys, stories_path, tinystories_path):
     code, _, err = run(capsys, "eval", stories_path, "--data", tinystories_path, "--batch-size", "auto")
     assert code == 2 and "--batch-size auto applies to --tasks" in err
+
+
+def test_summary_means_leaf_tasks_and_table():
+    from lmprune.report import format_zeroshot
+    from lmprune.zeroshot import summarize
+
+    results = {
+        "results": {
+            "grp": {"alias": "grp", "acc,none": 0.5, "acc_stderr,none": "N/A"},
+            "a": {"alias": " - a", "acc,none": 0.25, "acc_stderr,none": 0.1, "acc_norm,none": 0.75},
+            "b": {"alias": " - b", "acc,none": 0.75, "acc_stderr,none": 0.1, "perplexity,none": 12.5},
+        },
+        "group_subtasks": {"grp": ["a", "b"], "a": [], "b": []},
+        "n-samples": {"a": {"original": 100, "effective": 10}, "b": {"original": 50, "effective": 10}},
+    }
+    summary = summarize(results, 10, "DIR", 8)
+    assert summary["mean"] == {"acc,none": 0.5, "acc_norm,none": 0.75}  # the group row is not counted twice
+    assert summary["tasks"]["a"] == {"acc,none": 0.25, "acc_stderr,none": 0.1, "acc_norm,none": 0.75, "n": 10}
+    assert summary["tasks"]["grp"] == {"acc,none": 0.5}  # "N/A" stderr and the alias dropped
+    table = format_zeroshot(summary).splitlines()
+    assert "first 10 documents per task, documents from DIR" in table[0]
+    assert table[3].split() == ["a", "10", "0.2500", "±", "0.1000", "0.7500"]
+    assert table[4].split()[-2:] == ["perplexity", "12.5"]
+    assert table[-1] == "mean: acc over 2 tasks, acc_norm over 1 task"

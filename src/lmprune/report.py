@@ -134,8 +134,7 @@ def format_zeroshot(zeroshot: dict[str, Any]) -> str:
     mean = zeroshot.get("mean", {})
     if mean:
         lines.append(f"{'mean':<20} {'':>6} {cell(mean, 'acc')} {cell(mean, 'acc_norm')}")
-        tasks = zeroshot.get("tasks", {}).values()
-        counts = {m: sum(f"{m},none" in v for v in tasks) for m in MAIN_METRICS}
+        counts = {m: zeroshot.get("mean_over", {}).get(f"{m},none") for m in MAIN_METRICS}
         lines.append("mean: " + ", ".join(f"{m} over {n} task{'s' * (n != 1)}" for m, n in counts.items() if n))
     return "\n".join(lines)
 

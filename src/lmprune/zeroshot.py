@@ -269,8 +269,8 @@ def task_metrics(results: dict) -> dict[str, dict[str, float]]:
 def summarize(results: dict, limit: int | None, task_data: str | None, batch_size: int | str) -> dict:
     """What a report stores: per-task metrics (lm-eval's names) with "n", the documents scored, and the means.
 
-    `mean` averages each metric over the tasks that report it (acc over all; acc_norm over those defining it),
-    the papers' "average accuracy" column.
+    `mean` averages each metric over the (leaf) tasks that report it, `mean_over` says how many: acc over all,
+    acc_norm over those defining it; the papers' "average accuracy" column.
     """
     metrics = task_metrics(results)
     samples = results.get("n-samples", {})
@@ -278,10 +278,12 @@ def summarize(results: dict, limit: int | None, task_data: str | None, batch_siz
     for task, values in metrics.items():
         n = samples.get(task, {}).get("effective")
         tasks[task] = {**values, **({"n": int(n)} if n is not None else {})}
-    mean = {}
-    for key in ("acc,none", "acc_norm,none"):
-        values = [m[key] for m in metrics.values() if key in m and math.isfinite(m[key])]
+    groups = {name for name, members in results.get("group_subtasks", {}).items() if members}
+    mean, counts = {}, {}
+    for key in ("acc,none", "acc_norm,none"):  # over leaf tasks: a group's row already averages its members
+        values = [m[key] for t, m in metrics.items() if t not in groups and key in m and math.isfinite(m[key])]
         if values:
             mean[key] = sum(values) / len(values)
-    return {"tasks": tasks, "mean": mean, "limit": limit, "task_data": task_data, "batch_size": batch_size,
+            counts[key] = len(values)
+    return {"tasks": tasks, "mean": mean, "mean_over": counts, "limit": limit, "task_data": task_data, "batch_size": batch_size,
             "num_fewshot": 0, "lm_eval": lm_eval_version()}
