@@ -69,7 +69,8 @@ def main() -> None:
     preset = dict(PRESETS["smollm2-135m"], nsamples=args.nsamples, eval_windows=args.ppl_windows)
     dense, tokenizer = load_dense(preset)
     calibration, evaluation = build_windows(preset, tokenizer)
-    setup = {"limit": args.limit, "nsamples": args.nsamples, "seqlen": preset["seqlen"], "ppl_windows": args.ppl_windows}
+    setup = {"limit": args.limit, "nsamples": args.nsamples, "seqlen": preset["seqlen"],
+             "ppl_windows": args.ppl_windows}
     # target-major: an interrupted run still compares every method at the first targets
     plan = [("dense", "-")] + [(m, t) for t in args.targets.split(",") for m in split_methods(args.methods)]
     for method, target in plan:
@@ -110,7 +111,8 @@ def check(args, batch_size, device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cli.json"
         command = ["eval", "smollm2-135m", "--tasks", ",".join(TASKS), "--task-data", str(TASK_DATA),
-                   "--limit", str(args.limit), "--batch-size", str(batch_size), "--device", str(device), "--json", str(out)]
+                   "--limit", str(args.limit), "--batch-size", str(batch_size), "--device", str(device),
+                   "--json", str(out)]
         tick = time.perf_counter()
         if lmprune_main(command + (["--no-progress"] if args.no_progress else [])) != 0:
             sys.exit("lmprune eval failed")

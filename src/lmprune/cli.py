@@ -217,7 +217,8 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
                             args.task_data, progress=not args.no_progress)
         result.timings["zeroshot"] = time.perf_counter() - tick
         zeroshot = summarize(results, args.limit, args.task_data, config.batch_size)
-        _log(f"zero-shot mean acc over {len(zeroshot['tasks'])} tasks: {zeroshot['mean'].get('acc,none', float('nan')):.4f}")
+        mean = zeroshot["mean"].get("acc,none", float("nan"))
+        _log(f"zero-shot mean acc over {zeroshot['mean_over'].get('acc,none', 0)} tasks: {mean:.4f}")
 
     settings = asdict(config)
     settings["pattern"] = asdict(pattern)

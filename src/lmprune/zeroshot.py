@@ -285,5 +285,5 @@ def summarize(results: dict, limit: int | None, task_data: str | None, batch_siz
         if values:
             mean[key] = sum(values) / len(values)
             counts[key] = len(values)
-    return {"tasks": tasks, "mean": mean, "mean_over": counts, "limit": limit, "task_data": task_data, "batch_size": batch_size,
-            "num_fewshot": 0, "lm_eval": lm_eval_version()}
+    return {"tasks": tasks, "mean": mean, "mean_over": counts, "limit": limit, "task_data": task_data,
+            "batch_size": batch_size, "num_fewshot": 0, "lm_eval": lm_eval_version()}
