@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
     prune.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
     prune.add_argument("--eval-max-windows", type=int, help="evaluate at most this many windows")
+    prune.add_argument("--eval-tasks", help="lm-eval zero-shot tasks after pruning, e.g. piqa,arc_easy,boolq")
+    _add_task_args(prune)
     _add_runtime_args(prune)
     prune.add_argument("--offload-activations", action="store_true",
                        help="keep calibration activations on the CPU when pruning on a GPU")
@@ -68,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=int, default=None, help=f"window length (default {DEFAULT_SEQLEN}, capped)")
     ev.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
     ev.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. piqa,arc_easy")
-    ev.add_argument("--limit", type=int, help="lm-eval: examples per task")
-    _add_runtime_args(ev)
+    _add_task_args(ev)
+    ev.add_argument("--json", dest="json_out", metavar="FILE",
+                    help="write the task results as {task: {metric: value}} (lm-eval's metric names)")
+    _add_runtime_args(ev, auto_batch=True)
 
     rep = sub.add_parser("report", help="summarize a pruning report")
     rep.add_argument("paths", nargs="+", help="output directories or lmprune_report.json files")
@@ -79,10 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
+def _add_task_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task-data", metavar="DIR",
+                        help="read each task's documents from DIR/<task>/<split>.jsonl instead of the hub")
+    parser.add_argument("--limit", type=int, help="lm-eval: score only the first N documents of each task")
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser, auto_batch: bool = False) -> None:
+    from .zeroshot import parse_batch_size
+
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    if auto_batch:
+        parser.add_argument("--batch-size", type=parse_batch_size, default=1,
+                            help="windows (perplexity) or requests (tasks) per forward pass; 'auto': lm-eval "
+                                 "finds the largest that fits (tasks only; on the CPU a fixed 16)")
+    else:
+        parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -158,6 +175,7 @@ def cmd_prune(args) -> int:
     model_dir = local_model_dir(args.model)
     data_files = [path for path in (args.calib, args.eval_data) if path and os.path.isfile(path)]
     check_out_path(args.out, [model_dir or _hub_cache()], data_files)
+    _check_tasks(args.eval_tasks, args, "--eval-tasks")
     pattern = method.pattern(pattern, args.per_row)
     layer_solver, refiner = method.layer_solver, method.refiner
     seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
@@ -241,6 +259,18 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
                            "windows": int(eval_windows.shape[0]), "perplexity": ppl})
         _log(f"perplexity on {config.eval_data}: {ppl:.3f}")
 
+    zeroshot = None
+    if args.eval_tasks:  # on the pruned model in memory, before saving: a failure here loses no saved files
+        from .zeroshot import parse_tasks, run_tasks, summarize
+
+        tick = time.perf_counter()
+        results = run_tasks(model, tokenizer, parse_tasks(args.eval_tasks), device, config.batch_size, args.limit,
+                            args.task_data, progress=not args.no_progress)
+        result.timings["zeroshot"] = time.perf_counter() - tick
+        zeroshot = summarize(results, args.limit, args.task_data, config.batch_size)
+        mean = zeroshot["mean"].get("acc,none", float("nan"))
+        _log(f"zero-shot mean acc over {zeroshot['mean_over'].get('acc,none', 0)} tasks: {mean:.4f}")
+
     settings = asdict(config)
     settings["pattern"] = asdict(pattern)
     if generation is not None:
@@ -259,6 +289,8 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         "blocks": result.blocks,
         "versions": library_versions(),
     }
+    if zeroshot is not None:
+        report["zeroshot"] = zeroshot
     destination.save(model, tokenizer, report)
     summary = report["summary"]
     ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in evaluation)
@@ -267,8 +299,22 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     return 0
 
 
+def _check_tasks(tasks: str | None, args, flag: str) -> None:
+    """Task names, --task-data files and --limit are checked before the model is loaded or pruned."""
+    if not tasks:
+        for option, value in (("--task-data", args.task_data), ("--limit", args.limit)):
+            if value is not None:
+                raise LmpruneError(f"{option} needs {flag}")
+        return
+    from .zeroshot import build_tasks, parse_tasks
+
+    if args.limit is not None and args.limit < 1:
+        raise LmpruneError(f"--limit must be at least 1, got {args.limit}")
+    build_tasks(parse_tasks(tasks), args.task_data)  # loads every document: a missing file fails now
+
+
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_perplexity, evaluate_tasks
+    from .evaluate import evaluate_perplexity
     from .model import load_model, resolve_device
 
     if not args.data and not args.tasks:
@@ -276,10 +322,15 @@ def cmd_eval(args) -> int:
     if args.data:
         _check_source(args.data, "--data")
     check_windows(args.seqlen, args.max_windows, "--seqlen", "--max-windows")
-    if args.batch_size < 1:
+    if args.batch_size != "auto" and args.batch_size < 1:
         raise LmpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise LmpruneError(f"--limit must be at least 1, got {args.limit}")
+    if args.data and args.batch_size == "auto":
+        raise LmpruneError("--batch-size auto applies to --tasks; give a number of windows with --data")
+    if args.json_out and not args.tasks:
+        raise LmpruneError("--json needs --tasks")
+    _check_tasks(args.tasks, args, "--tasks")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, args.dtype)
     if args.data:
@@ -288,10 +339,16 @@ def cmd_eval(args) -> int:
                                      progress=not args.no_progress)
         print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows × {seqlen} tokens of {args.data})")
     if args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        for task, metrics in evaluate_tasks(model, tokenizer, tasks, device, args.batch_size, args.limit).items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"{task}: {shown}")
+        from .report import format_zeroshot
+        from .zeroshot import parse_tasks, run_tasks, summarize, task_metrics
+
+        results = run_tasks(model, tokenizer, parse_tasks(args.tasks), device, args.batch_size, args.limit,
+                            args.task_data, progress=not args.no_progress)
+        print(format_zeroshot(summarize(results, args.limit, args.task_data, args.batch_size)))
+        if args.json_out:
+            from .report import write_json
+
+            write_json(args.json_out, task_metrics(results))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Perplexity over consecutive windows, and a bridge to lm-eval's zero-shot tasks."""
+"""Perplexity over consecutive windows (zero-shot tasks through lm-eval: zeroshot.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import evaluation_windows, load_text, tokenize
-from .errors import LmpruneError
 
 
 @torch.no_grad()
@@ -46,20 +45,3 @@ def evaluate_perplexity(model, tokenizer, source: str, seqlen: int, max_windows:
     windows = evaluation_windows(tokenize(tokenizer, load_text(source, role="evaluation")), seqlen, max_windows)
     ppl = perplexity(model, windows, device, batch_size, progress)
     return {"data": source, "seqlen": seqlen, "windows": int(windows.shape[0]), "perplexity": ppl}
-
-
-def evaluate_tasks(model, tokenizer, tasks: list[str], device: torch.device, batch_size: int = 1,
-                   limit: int | None = None) -> dict:
-    """Zero-shot accuracy through lm-eval (its tasks download their data from the hub)."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise LmpruneError("zero-shot tasks need lm-eval: pip install 'lmprune[eval]'") from None
-    model.to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit)
-    except Exception as exc:
-        raise LmpruneError(f"lm-eval failed on {', '.join(tasks)}: {type(exc).__name__}: {exc}") from None
-    return {task: metrics for task, metrics in results["results"].items()}

@@ -120,12 +120,47 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"routers (never pruned): {len(report['routers'])}")
     for u in report.get("unpruned", []):
         lines.append(f"left dense: {u['name']} {tuple(u['shape'])}: {u['reason']}")
+    if report.get("zeroshot"):
+        lines.append("")
+        lines.append(format_zeroshot(report["zeroshot"]))
     lines.append("")
     lines.append(f"{'layer':<48} {'shape':>12} {'sparsity':>9} {'error':>10} {'mask only':>10} {'tokens':>8}")
     for r in report.get("layers", []):
         shape = "x".join(str(s) for s in r["shape"])
         lines.append(f"{r['name']:<48} {shape:>12} {_number(r['sparsity']):>9.4f} {_number(r['error']):>10.4g} "
                      f"{_number(r['error_masked']):>10.4g} {r.get('tokens', ''):>8}")
+    return "\n".join(lines)
+
+
+MAIN_METRICS = ("acc", "acc_norm")  # the papers' columns; any other metric a task defines goes to "other"
+
+
+def format_zeroshot(zeroshot: dict[str, Any]) -> str:
+    """The zero-shot table: per task n, acc and acc_norm with their standard errors, other metrics, the mean."""
+    limit = zeroshot.get("limit")
+    scope = f"first {limit} documents per task" if limit else "full evaluation splits"
+    source = zeroshot.get("task_data") or "the Hugging Face hub"
+    lines = [f"zero-shot accuracy (lm-eval {zeroshot.get('lm_eval', '?')}, {zeroshot.get('num_fewshot', 0)}-shot, "
+             f"{scope}, documents from {source})",
+             f"{'task':<20} {'n':>6} {'acc':>17} {'acc_norm':>17}  other"]
+
+    def cell(values: dict, metric: str, width: int = 17) -> str:
+        key = f"{metric},none"
+        if key not in values:
+            return f"{'-':>{width}}"
+        stderr = values.get(f"{metric}_stderr,none")
+        text = f"{values[key]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+        return f"{text:>{width}}"
+
+    for task, values in zeroshot.get("tasks", {}).items():
+        others = [k for k in values if "," in k and "_stderr," not in k and k.split(",")[0] not in MAIN_METRICS]
+        other = "  ".join(f"{k.split(',')[0]} {values[k]:.4g}" for k in others)
+        lines.append(f"{task:<20} {values.get('n', ''):>6} {cell(values, 'acc')} {cell(values, 'acc_norm')}  {other}")
+    mean = zeroshot.get("mean", {})
+    if mean:
+        lines.append(f"{'mean':<20} {'':>6} {cell(mean, 'acc')} {cell(mean, 'acc_norm')}")
+        counts = {m: zeroshot.get("mean_over", {}).get(f"{m},none") for m in MAIN_METRICS}
+        lines.append("mean: " + ", ".join(f"{m} over {n} task{'s' * (n != 1)}" for m, n in counts.items() if n))
     return "\n".join(lines)
 
 

@@ -1,0 +1,176 @@
+"""Zero-shot accuracy (lm-eval's tasks, local documents) of SmolLM2-135M dense and pruned, like Boža's Table 4.
+
+    python bench/zeroshot.py --check --limit 40          # acceptance: `lmprune eval` == simple_evaluate directly
+    python bench/zeroshot.py --methods sparsegpt,wanda --targets 0.5,0.7,2:4 --limit 40
+
+Every row prunes a fresh copy of the dense model (calibration from the smollm2-135m preset, --nsamples
+windows), then scores the seven tasks of ../shared/data/zeroshot with the first --limit documents each, and
+the perplexity of the same pruned model on the first --ppl-windows windows of WikiText-2 test, so the two
+orderings compare like for like. Results go to bench/results/zeroshot_smollm2-135m.json after every row; a
+rerun skips rows already there (same method, target, limit, calibration). The table goes to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    BENCH, PRESETS, SHARED, build_windows, git_commit, load_dense, load_json, prune, replace_section, require_shared,
+    save_json, split_methods,
+)
+from lmprune.evaluate import perplexity  # noqa: E402
+from lmprune.model import describe_device, resolve_device  # noqa: E402
+from lmprune.zeroshot import run_tasks, summarize  # noqa: E402
+
+TASKS = ["piqa", "arc_easy", "boolq", "sglue_rte", "openbookqa", "lambada_openai", "copa"]
+TASK_DATA = SHARED / "data" / "zeroshot"
+RESULTS = BENCH / "results" / "zeroshot_smollm2-135m.json"
+TARGETS = ["0.5", "0.7", "2:4"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="sparsegpt,wanda,admm-grad,alps", help="'' for the dense row only")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--limit", type=int, default=40, help="documents per task (0: the full sets)")
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens")
+    parser.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 test windows of 512 tokens")
+    parser.add_argument("--batch-size", default="16", help="lm-eval requests per forward ('auto' on a GPU)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--check", action="store_true",
+                        help="run `lmprune eval` on the dense model and lm-eval's simple_evaluate directly; compare")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the RESULTS.md table from the JSON")
+    args = parser.parse_args()
+    args.limit = args.limit or None
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    data = load_json(RESULTS)
+    if args.table_only:
+        write_table(data)
+        return
+    require_shared()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.check:
+        data["check"] = check(args, batch_size, device)
+        save_json(RESULTS, data)
+        write_table(data)
+        return
+
+    preset = dict(PRESETS["smollm2-135m"], nsamples=args.nsamples, eval_windows=args.ppl_windows)
+    dense, tokenizer = load_dense(preset)
+    calibration, evaluation = build_windows(preset, tokenizer)
+    setup = {"limit": args.limit, "nsamples": args.nsamples, "seqlen": preset["seqlen"],
+             "ppl_windows": args.ppl_windows}
+    # target-major: an interrupted run still compares every method at the first targets
+    plan = [("dense", "-")] + [(m, t) for t in args.targets.split(",") for m in split_methods(args.methods)]
+    for method, target in plan:
+        if any(r["method"] == method and r["target"] == target and r["setup"] == setup for r in data["runs"]):
+            print(f"skip {method} {target} (done)")
+            continue
+        model = copy.deepcopy(dense)
+        tick = time.perf_counter()
+        if method != "dense":
+            prune(model, method, target, calibration, device, progress=not args.no_progress)
+        prune_seconds = time.perf_counter() - tick
+        tick = time.perf_counter()
+        results = run_tasks(model, tokenizer, TASKS, device, batch_size, args.limit, str(TASK_DATA),
+                            progress=not args.no_progress)
+        eval_seconds = time.perf_counter() - tick
+        ppl = perplexity(model, evaluation, device, batch_size=4, progress=False)
+        row = {"method": method, "target": target, "setup": setup, "perplexity": ppl,
+               "zeroshot": summarize(results, args.limit, "../shared/data/zeroshot", batch_size),
+               "prune_seconds": prune_seconds, "eval_seconds": eval_seconds, "commit": git_commit(),
+               "device": describe_device(device), "threads": args.threads}
+        data["runs"].append(row)
+        save_json(RESULTS, data)
+        print(f"{method} {target}: mean acc {row['zeroshot']['mean']['acc,none']:.4f}, ppl {ppl:.2f} "
+              f"(prune {prune_seconds:.0f}s, eval {eval_seconds:.0f}s)", flush=True)
+        write_table(data)
+
+
+def check(args, batch_size, device) -> dict:
+    """The acceptance check: the CLI's printed/JSON metrics equal lm-eval's simple_evaluate on the same model."""
+    import json
+
+    from lm_eval_direct import direct_results
+
+    from lmprune.cli import main as lmprune_main
+    from lmprune.model import load_model
+    from lmprune.zeroshot import task_manager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "cli.json"
+        command = ["eval", "smollm2-135m", "--tasks", ",".join(TASKS), "--task-data", str(TASK_DATA),
+                   "--limit", str(args.limit), "--batch-size", str(batch_size), "--device", str(device),
+                   "--json", str(out)]
+        tick = time.perf_counter()
+        if lmprune_main(command + (["--no-progress"] if args.no_progress else [])) != 0:
+            sys.exit("lmprune eval failed")
+        cli_seconds = time.perf_counter() - tick
+        ours = json.loads(out.read_text())
+        model, tokenizer = load_model("smollm2-135m")
+        tick = time.perf_counter()
+        direct = direct_results(model, tokenizer, TASKS, str(TASK_DATA), args.limit, batch_size, str(device),
+                                str(Path(tmp) / "cache"), task_manager())
+        direct_seconds = time.perf_counter() - tick
+    diffs = {f"{t}/{k}": (ours.get(t, {}).get(k), v) for t, m in direct.items() for k, v in m.items()
+             if ours.get(t, {}).get(k) != v}
+    diffs.update({t: "missing from direct" for t in ours if t not in direct})
+    print("identical" if not diffs else f"DIFFERENT: {diffs}")
+    shown = " ".join(command).replace(str(TASK_DATA), "../shared/data/zeroshot").replace(str(out), "FILE")
+    return {"command": "lmprune " + shown, "identical": not diffs, "differences": diffs,
+            "lmprune": ours, "direct": direct, "cli_seconds": cli_seconds, "direct_seconds": direct_seconds,
+            "commit": git_commit(), "device": describe_device(device), "threads": args.threads}
+
+
+def write_table(data: dict) -> None:
+    runs = data["runs"]
+    lines = []
+    if runs:
+        setup = runs[-1]["setup"]
+        rows = [r for r in runs if r["setup"] == setup]
+        order = {t: i for i, t in enumerate(["-", *TARGETS])}
+        rows.sort(key=lambda r: (order.get(r["target"], 99), r["method"] != "dense", r["method"]))
+        lines += [
+            f"### Zero-shot accuracy: smollm2-135m, first {setup['limit']} documents per task",
+            "",
+            f"lm-eval {rows[0]['zeroshot']['lm_eval']}, 0-shot, `acc` (`acc_norm` is in the JSON); calibration "
+            f"{setup['nsamples']} × {setup['seqlen']} tokens of WikiText-2 valid (seed 0); ppl: WikiText-2 test, "
+            f"first {setup['ppl_windows']} windows × 512 of the same pruned model. {rows[0]['device']}, "
+            f"{rows[0]['threads']} thread(s).",
+            "",
+            "| target | method | " + " | ".join(TASKS) + " | mean acc | ppl |",
+            "|---|---|" + "---|" * (len(TASKS) + 2),
+        ]
+        for r in rows:
+            tasks = r["zeroshot"]["tasks"]
+            cells = [f"{tasks[t]['acc,none']:.3f}" if t in tasks else "" for t in TASKS]
+            lines.append(f"| {r['target']} | {r['method']} | " + " | ".join(cells)
+                         + f" | **{r['zeroshot']['mean']['acc,none']:.3f}** | {r['perplexity']:.2f} |")
+        n = setup["limit"]
+        if n:
+            se = (0.25 / (n - 1)) ** 0.5
+            lines += ["", f"With {n} documents a task's accuracy near 0.5 has a standard error of about {se:.3f}; "
+                          f"the mean over 7 tasks about {se / 7 ** 0.5:.3f} (if independent)."]
+    check = data.get("check")
+    if check:
+        lines += ["", f"Acceptance check (`bench/zeroshot.py --check`): `{check['command']}` against "
+                      f"`lm_eval.simple_evaluate` called directly (bench/lm_eval_direct.py): "
+                      + ("**identical** on every metric of every task" if check["identical"]
+                         else f"**different**: {check['differences']}") + "."]
+    replace_section(BENCH / "RESULTS.md", "zeroshot-smollm2-135m", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
