@@ -3,6 +3,7 @@
     python bench/moe.py calibration   # --moe-calibration routed vs all, a few methods at 60/70%
     python bench/moe.py speed         # prune time of the MoE next to a dense model of equal active size
     python bench/moe.py checkpoint    # CLI prune at 60% per layer, reload in plain transformers, count zeros
+    python bench/moe.py granularity   # Wanda and magnitude at 60%, per row vs per layer, experts kept or not
 
 Results go to bench/results/moe_stories.json (resumable) and sections of bench/RESULTS.md.
 The quality grid itself (every method × 50/60/70%/2:4) is bench/quality.py --preset moe-stories.
@@ -36,7 +37,7 @@ SIZES = dict(nsamples=32, eval_windows=64)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["calibration", "speed", "checkpoint"])
+    parser.add_argument("what", choices=["calibration", "speed", "checkpoint", "granularity"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     require_shared()
@@ -45,7 +46,8 @@ def main() -> None:
     data = load_json(OUT)
     data.setdefault("runs", [])
     command = "python bench/moe.py " + " ".join(sys.argv[1:])
-    {"calibration": calibration, "speed": speed, "checkpoint": checkpoint}[args.what](preset, data, command)
+    {"calibration": calibration, "speed": speed, "checkpoint": checkpoint,
+     "granularity": granularity}[args.what](preset, data, command)
 
 
 def calibration(preset, data, command) -> None:
@@ -120,6 +122,30 @@ def speed(preset, data, command) -> None:
     lines.append(f"\nCommand: `{command}` (commit {git_commit()}), {torch.get_num_threads()} threads.")
     replace_section(BENCH / "RESULTS.md", "moe-speed", "\n".join(lines))
     print("\n".join(lines))
+
+
+def granularity(preset, data, command) -> None:
+    """Where Wanda loses to magnitude on this MoE: the per-row threshold, and in which layers."""
+    from lmprune.config import SparsityPattern
+    from lmprune.evaluate import perplexity
+    from lmprune.pipeline import prune_model
+
+    from common import build
+
+    dense, tokenizer = load_dense(preset)
+    calib, evaluation = build_windows(preset, tokenizer)
+    cpu = torch.device("cpu")
+    rows = []
+    for method, per_row, skip in (("wanda", False, []), ("magnitude", True, []), ("wanda", True, [r"experts"])):
+        model = copy.deepcopy(dense)
+        built = build(method)
+        prune_model(model, calib, built.layer_solver, SparsityPattern(0.6, per_row=per_row), cpu, skip=skip,
+                    progress=False)
+        rows.append(dict(kind="granularity", method=method, per_row=per_row, skip=skip, command=command,
+                         perplexity=perplexity(model, evaluation, cpu, 8, progress=False), commit=git_commit()))
+        print(rows[-1], file=sys.stderr)
+    data["runs"] = [r for r in data["runs"] if r.get("kind") != "granularity"] + rows
+    save_json(OUT, data)
 
 
 def checkpoint(preset, data, command) -> None:
