@@ -251,3 +251,20 @@ def test_all_tokens_needs_experts_called_with_their_routing(token_ids):
     with pytest.raises(LmpruneError, match="moe-calibration routed"):
         prune_model(tiny_model("llama4_text"), calibration_windows(token_ids, 2, 32, 0), build_layer_solver("wanda"),
                     SparsityPattern(0.5), CPU, progress=False, moe_calibration="all")
+
+
+def test_mask_and_update_composition_on_experts(token_ids):
+    """--mask wanda --update admm on fused experts: N:M masks along each slice's inputs, weights updated."""
+    model = tiny_model("mixtral")
+    name, blocks = find_blocks(model)
+    before = blocks[0].mlp.experts.gate_up_proj.detach().clone()
+    result = prune_model(model, calibration_windows(token_ids, 8, 32, 0),
+                         build_layer_solver(mask="wanda", update="admm"), SparsityPattern.nm("2:4"), CPU,
+                         batch_size=4, progress=False)
+    fused = blocks[0].mlp.experts.gate_up_proj  # [experts, out, in]
+    for e in range(fused.shape[0]):
+        assert is_nm(fused[e] != 0, 2, 4), e
+        record = next(r for r in result.layers if r["name"] == f"{name}.0.mlp.experts.gate_up_proj[{e}]")
+        if "fallback" not in record:  # the update moved the kept weights
+            kept = fused[e] != 0
+            assert not torch.equal(fused[e][kept], before[e][kept]), e
