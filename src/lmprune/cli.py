@@ -131,7 +131,9 @@ def _check_source(source: str, flag: str) -> None:
 
 
 def _context_length(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    from .model import text_config
+
+    config = text_config(model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -221,7 +223,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
 
     from .model import describe_device, load_model, resolve_device
     from .model.loading import require_finite_weights
-    from .pipeline import plan_layers, prune_model
+    from .pipeline import format_duration, plan_layers, prune_model
     from .selfcalib import self_calibration
 
     wall = time.perf_counter()
@@ -295,7 +297,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     summary = report["summary"]
     ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in evaluation)
     _log(f"saved to {config.out}: {summary['layers']} layers at sparsity {summary['sparsity']:.4f}{ppl}, "
-         f"mean relative error {summary['mean_error']:.4g}; wall time {_duration(time.perf_counter() - wall)}")
+         f"mean relative error {summary['mean_error']:.4g}; wall time {format_duration(time.perf_counter() - wall)}")
     return 0
 
 
@@ -391,10 +393,6 @@ def _describe(device: str) -> str:
     import torch
 
     return "cuda (auto)" if torch.cuda.is_available() else "cpu (auto)"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _log(message: str) -> None:

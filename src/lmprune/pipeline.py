@@ -12,9 +12,9 @@ not pruned, not a router and not excluded with --skip is named in a warning and 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -147,6 +147,7 @@ def prune_model(
             collected = _collect_grams(block, f"{blocks_name}.{index}", layers, block_call, hidden, device,
                                        layer_solver.needs_input_stats, moe_calibration)
             timings["gram_forward"] += device_clock(device) - tick
+            # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
             routers = collected.routers | {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
             result.routers.extend(sorted(routers))
             problems.update(collected.problems)
@@ -199,7 +200,7 @@ def prune_model(
             if progress and index == 0 and len(blocks) > 1:
                 # Every block does about the same work, so the first one predicts the whole run.
                 first = device_clock(device) - start
-                bar.write(f"block 0 took {_duration(first)}: expect about {_duration(first * len(blocks))} "
+                bar.write(f"block 0 took {format_duration(first)}: expect about {format_duration(first * len(blocks))} "
                           f"for all {len(blocks)} blocks")
         bar.close()
 
@@ -219,16 +220,15 @@ def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _is_router(layer: PrunableLayer, routers: set[str]) -> bool:
-    # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
-    return layer.out_features == 1 or any(name in routers for name in layer.param_names())
+    return any(name in routers for name in layer.param_names())
 
 
-@contextmanager
+@contextlib.contextmanager
 def _eager_experts(model: nn.Module):
     """Run experts with transformers' reference (eager) implementation while pruning.
 
@@ -297,11 +297,15 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
         handles += [m.register_forward_pre_hook(_all_experts_hook(tracer), with_kwargs=True)
                     for m in fused_modules.values()]
     try:
-        with torch.no_grad(), tracer:
+        with torch.no_grad():
             for j, h in enumerate(hidden):
+                # The tracer costs Python work on every torch call: it watches only the first batch (routers)
+                # and, in blocks with fused experts, every batch (their Grams).
+                watched = j == 0 or bool(fused)
                 if j == 0:
                     tracer.start_router_trace()
-                call.call(block, j, h.to(device), device)
+                with tracer if watched else contextlib.nullcontext():
+                    call.call(block, j, h.to(device), device)
                 if j == 0:
                     tracer.stop_router_trace()
                 products.clear()
@@ -398,7 +402,7 @@ def unpruned_weights(blocks_name: str, blocks: nn.ModuleList, plan: list[list[Pr
             if full in problems:
                 reason = f"expert tensor {problems[full]}"
             elif id(p) in skipped or owner in planned:
-                reason = "router or gate" if owner in routers else "not pruned"
+                reason = "not pruned"
             else:
                 reason = f"a {p.dim()}-D {type(_owner(block, name)).__name__} weight lmprune cannot prune"
             out.append({"name": full, "shape": list(p.shape), "reason": reason})

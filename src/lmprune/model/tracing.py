@@ -63,8 +63,7 @@ class BlockTracer(TorchFunctionMode):
                  with_totals: bool):
         super().__init__()
         self.fused = {name: FusedParam(name, p) for name, p in fused.items()}
-        self._by_storage = {p.untyped_storage().data_ptr(): f for f in self.fused.values()
-                            for p in (f.param,)}
+        self._by_storage = {_storage(f.param): f for f in self.fused.values()}
         self.device = device
         self.with_totals = with_totals
         self.collect_experts = True
