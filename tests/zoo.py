@@ -35,7 +35,7 @@ SPECIFIC = {
     "gpt_neox": {},
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, head_dim=None),
     "bloom": dict(n_layer=4, n_head=4),
-    "mixtral": {}, "qwen3_moe": {}, "olmoe": {}, "granitemoe": {},
+    "mixtral": {}, "qwen3_moe": {}, "olmoe": {}, "granitemoe": {}, "phimoe": {},
     "qwen2_moe": dict(shared_expert_intermediate_size=48, decoder_sparse_step=1),
     "deepseek_v3": dict(n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
@@ -49,8 +49,8 @@ SPECIFIC = {
     "falcon_h1": dict(mamba_d_ssm=128, **MAMBA2),
 }
 MODEL_TYPES = sorted(SPECIFIC)
-MOE_TYPES = ["deepseek_v3", "gpt_oss", "granitemoe", "jamba", "llama4_text", "mixtral", "olmoe", "qwen2_moe",
-             "qwen3_moe"]
+MOE_TYPES = ["deepseek_v3", "gpt_oss", "granitemoe", "jamba", "llama4_text", "mixtral", "olmoe", "phimoe",
+             "qwen2_moe", "qwen3_moe"]
 
 
 def tiny_config(model_type: str):

@@ -34,6 +34,7 @@ _PRODUCTS = {
 _OTHER_PRODUCTS = {torch.addmm, torch.Tensor.addmm, torch.einsum, torch.baddbmm, torch.Tensor.__rmatmul__}
 _SELECTIONS = {torch.topk, torch.Tensor.topk, torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort,
                torch.argmax, torch.Tensor.argmax}
+_MAX_MIN = {torch.max, torch.Tensor.max, torch.min, torch.Tensor.min}  # selections when given a dim (PhiMoE)
 
 
 @dataclass
@@ -151,17 +152,18 @@ class BlockTracer(TorchFunctionMode):
     def _trace(self, func, layout, args, kwargs, out) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if func in _SELECTIONS:
+        if func in _SELECTIONS or (func in _MAX_MIN and (len(args) > 1 or "dim" in kwargs)):
             if inputs and inputs[0] in self._logits:
                 self.routers |= self._logits[inputs[0]]
             return
         derived = [self._derived[t] for t in inputs if t in self._derived]
         if layout is not None or func in _OTHER_PRODUCTS:
-            # A product by a weight starts a fresh mark: what it computes are that weight's logits.
-            sources = frozenset().union(*derived) if derived else _union(self._logits, inputs)
-            for t in outputs:
-                if sources:
-                    self._logits[t] = sources
+            # A product by a weight starts a fresh mark: what it computes are that weight's logits. A product
+            # of two activations (attention scores q·kᵀ) carries no weight's logits: its max or top-k (a
+            # stable softmax, sparse attention) never makes q_proj a router.
+            if derived:
+                for t in outputs:
+                    self._logits[t] = frozenset().union(*derived)
             return
         activations = [t for t in inputs if t not in self._derived and t.is_floating_point()]
         if derived and not activations:
