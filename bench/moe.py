@@ -12,6 +12,7 @@ The quality grid itself (every method × 50/60/70%/2:4) is bench/quality.py --pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import subprocess
 import sys
@@ -81,9 +82,26 @@ def calibration(preset, data, command) -> None:
     print("\n".join(lines))
 
 
+@contextlib.contextmanager
+def one_by_one():
+    """Expert solves one at a time, as before they were batched (for the speed comparison)."""
+    from lmprune.solvers import LayerSolver
+
+    batched = LayerSolver.solve_batch
+    LayerSolver.solve_batch = property(lambda self: None)
+    try:
+        yield
+    finally:
+        LayerSolver.solve_batch = batched
+
+
+SPEED_METHODS = ("sparsegpt", "admm-grad", "alps")
+SPEED_MODELS = ("moe", "moe one by one", "dense")
+
+
 def speed(preset, data, command) -> None:
-    """Prune time of the MoE and of a dense Llama with the same active parameters (MLP width = top-k × expert
-    width), random init, the same calibration windows, one method at a time."""
+    """Prune time of the MoE (expert solves batched, and one by one) and of a dense Llama with the same active
+    parameters (MLP width = top-k × expert width), random init, the same calibration windows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     moe, tokenizer = load_dense(preset)
@@ -97,28 +115,34 @@ def speed(preset, data, command) -> None:
         tie_word_embeddings=True)).eval()
     cpu = torch.device("cpu")
     rows = []
-    for method in ("sparsegpt", "admm-grad"):
-        for label, model in (("moe", moe), ("dense", dense)):
+    for method in SPEED_METHODS:
+        for label, model in zip(SPEED_MODELS, (moe, moe, dense)):
             copy_ = copy.deepcopy(model)
-            tick = time.perf_counter()
-            result = prune(copy_, method, "0.6", calib, cpu)
-            seconds = time.perf_counter() - tick
+            with one_by_one() if label == "moe one by one" else contextlib.nullcontext():
+                tick = time.perf_counter()
+                result = prune(copy_, method, "0.6", calib, cpu)
+                seconds = time.perf_counter() - tick
             active = sum(p.numel() for n, p in model.named_parameters() if "layers" in n)
             rows.append(dict(kind="speed", model=label, method=method, seconds=seconds, timings=result.timings,
                              layers=len(result.layers), block_params=active, command=command, commit=git_commit()))
+            if label == "moe":
+                weights = {n: p.detach().clone() for n, p in copy_.named_parameters()}
+            elif label == "moe one by one":
+                rows[-1]["same_weights"] = all(torch.equal(weights[n], p) for n, p in copy_.named_parameters())
             print(rows[-1], file=sys.stderr)
     data["runs"] = [r for r in data["runs"] if r.get("kind") != "speed"] + rows
     save_json(OUT, data)
-    lines = ["| method | model | layers solved | block parameters | capture+Gram+propagate s | solve s | total s | MoE / dense |",
-             "|---|---|---|---|---|---|---|---|"]
-    for method in ("sparsegpt", "admm-grad"):
+    lines = ["| method | model | layers solved | block parameters | capture+Gram+propagate s | solve s | total s "
+             "| MoE / dense |", "|---|---|---|---|---|---|---|---|"]
+    for method in SPEED_METHODS:
         pair = {r["model"]: r for r in rows if r["method"] == method}
-        for label in ("moe", "dense"):
+        for label in SPEED_MODELS:
             r, t = pair[label], pair[label]["timings"]
             forward = t["capture"] + t["gram_forward"] + t["propagate"]
-            ratio = f"{pair['moe']['seconds'] / pair['dense']['seconds']:.2f}×" if label == "moe" else ""
-            lines.append(f"| {method} | {label} | {r['layers']} | {r['block_params']:,} | {forward:.1f} | {t['solve']:.1f} "
-                         f"| {r['seconds']:.1f} | {ratio} |")
+            ratio = f"{r['seconds'] / pair['dense']['seconds']:.2f}×" if label != "dense" else ""
+            same = " (weights identical to batched)" if r.get("same_weights") else ""
+            lines.append(f"| {method} | {label}{same} | {r['layers']} | {r['block_params']:,} | {forward:.1f} "
+                         f"| {t['solve']:.1f} | {r['seconds']:.1f} | {ratio} |")
     lines.append(f"\nCommand: `{command}` (commit {git_commit()}), {torch.get_num_threads()} threads.")
     replace_section(BENCH / "RESULTS.md", "moe-speed", "\n".join(lines))
     print("\n".join(lines))

@@ -2,7 +2,8 @@
 
 A mask is a bool tensor shaped like the weight, True where the weight is kept. Every function keeps
 the highest scores and prunes exactly the requested count; ties are broken deterministically: among
-equal scores the lower index is pruned first.
+equal scores the lower index is pruned first. Scores may carry leading batch dimensions ([experts,
+out, in]): "per layer" then means per matrix, "per row" per row of every matrix.
 """
 
 from __future__ import annotations
@@ -80,14 +81,22 @@ def prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _prune_lowest_rows(scores.reshape(1, -1), k).reshape(scores.shape)
 
 
+def prune_lowest_per_matrix(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest entries of every matrix (the last two dims); of the whole tensor if 2-D."""
+    matrices = scores.reshape(-1, scores.shape[-2] * scores.shape[-1])
+    return _prune_lowest_rows(matrices, k).reshape(scores.shape)
+
+
 def prune_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the k lowest entries of every row."""
-    return _prune_lowest_rows(scores, k)
+    return _prune_lowest_rows(scores.reshape(-1, scores.shape[-1]), k).reshape(scores.shape)
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the lowest `sparsity` fraction of the whole matrix."""
-    return prune_lowest(scores, prune_count(scores.numel(), sparsity))
+    """Prune the lowest `sparsity` fraction of every matrix (of the whole tensor if it is not one)."""
+    if scores.dim() < 2:
+        return prune_lowest(scores, prune_count(scores.numel(), sparsity))
+    return prune_lowest_per_matrix(scores, prune_count(scores.shape[-2] * scores.shape[-1], sparsity))
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -97,11 +106,11 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest of every m consecutive entries of each row."""
-    rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m)
+    cols = scores.shape[-1]
+    groups = scores.reshape(-1, cols // m, m)
     mask = torch.ones_like(groups, dtype=torch.bool)
     mask.scatter_(-1, _lowest(groups, m - n), False)
-    return mask.reshape(rows, cols)
+    return mask.reshape(scores.shape)
 
 
 def topk_mask(scores: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:

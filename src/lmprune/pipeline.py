@@ -38,7 +38,7 @@ from .model import (
 )
 from .model.tracing import BlockTracer
 from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
-from .solvers import InputStats, LayerSolver, build_layer_solver
+from .solvers import InputStats, LayerSolver, SolverResult, build_layer_solver
 from .solvers.linalg import relative_errors
 
 MOE_CALIBRATION = ("routed", "all")
@@ -154,29 +154,20 @@ def prune_model(
 
             dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
             first_record = len(result.layers)
-            for layer in layers:
-                bar.update()
-                inputs = collected.inputs.pop(layer.name, None)
-                if _is_router(layer, routers) or inputs is None:
-                    continue  # routers stay dense; unreadable expert tensors are reported below
-                bar.set_postfix_str(f"block {index}: {_short(layer.name)}")
-                pattern.check_width(layer.in_features, layer.name)
+            batchable = getattr(layer_solver, "solve_batch", None) is not None  # any callable may solve layers
+            groups = _solve_groups(layers, collected.inputs, routers, block_tokens, batchable)
+            bar.update(len(layers) - sum(len(group) for group in groups))  # routers and unreadable expert tensors
+            for group in groups:
+                bar.set_postfix_str(f"block {index}: {_short(group[0].layer.name)}"
+                                    + (f" ×{len(group)}" if len(group) > 1 else ""))
                 tick = device_clock(device)
-                solver, fallback = layer_solver, None
-                if inputs.tokens < block_tokens and inputs.tokens < layer.in_features:
-                    # A routed layer (an expert) that saw fewer tokens than it has inputs: its Gram matrix
-                    # cannot determine an update, and a zero Gram would let a solver delete it. Magnitude
-                    # needs no data and keeps the weights it keeps.
-                    solver = fallback_solver
-                    fallback = (f"expert saw {inputs.tokens} calibration tokens for {layer.in_features} inputs: "
-                                "magnitude mask, kept weights unchanged")
-                record = _prune_layer(layer, inputs, solver, pattern, device)
-                record["tokens"] = inputs.tokens
-                if fallback:
-                    record["fallback"] = fallback
-                record["seconds"] = device_clock(device) - tick
-                timings["solve"] += record["seconds"]
-                result.layers.append(record)
+                records = _prune_group(group, layer_solver, fallback_solver, pattern, device)
+                seconds = device_clock(device) - tick
+                for record in records:
+                    record["seconds"] = seconds / len(records)  # a batch's time, shared by its layers
+                timings["solve"] += seconds
+                result.layers.extend(records)
+                bar.update(len(group))
 
             if progress and len(result.layers) > first_record:
                 errors = ", ".join(f"{_short(r['name'])} {r['error']:.3g}" for r in result.layers[first_record:][:16])
@@ -414,12 +405,83 @@ def _owner(block: nn.Module, param_name: str) -> nn.Module:
     return block.get_submodule(path) if path else block
 
 
-def _prune_layer(layer: PrunableLayer, inputs: LayerInputs, layer_solver: LayerSolver,
-                 pattern: SparsityPattern, device: torch.device) -> dict[str, Any]:
-    W = layer.get_weight(device)
+@dataclass
+class _Solve:
+    """One layer's solve: its inputs, and why the magnitude fallback replaces the method (if it does)."""
+
+    layer: PrunableLayer
+    inputs: LayerInputs
+    fallback: str | None
+
+
+def _solve_groups(layers: list[PrunableLayer], inputs: dict[str, LayerInputs], routers: set[str],
+                  block_tokens: int, batchable: bool) -> list[list[_Solve]]:
+    """The block's solves in order, the experts of one fused tensor grouped when the solver can batch them.
+
+    Routers and layers without inputs (unreadable expert tensors, reported later) are left out.
+    """
+    groups: list[list[_Solve]] = []
+    batches: dict[str, list[_Solve]] = {}
+    for layer in layers:
+        got = inputs.pop(layer.name, None)
+        if _is_router(layer, routers) or got is None:
+            continue  # routers stay dense; unreadable expert tensors are reported by unpruned_weights
+        fallback = None
+        if got.tokens < block_tokens and got.tokens < layer.in_features:
+            # A routed layer (an expert) that saw fewer tokens than it has inputs: its Gram matrix
+            # cannot determine an update, and a zero Gram would let a solver delete it. Magnitude
+            # needs no data and keeps the weights it keeps.
+            fallback = (f"expert saw {got.tokens} calibration tokens for {layer.in_features} inputs: "
+                        "magnitude mask, kept weights unchanged")
+        solve = _Solve(layer, got, fallback)
+        if batchable and fallback is None and isinstance(layer, ExpertSlice):
+            batch = batches.get(_fused_name(layer))
+            if batch is None:
+                batch = batches[_fused_name(layer)] = []
+                groups.append(batch)
+            batch.append(solve)
+        else:
+            groups.append([solve])
+    return groups
+
+
+# Stacked weights, Grams and the solvers' working copies of one batch stay under this (bytes): big
+# enough that a GPU runs few, large kernels, small enough beside the Grams a block already holds.
+_BATCH_BYTES = 1 << 30
+
+
+def _prune_group(group: list[_Solve], layer_solver: LayerSolver, fallback_solver: LayerSolver,
+                 pattern: SparsityPattern, device: torch.device) -> list[dict[str, Any]]:
+    """Prune the layers of a group (one layer, or experts of one fused tensor solved in batches)."""
+    if len(group) == 1:
+        solve = group[0]
+        solver = fallback_solver if solve.fallback else layer_solver
+        W = solve.layer.get_weight(device)
+        require_finite_gram(solve.layer.name, solve.inputs.gram)
+        record = _write_back(solve.layer, W, solve.inputs, solver(W, solve.inputs.gram, pattern, solve.inputs.stats))
+        if solve.fallback:
+            record["fallback"] = solve.fallback
+        return [record]
+    layer = group[0].layer
+    # W, H and a few working copies of each, in float32.
+    per_layer = 4 * 4 * (layer.out_features * layer.in_features + layer.in_features**2)
+    size = max(1, _BATCH_BYTES // per_layer)
+    records = []
+    for start in range(0, len(group), size):
+        batch = group[start:start + size]
+        for solve in batch:
+            require_finite_gram(solve.layer.name, solve.inputs.gram)
+        W = torch.stack([solve.layer.get_weight(device) for solve in batch])
+        H = torch.stack([solve.inputs.gram for solve in batch])
+        solved = layer_solver.solve_batch(W, H, pattern)
+        del H
+        records += [_write_back(solve.layer, W[j], solve.inputs, solved[j]) for j, solve in enumerate(batch)]
+    return records
+
+
+def _write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solved: SolverResult) -> dict[str, Any]:
+    """Check a layer's solved weights, write them into the model and describe the layer for the report."""
     H = inputs.gram
-    require_finite_gram(layer.name, H)
-    solved = layer_solver(W, H, pattern, inputs.stats)
     weight, mask = solved.weight, solved.mask
     record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features]}
     weight, fallback = finite_layer_weight(layer.name, W, weight, mask)  # never NaN/Inf into a model
@@ -428,6 +490,7 @@ def _prune_layer(layer: PrunableLayer, inputs: LayerInputs, layer_solver: LayerS
     error_masked, error = relative_errors(W, [W * mask, weight], H)
     layer.set_weight(weight)
     record.update(
+        tokens=inputs.tokens,
         sparsity=layer.zeros() / layer.numel(),
         error=error,
         error_masked=error_masked,

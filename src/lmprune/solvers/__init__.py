@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,6 +66,15 @@ class LayerSolver:
     @property
     def needs_input_stats(self) -> bool:
         return self.mask_solver.needs_input_stats
+
+    @property
+    def solve_batch(self) -> Callable[[torch.Tensor, torch.Tensor, SparsityPattern], list[SolverResult]] | None:
+        """Solve same-shape layers W [E, out, in], H [E, in, in] at once; None where the method cannot
+        (no batched form, or a composed --update)."""
+        solver = self.mask_solver
+        if solver.solve_batch is None or self.update_solver is not None or self.drop_update:
+            return None
+        return lambda W, H, pattern: solver.solve_batch(W, H, pattern, self.mask_settings)
 
     def settings_dict(self) -> dict[str, Any]:
         out = {}

@@ -44,7 +44,7 @@ import torch
 
 from ..config import SparsityPattern
 from ..errors import LmpruneError
-from ..masks import cubic_schedule, nm_mask, prune_count, prune_lowest, prune_lowest_per_row, topk_mask
+from ..masks import cubic_schedule, nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_per_row, topk_mask
 from .base import Solver, SolverResult
 from .linalg import fix_dead_inputs, precondition
 
@@ -104,12 +104,13 @@ class _Problem:
 
 
 def _prepare(W: torch.Tensor, H: torch.Tensor, settings: ADMMSettings) -> _Problem:
+    """The preconditioned problem of a batch of layers, W [E, out, in] and H [E, in, in]."""
     W, H = fix_dead_inputs(W.float(), H.float())
     Wn, Hn, norms = precondition(W, H, settings.eps)
     # The right-hand side uses H + λI ("dense": λ pulls kept weights towards W, as in the paper) or
     # H alone ("zero": a ridge penalty pulling them towards 0).
     target = Wn @ Hn if settings.shrink == "zero" else None
-    Hn.diagonal().add_(settings.dampening)
+    Hn.diagonal(dim1=-2, dim2=-1).add_(settings.dampening)
     inverse = torch.cholesky_inverse(_factor(Hn, settings.rho, settings.dampening))
     dtype = inverse.dtype
     Wn = Wn.to(dtype)
@@ -118,15 +119,16 @@ def _prepare(W: torch.Tensor, H: torch.Tensor, settings: ADMMSettings) -> _Probl
 
 
 def _factor(Hd: torch.Tensor, rho: float, dampening: float) -> torch.Tensor:
-    """Cholesky factor of Hd + ρI: float32 when provably well conditioned, else float64."""
+    """Cholesky factors of Hd + ρI [E, in, in]: float32 when provably well conditioned, else float64
+    (for the whole batch: one matrix that needs it sends its batch-mates along)."""
     # Hd − λI is PSD, so λ_min ≥ λ + ρ; Gershgorin bounds λ_max by the largest absolute row sum.
-    cond_bound = float(Hd.abs().sum(1).max() + rho) / (dampening + rho)
+    cond_bound = float(Hd.abs().sum(-1).max() + rho) / (dampening + rho)
     dtypes = [torch.float32, torch.float64] if cond_bound <= _FLOAT32_MAX_COND else [torch.float64]
     for dtype in dtypes:
         A = Hd.to(dtype, copy=True)
-        A.diagonal().add_(rho)
+        A.diagonal(dim1=-2, dim2=-1).add_(rho)
         L, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
+        if bool((info == 0).all()) and bool(torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all()):
             return L
     raise torch.linalg.LinAlgError("ADMM system H + ρI is not positive definite")
 
@@ -161,7 +163,7 @@ def _iterate(problem: _Problem, mask: torch.Tensor | None, iterations: int, mask
 
 def _finish(problem: _Problem, Z: torch.Tensor) -> torch.Tensor:
     """Undo the preconditioning; zeros stay exact zeros."""
-    return (Z.float() / problem.norms[None, :]).contiguous()
+    return (Z.float() / problem.norms.unsqueeze(-2)).contiguous()
 
 
 def _info(problem: _Problem, iterations: int) -> dict:
@@ -174,22 +176,31 @@ def _info(problem: _Problem, iterations: int) -> dict:
 
 def update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings: ADMMSettings):
     """Fixed-mask ADMM update: `--update admm` after any `--mask` method."""
-    problem = _prepare(W, H, settings)
-    Z, _ = _iterate(problem, mask.to(torch.bool), settings.iterations)
-    return _finish(problem, Z), _info(problem, settings.iterations)
+    problem = _prepare(W[None], H[None], settings)
+    Z, _ = _iterate(problem, mask.to(torch.bool)[None], settings.iterations)
+    return _finish(problem, Z)[0], _info(problem, settings.iterations)
 
 
-def solve_admm1(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: ADMMSettings) -> SolverResult:
-    """ADMM1: the Wanda mask (|W·n| in the preconditioned space), then the ADMM update."""
+def _results(problem: _Problem, Z: torch.Tensor, mask: torch.Tensor, iterations: int) -> list[SolverResult]:
+    weights = _finish(problem, Z)
+    return [SolverResult(w, m, _info(problem, iterations)) for w, m in zip(weights, mask)]
+
+
+def batch_admm1(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: ADMMSettings):
+    """ADMM1 on a batch: the Wanda mask (|W·n| in the preconditioned space), then the ADMM update."""
     problem = _prepare(W, H, settings)
     mask = topk_mask(problem.weight.abs(), pattern)
     Z, mask = _iterate(problem, mask, settings.iterations)
-    return SolverResult(_finish(problem, Z), mask, _info(problem, settings.iterations))
+    return _results(problem, Z, mask, settings.iterations)
+
+
+def solve_admm1(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: ADMMSettings) -> SolverResult:
+    return batch_admm1(W[None], H[None], pattern, settings)[0]
 
 
 def _gradual_rule(pattern: SparsityPattern, settings: ADMMGradSettings, shape) -> MaskRule:
     """The mask for each of the first `gradual_steps` iterations, from the scores |Ŵ + U|."""
-    rows, cols = shape
+    rows, cols = shape[-2:]
     steps, kind = settings.gradual_steps, settings.schedule
 
     if pattern.is_nm:
@@ -206,7 +217,7 @@ def _gradual_rule(pattern: SparsityPattern, settings: ADMMGradSettings, shape) -
             k = prune_count(candidates, cubic_schedule(it + 1, steps, 1.0, kind))
             if pattern.per_row:
                 return prune_lowest_per_row(scores, k)
-            return prune_lowest(scores, k)
+            return prune_lowest_per_matrix(scores, k)
 
         return rule
 
@@ -218,19 +229,23 @@ def _gradual_rule(pattern: SparsityPattern, settings: ADMMGradSettings, shape) -
         k = prune_count(total, cubic_schedule(it + 1, steps, pattern.sparsity, kind))
         if pattern.per_row:
             return prune_lowest_per_row(V.abs(), k)
-        return prune_lowest(V.abs(), k)
+        return prune_lowest_per_matrix(V.abs(), k)
 
     return rule
 
 
-def solve_grad(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: ADMMGradSettings) -> SolverResult:
-    """ADMM-Grad: the mask grows inside the ADMM iterations along a cubic schedule."""
-    if pattern.is_nm and W.shape[1] % pattern.m:
-        raise LmpruneError(f"{pattern.describe()} needs an input width divisible by {pattern.m}, got {W.shape[1]}")
+def batch_grad(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: ADMMGradSettings):
+    """ADMM-Grad on a batch: the mask grows inside the ADMM iterations along a cubic schedule."""
+    if pattern.is_nm and W.shape[-1] % pattern.m:
+        raise LmpruneError(f"{pattern.describe()} needs an input width divisible by {pattern.m}, got {W.shape[-1]}")
     problem = _prepare(W, H, settings)
     rule = _gradual_rule(pattern, settings, W.shape)
     Z, mask = _iterate(problem, None, settings.iterations, rule)
-    return SolverResult(_finish(problem, Z), mask, _info(problem, settings.iterations))
+    return _results(problem, Z, mask, settings.iterations)
+
+
+def solve_grad(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: ADMMGradSettings) -> SolverResult:
+    return batch_grad(W[None], H[None], pattern, settings)[0]
 
 
 SOLVERS = [
@@ -246,11 +261,13 @@ SOLVERS = [
         settings=ADMMSettings,
         solve=solve_admm1,
         per_row_default=True,
+        solve_batch=batch_admm1,
     ),
     Solver(
         "admm-grad",
         "mask grown gradually inside ADMM iterations, cubic schedule (Boža 2024)",
         settings=ADMMGradSettings,
         solve=solve_grad,
+        solve_batch=batch_grad,
     ),
 ]

@@ -3,11 +3,15 @@
     solve(W, H, pattern, settings)  -> SolverResult   (chooses a mask and updates the kept weights)
     update(W, H, mask, settings)    -> (W', info)     (updates the kept weights for a fixed mask)
     solve(W, H, pattern, settings, stats)             (solvers that declare needs_input_stats)
+    solve_batch(W, H, pattern, settings) -> [SolverResult]   (optional: W [E, out, in], H [E, in, in])
 
 W is a float32 [out, in] weight, H = XᵀX the float32 [in, in] Gram matrix of the layer's inputs summed
 over calibration tokens (its scale does not matter: every solver is invariant to it), and the mask is
 bool, True where a weight is kept. A method may offer either or both: `--mask A --update B` takes A's
 mask and B's update.
+
+`solve_batch` solves E independent layers of one shape at once (the experts of a fused MoE tensor): the
+same result as E calls of `solve` up to float summation order, in far fewer (batched) operations.
 
 A few methods (DSnoT) also need the inputs' mean, which H does not carry: they declare
 `needs_input_stats` and get an InputStats, summed by the pipeline over the same tokens as H.
@@ -66,3 +70,4 @@ class Solver:
     # Mask granularity when the user does not choose: Wanda compares weights within a row.
     per_row_default: bool = False
     needs_input_stats: bool = False  # solve() takes an InputStats as a fifth argument
+    solve_batch: Callable[..., list[SolverResult]] | None = None

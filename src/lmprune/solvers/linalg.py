@@ -48,32 +48,35 @@ def _ratio(err: float, ref: float) -> float:
 def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs that were never active carry no information: zero their weights, give them unit curvature.
 
-    Returns copies; without this H is singular and every factorisation fails.
+    Returns copies; without this H is singular and every factorisation fails. Batched: W [..., out, in]
+    with H [..., in, in].
     """
     H = H.clone()
     W = W.clone()
-    dead = torch.diag(H) == 0
+    diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diagonal == 0
     if dead.any():
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+        diagonal.masked_fill_(dead, 1.0)
+        W.masked_fill_(dead.unsqueeze(-2), 0.0)
     return W, H
 
 
 def add_damping(H: torch.Tensor, fraction: float) -> torch.Tensor:
-    """H + fraction·mean(diag H)·I (SparseGPT's 1% dampening)."""
-    damp = fraction * torch.diag(H).mean()
-    return H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    """H + fraction·mean(diag H)·I (SparseGPT's 1% dampening), per matrix."""
+    damp = fraction * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    return H + damp[..., None, None] * eye
 
 
 def input_norms(H: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """‖X_j‖₂ for every input column j, from the Gram diagonal."""
-    return torch.sqrt(torch.diag(H).clamp_min(0)) + eps
+    return torch.sqrt(torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0)) + eps
 
 
 def precondition(W: torch.Tensor, H: torch.Tensor, eps: float = 1e-8):
     """Rescale so diag(H) becomes 1 and |W| the Wanda score: W·n, H/(n nᵀ). Undo with W'/n."""
     norms = input_norms(H, eps)
-    return W * norms, H / norms[:, None] / norms[None, :], norms
+    return W * norms.unsqueeze(-2), H / norms.unsqueeze(-1) / norms.unsqueeze(-2), norms
 
 
 def exact_masked_optimum(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

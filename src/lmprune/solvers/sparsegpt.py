@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SparsityPattern
-from ..masks import nm_mask, prune_count, prune_lowest, prune_lowest_per_row
+from ..masks import nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_per_row
 from .base import Solver, SolverResult
 from .linalg import add_damping, fix_dead_inputs
 
@@ -31,20 +31,27 @@ class SparseGPTSettings:
 
 
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹, in float64 when float32 is not positive definite enough."""
+    """Upper Cholesky factors of H⁻¹ for a batch [E, in, in]; float64 for the matrices whose float32
+    factorisation fails (not positive definite enough)."""
+    out = torch.empty_like(H, dtype=torch.float32)
+    todo = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
     for dtype in (torch.float32, torch.float64):
-        L, info = torch.linalg.cholesky_ex(H.to(dtype))
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                return U.to(torch.float32)
+        index = todo.nonzero().squeeze(1)
+        L, info = torch.linalg.cholesky_ex(H[index].to(dtype))
+        U, info_upper = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        ok = (info == 0) & (info_upper == 0)
+        out[index[ok]] = U[ok].to(torch.float32)
+        todo[index[ok]] = False
+        if not todo.any():
+            return out
     raise torch.linalg.LinAlgError("Gram matrix is not positive definite even after dampening")
 
 
 def _sweep(W, H, settings, pattern=None, fixed_mask=None):
-    """One OBS sweep. Either `pattern` (choose the mask) or `fixed_mask` (keep it) is given."""
-    rows, cols = W.shape
+    """One OBS sweep over a batch of independent layers W [E, out, in] with H [E, in, in] (experts of one
+    fused tensor: every column step is then one operation for all of them). Either `pattern` (choose the
+    mask, per layer or per row of each layer) or `fixed_mask` (keep it) is given."""
+    experts, rows, cols = W.shape
     W, H = fix_dead_inputs(W.float(), H.float())
     U = _inverse_cholesky(add_damping(H, settings.dampening))
     mask = torch.ones_like(W, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone()
@@ -55,43 +62,48 @@ def _sweep(W, H, settings, pattern=None, fixed_mask=None):
 
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        W1 = W[:, start:end].clone()
-        U1 = U[start:end, start:end]
-        d = torch.diag(U1)
+        W1 = W[..., start:end].clone()
+        U1 = U[:, start:end, start:end]
+        d = torch.diagonal(U1, dim1=-2, dim2=-1)[:, None, :]  # [E, 1, block]
         err1 = torch.zeros_like(W1)
-        mask1 = mask[:, start:end]
+        mask1 = mask[..., start:end]
         if pattern is not None and not nm:
-            scores = W1**2 / d[None, :] ** 2
+            scores = W1**2 / d**2
             # Per-block counts as differences of floors so the layer total is exactly ⌊numel·s⌋.
             if pattern.per_row:
                 k = prune_count(end, pattern.sparsity) - prune_count(start, pattern.sparsity)
                 mask1[:] = prune_lowest_per_row(scores, k)
             else:
                 k = prune_count(rows * end, pattern.sparsity) - prune_count(rows * start, pattern.sparsity)
-                mask1[:] = prune_lowest(scores, k)
+                mask1[:] = prune_lowest_per_matrix(scores, k)
         for i in range(end - start):
             if nm and i % pattern.m == 0:
                 group = slice(i, i + pattern.m)
-                mask1[:, group] = nm_mask(W1[:, group] ** 2 / d[None, group] ** 2, pattern.n, pattern.m)
-            w = W1[:, i]
-            q = w * mask1[:, i]
-            err = (w - q) / d[i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = q
-            err1[:, i] = err
-        W[:, start:end] = W1
-        W[:, end:] -= err1 @ U[start:end, end:]
+                mask1[..., group] = nm_mask(W1[..., group] ** 2 / d[..., group] ** 2, pattern.n, pattern.m)
+            w = W1[..., i]
+            q = w * mask1[..., i]
+            err = (w - q) / d[..., i]
+            W1[..., i:] -= err[..., None] * U1[:, None, i, i:]
+            W1[..., i] = q
+            err1[..., i] = err
+        W[..., start:end] = W1
+        W[..., end:] -= err1 @ U[:, start:end, end:]
     return W * mask, mask
 
 
 def solve(W, H, pattern: SparsityPattern, settings: SparseGPTSettings) -> SolverResult:
+    weight, mask = _sweep(W[None], H[None], settings, pattern=pattern)
+    return SolverResult(weight[0], mask[0])
+
+
+def solve_batch(W, H, pattern: SparsityPattern, settings: SparseGPTSettings) -> list[SolverResult]:
     weight, mask = _sweep(W, H, settings, pattern=pattern)
-    return SolverResult(weight, mask)
+    return [SolverResult(w, m) for w, m in zip(weight, mask)]
 
 
 def update(W, H, mask, settings: SparseGPTSettings):
-    weight, _ = _sweep(W, H, settings, fixed_mask=mask)
-    return weight, {}
+    weight, _ = _sweep(W[None], H[None], settings, fixed_mask=mask[None])
+    return weight[0], {}
 
 
 SOLVERS = [Solver(
@@ -100,4 +112,5 @@ SOLVERS = [Solver(
     settings=SparseGPTSettings,
     solve=solve,
     update=update,
+    solve_batch=solve_batch,
 )]
