@@ -63,8 +63,8 @@ def _prune_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k >= scores.shape[-1]:
         return torch.zeros_like(scores, dtype=torch.bool)
-    if scores.shape[0] == 1:
-        threshold = _kth_smallest(scores.reshape(-1), k).reshape(1, 1)
+    if scores.shape[-1] >= _BRACKET_MIN:  # one long row per matrix (a whole layer, or each of a batch)
+        threshold = torch.cat([_kth_smallest(row, k) for row in scores]).reshape(-1, 1)
     else:
         threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
     keep = scores > threshold
