@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "methods": cmd_methods}[args.command](args)
     except LmpruneError as exc:
-        print(f"lmprune: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # another process's failure: rank 0 says it once
+            print(f"lmprune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmprune: interrupted", file=sys.stderr)
@@ -186,11 +187,23 @@ def cmd_prune(args) -> int:
                    f"{'' if calib_given else '; no --calib given'})")
     _log(f"plan: prune {args.model} with {method.name} to {pattern.describe()} on "
          f"{_describe(args.device)}; calibration {source}")
-    # The destination is locked, checked and its temporary directory made before the model loads:
-    # a destination that cannot take the result fails now, not after the pruning.
-    with _terminate_as_interrupt(), Destination(args.out, args.overwrite,
-                                                checkpoint_bytes(model_dir, args.dtype)) as destination:
-        return _run_prune(config, pattern, layer_solver, refiner, args, destination)
+    from .distributed import from_environment
+    from .model import resolve_device
+
+    # Under torchrun, every process joins the group; rank 0 alone owns the output and shows progress.
+    ranks, device = from_environment(resolve_device(config.device))
+    args.no_progress = args.no_progress or not ranks.is_main
+    try:
+        # The destination is locked, checked and its temporary directory made before the model loads:
+        # a destination that cannot take the result fails now, not after the pruning.
+        with _terminate_as_interrupt(), (Destination(args.out, args.overwrite, checkpoint_bytes(model_dir, args.dtype))
+                                         if ranks.is_main else contextlib.nullcontext()) as destination:
+            return _run_prune(config, pattern, layer_solver, refiner, args, destination, ranks, device)
+    except BaseException as exc:
+        ranks.report_failure(exc)  # the other processes stop at their next exchange, with this message
+        raise
+    finally:
+        ranks.close()
 
 
 def _hub_cache() -> str:
@@ -216,19 +229,19 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args, destination) -> int:
+def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args, destination, ranks,
+               device) -> int:
     from .data import calibration_windows, evaluation_windows, load_text, tokenize
     from .evaluate import perplexity
     import torch
 
-    from .model import describe_device, load_model, resolve_device
+    from .model import describe_device, load_model
     from .model.loading import require_finite_weights
     from .pipeline import format_duration, plan_layers, prune_model
     from .selfcalib import self_calibration
 
     wall = time.perf_counter()
 
-    device = resolve_device(config.device)
     calib_text = None if config.calib == SELF_CALIB else load_text(config.calib, "calibration")
     eval_text = load_text(config.eval_data, "evaluation") if config.eval_data else None  # before the model loads
     model, tokenizer = load_model(config.model, args.dtype, progress=not args.no_progress)
@@ -248,7 +261,10 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     store = torch.device("cpu") if args.offload_activations else None
     result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
                          config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
-                         moe_calibration=config.moe_calibration)
+                         moe_calibration=config.moe_calibration, ranks=ranks)
+    ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
+    if not ranks.is_main:
+        return 0
     require_finite_weights(model, "the pruned model")  # the last word before anything is written
     if generation is not None:
         result.timings["generation"] = generation["seconds"]
@@ -281,6 +297,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         "method": config.method,
         "pattern": pattern.describe(),
         "device": describe_device(device),
+        **({"processes": ranks.world} if ranks.active else {}),
         "settings": settings,
         "summary": summarize_layers(result.layers),
         "evaluation": evaluation,
@@ -396,6 +413,8 @@ def _describe(device: str) -> str:
 
 
 def _log(message: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other processes: rank 0 speaks for the run
+        return
     print(f"lmprune: {message}", file=sys.stderr)
 
 

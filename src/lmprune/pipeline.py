@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SparsityPattern
+from .distributed import SINGLE, Ranks, assign_layers, merge_collected, own_groups, refine_on_main, share_solved
 from .errors import LmpruneError
 from .model import (
     BlockCall,
@@ -110,12 +111,16 @@ def prune_model(
     refiner: BlockRefiner | None = None,
     progress: bool = True,
     moe_calibration: str = "routed",
+    ranks: Ranks = SINGLE,
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
     `moe_calibration`: "routed" calibrates each expert on the tokens the router sends it; "all" sends
     every calibration token through every expert (the model's own routing still decides what the next
     block sees).
+
+    `ranks` (several processes, see distributed.py): each runs its share of the calibration batches,
+    the Gram sums are all-reduced, each solves its share of the layers, and all end with the same model.
     """
     if moe_calibration not in MOE_CALIBRATION:
         raise LmpruneError(f"invalid MoE calibration {moe_calibration!r}: choose from {', '.join(MOE_CALIBRATION)}")
@@ -128,14 +133,15 @@ def prune_model(
     start = device_clock(device)
 
     with _eager_experts(model):
+        batches, batch_indices = ranks.shard(calibration, batch_size)
         move_outside_blocks(model, blocks_name, device)
         try:
-            calls = record_block_calls(model, blocks, list(calibration.split(batch_size)), device, store_device)
+            calls = record_block_calls(model, blocks, batches, device, store_device)
         finally:
             move_outside_blocks(model, blocks_name, home)
         hidden = calls.hidden
         timings["capture"] = device_clock(device) - start
-        block_tokens = sum(h[..., 0].numel() for h in hidden)
+        block_tokens = ranks.total(sum(h[..., 0].numel() for h in hidden))
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
 
@@ -146,6 +152,7 @@ def prune_model(
             tick = device_clock(device)
             collected = _collect_grams(block, f"{blocks_name}.{index}", layers, block_call, hidden, device,
                                        layer_solver.needs_input_stats, moe_calibration)
+            merge_collected(ranks, collected, layers)
             timings["gram_forward"] += device_clock(device) - tick
             # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
             routers = collected.routers | {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
@@ -156,6 +163,8 @@ def prune_model(
             first_record = len(result.layers)
             batchable = getattr(layer_solver, "solve_batch", None) is not None  # any callable may solve layers
             groups = _solve_groups(layers, collected.inputs, routers, block_tokens, batchable)
+            owners = assign_layers(ranks, layers)
+            groups = own_groups(ranks, owners, groups)  # the solves this process does
             bar.update(len(layers) - sum(len(group) for group in groups))  # routers and unreadable expert tensors
             for group in groups:
                 bar.set_postfix_str(f"block {index}: {_short(group[0].layer.name)}"
@@ -168,6 +177,7 @@ def prune_model(
                 timings["solve"] += seconds
                 result.layers.extend(records)
                 bar.update(len(group))
+            result.layers[first_record:] = share_solved(ranks, layers, owners, result.layers[first_record:])
 
             if progress and len(result.layers) > first_record:
                 errors = ", ".join(f"{_short(r['name'])} {r['error']:.3g}" for r in result.layers[first_record:][:16])
@@ -177,7 +187,7 @@ def prune_model(
             if refiner is not None:
                 tick = device_clock(device)
                 context = BlockContext(index, block, layers, dense, block_call, hidden, device, pattern, layer_solver)
-                result.blocks.append({"block": index, **refiner(context)})
+                result.blocks.append({"block": index, **refine_on_main(ranks, refiner, context, batch_indices)})
                 timings["refine"] += device_clock(device) - tick
 
             tick = device_clock(device)
@@ -194,11 +204,12 @@ def prune_model(
                 bar.write(f"block 0 took {format_duration(first)}: expect about {format_duration(first * len(blocks))} "
                           f"for all {len(blocks)} blocks")
         bar.close()
+        ranks.check(what="finishing the last block")
 
     verify_sparsity(result.layers, pattern, {layer.name: layer for layers in plan for layer in layers})
     pruned = {r["name"] for r in result.layers}
     result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
-    if result.unpruned:
+    if result.unpruned and ranks.is_main:
         shown = ", ".join(f"{u['name']} ({u['reason']})" for u in result.unpruned[:6])
         more = f" and {len(result.unpruned) - 6} more (see the report)" if len(result.unpruned) > 6 else ""
         print(f"lmprune: warning: {len(result.unpruned)} block weight(s) left dense: {shown}{more}", file=sys.stderr)
