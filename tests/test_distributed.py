@@ -190,11 +190,12 @@ def test_torchrun_two_processes_match_one_on_stories260k(stories_path, tinystori
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no lock, temp or stray directory
 
 
-def test_two_processes_match_one_on_moe(tiny_moe, calib_text, tmp_path):
+def test_two_processes_match_one_on_moe(tiny_moe, tmp_path):
     # DSnoT needs Σx per layer; routed experts need per-expert token counts (some fall back to magnitude).
+    # Self-generated calibration: every rank must prune on the very same windows.
     common = ["--nsamples", 4, "--seqlen", 32, "--method", "dsnot", "--sparsity", "0.5"]
-    assert main([str(a) for a in prune_command(tiny_moe, calib_text, tmp_path / "one", *common)]) == 0
-    results = launch(prune_command(tiny_moe, calib_text, tmp_path / "two", *common), tmp_path)
+    assert main([str(a) for a in prune_command(tiny_moe, "self", tmp_path / "one", *common)]) == 0
+    results = launch(prune_command(tiny_moe, "self", tmp_path / "two", *common), tmp_path)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     check_same(tmp_path / "one", tmp_path / "two")
     layers = report(tmp_path / "one")["layers"]
@@ -236,6 +237,18 @@ def test_a_failing_rank_stops_the_run_with_one_error_and_no_output(tiny_llama, c
         assert lines[0].startswith("lmprune: error: rank 0 lost contact with the other ranks while "), lines
         assert code1 == -9
     assert snapshot(tmp_path) == before  # no output, no temporary directory, no lock
+
+
+def test_rank_0_refusing_the_output_stops_every_rank(tiny_llama, calib_text, tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    before = snapshot(tmp_path)
+    command = prune_command(tiny_llama, calib_text, tmp_path / "out", "--nsamples", 2, "--seqlen", 32,
+                            "--method", "wanda", "--sparsity", "0.5")
+    (code0, err0), (code1, err1) = launch(command, tmp_path)
+    assert (code0, code1) == (2, 2)
+    assert len(errors(err0)) == 1 and "exists and is not a directory" in errors(err0)[0], err0
+    assert errors(err1) == []  # rank 0 speaks for the run
+    assert snapshot(tmp_path) == before
 
 
 def test_every_process_needs_a_batch():

@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmprune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lmprune: interrupted", file=sys.stderr)
+        # Under torchrun a stopped process makes the launcher stop all the others: it names the first.
+        why = " (torchrun stops every process when one fails: its report names the first)" if \
+            int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"lmprune: interrupted{why}", file=sys.stderr)
         return 130
 
 
