@@ -79,6 +79,8 @@ class Ranks:
         except Exception as exc:  # noqa: BLE001 - any collective failure means a lost peer
             raise self._lost(exc, what) from None
         failures = [(r, m) for r, m in enumerate(statuses) if m is not None]
+        if failure is not None and statuses[0] is not None and not self.is_main:
+            failure.quiet = True  # rank 0 failed too (the same check, say): its line is the run's
         if failures and failure is None:
             rank, message = failures[0]
             self.failed = True
