@@ -1,4 +1,4 @@
-"""Wall time of one pruning: 1 process × T threads against T processes × 1 thread (torchrun, gloo or NCCL).
+"""Wall time of one pruning: 1 process × N threads (and × 1 thread) against N processes × 1 thread (torchrun).
 
     python bench/distributed.py --preset stories260k --processes 2
     python bench/distributed.py --preset smollm2-135m --processes 2 --method sparsegpt --nsamples 16
@@ -85,19 +85,24 @@ def main() -> None:
     n = args.processes
     with tempfile.TemporaryDirectory() as tmp:
         one = run(1, n, args, Path(tmp) / "one")  # on a GPU: 1 GPU; on the CPU: n threads in one process
+        single = run(1, 1, args, Path(tmp) / "single") if args.device == "cpu" else None  # 1 thread: the unit
         many = run(n, 1, args, Path(tmp) / "many")
         flips, total = mask_flips(Path(tmp) / "one", Path(tmp) / "many")
+    runs = [one] + ([single] if single else []) + [many]
     result = {"preset": args.preset, "method": args.method, "sparsity": args.sparsity, "device": args.device,
-              "torch": torch.__version__, "note": args.note, "runs": [one, many],
+              "torch": torch.__version__, "note": args.note, "runs": runs,
               "mask_flips": flips, "weights": total,
               "speedup_wall": one["wall_s"] / many["wall_s"], "speedup_prune": one["prune_s"] / many["prune_s"]}
+    if single:
+        result["speedup_prune_vs_1_thread"] = single["prune_s"] / many["prune_s"]
     suffix = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
     path = BENCH / "results" / f"distributed_{args.preset}{suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    for r in (one, many):
+    for r in runs:
         print(f"{r['processes']} process(es) × {r['threads_each']} thread(s): wall {r['wall_s']:.1f} s, "
               f"prune {r['prune_s']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())})")
-    print(f"speed-up {result['speedup_prune']:.2f}× (prune), {result['speedup_wall']:.2f}× (wall); "
+    print(f"speed-up over 1 process × {n} threads: {result['speedup_prune']:.2f}× (prune), "
+          f"{result['speedup_wall']:.2f}× (wall); over 1 × 1: {result.get('speedup_prune_vs_1_thread', 0):.2f}× (prune); "
           f"mask flips {flips} of {total}; written to {path}")
 
 
