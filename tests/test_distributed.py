@@ -66,12 +66,12 @@ def _rank_main(rank: int, world: int, port: str, argv: list[str], stderr: str, f
 
 
 def inject_failure(how: str) -> None:
-    """Make this process fail in its second layer solve: raise, or be killed outright."""
+    """Make this process fail in its second solve: raise, or be killed outright."""
     import signal
 
     import lmprune.pipeline as pipeline
 
-    solve, calls = pipeline._prune_layer, []
+    solve, calls = pipeline._prune_group, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -81,7 +81,7 @@ def inject_failure(how: str) -> None:
             raise RuntimeError("injected failure")
         return solve(*args, **kwargs)
 
-    pipeline._prune_layer = failing
+    pipeline._prune_group = failing
 
 
 def launch(args: list, tmp_path: Path, world: int = 2, fail: dict[int, str] | None = None) -> list[tuple[int, str]]:
@@ -190,10 +190,12 @@ def test_torchrun_two_processes_match_one_on_stories260k(stories_path, tinystori
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no lock, temp or stray directory
 
 
-def test_two_processes_match_one_on_moe(tiny_moe, tmp_path):
-    # DSnoT needs Σx per layer; routed experts need per-expert token counts (some fall back to magnitude).
+@pytest.mark.parametrize("method", [["dsnot", "--sparsity", "0.5"], ["sparsegpt", "--pattern", "2:4"]])
+def test_two_processes_match_one_on_moe(tiny_moe, tmp_path, method):
+    # DSnoT needs Σx per layer; SparseGPT solves each rank's share of a fused tensor's experts in batches;
+    # routed experts need per-expert token counts (some fall back to magnitude).
     # Self-generated calibration: every rank must prune on the very same windows.
-    common = ["--nsamples", 4, "--seqlen", 32, "--method", "dsnot", "--sparsity", "0.5"]
+    common = ["--nsamples", 4, "--seqlen", 32, "--method", *method]
     assert main([str(a) for a in prune_command(tiny_moe, "self", tmp_path / "one", *common)]) == 0
     results = launch(prune_command(tiny_moe, "self", tmp_path / "two", *common), tmp_path)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
@@ -222,7 +224,7 @@ def test_sparsellm_two_processes(tiny_llama, calib_text, tmp_path):
 
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_failing_rank_stops_the_run_with_one_error_and_no_output(tiny_llama, calib_text, tmp_path, how):
-    # Rank 1 fails in its second layer solve of block 0, while rank 0 solves its own share.
+    # Rank 1 fails in its second solve of block 0, while rank 0 solves its own share.
     before = snapshot(tmp_path)
     command = prune_command(tiny_llama, calib_text, tmp_path / "out", "--nsamples", 4, "--seqlen", 32,
                             "--method", "sparsegpt", "--sparsity", "0.5")

@@ -187,7 +187,8 @@ class Ranks:
         offset = 0
         with torch.no_grad():
             for t, p in zip(tensors, parts):
-                chunk = buffer[offset: offset + p.numel()].to(t.device)
+                # A copy starts at offset 0: viewing bytes at an odd offset as a wider dtype would fail.
+                chunk = buffer[offset: offset + p.numel()].to(t.device, copy=True)
                 t.copy_(chunk.view(t.dtype).reshape(t.shape))
                 offset += p.numel()
 
