@@ -90,7 +90,9 @@ class Ranks:
 
     def report_failure(self, failure: BaseException) -> None:
         """Called once by a rank whose own work raised: tell the others at their next status round."""
-        if not self.active or self.failed or self.done or isinstance(failure, (PeerFailure, LostContact, KeyboardInterrupt)):
+        if not self.active or self.failed or self.done:
+            return
+        if isinstance(failure, (PeerFailure, LostContact, KeyboardInterrupt)):
             return  # the others already know, or the launcher is stopping every rank anyway
         self.failed = True
         try:
