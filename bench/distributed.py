@@ -31,8 +31,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 SHARED = REPO.parent / "shared"
 PRESETS = {
-    "stories260k": dict(model=str(SHARED / "models" / "stories260K"), calib=str(SHARED / "data" / "tinystories.valid.txt"),
-                        nsamples=64, seqlen=256),
+    "stories260k": dict(model=str(SHARED / "models" / "stories260K"),
+                        calib=str(SHARED / "data" / "tinystories.valid.txt"), nsamples=64, seqlen=256),
     "smollm2-135m": dict(model="smollm2-135m", calib=str(SHARED / "data" / "wikitext2.valid.tokens.txt"),
                          nsamples=16, seqlen=256),
 }
@@ -46,9 +46,10 @@ def _free_port() -> int:
 
 def run(processes: int, threads: int, args: argparse.Namespace, out: Path) -> dict:
     preset = PRESETS[args.preset]
-    prune = ["prune", preset["model"], "--calib", preset["calib"], "--nsamples", str(args.nsamples or preset["nsamples"]),
-             "--seqlen", str(args.seqlen or preset["seqlen"]), "--method", args.method, "--sparsity", str(args.sparsity),
-             "--device", args.device, "--out", str(out), "--no-progress", "--overwrite"]
+    prune = ["prune", preset["model"], "--calib", preset["calib"],
+             "--nsamples", str(args.nsamples or preset["nsamples"]), "--seqlen", str(args.seqlen or preset["seqlen"]),
+             "--method", args.method, "--sparsity", str(args.sparsity), "--device", args.device,
+             "--out", str(out), "--no-progress", "--overwrite"]
     if processes == 1:
         command = [sys.executable, "-m", "lmprune", *prune]
     else:
@@ -102,7 +103,8 @@ def main() -> None:
         print(f"{r['processes']} process(es) × {r['threads_each']} thread(s): wall {r['wall_s']:.1f} s, "
               f"prune {r['prune_s']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())})")
     print(f"speed-up over 1 process × {n} threads: {result['speedup_prune']:.2f}× (prune), "
-          f"{result['speedup_wall']:.2f}× (wall); over 1 × 1: {result.get('speedup_prune_vs_1_thread', 0):.2f}× (prune); "
+          f"{result['speedup_wall']:.2f}× (wall); "
+          f"over 1 × 1: {result.get('speedup_prune_vs_1_thread', 0):.2f}× (prune); "
           f"mask flips {flips} of {total}; written to {path}")
 
 
