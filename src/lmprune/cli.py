@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(prune)
     prune.add_argument("--offload-activations", action="store_true",
                        help="keep calibration activations on the CPU when pruning on a GPU")
+    stream = prune.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="read one block at a time from the checkpoint and write the output as it goes; "
+                             "a killed run continues where it stopped (default: on when the weights exceed "
+                             "half of the available memory)")
+    stream.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model in memory")
+    prune.add_argument("--fresh", action="store_true",
+                       help="with --stream: discard a killed run's partial output instead of resuming it")
 
     ev = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model")
     ev.add_argument("model")
@@ -182,6 +190,7 @@ def cmd_prune(args) -> int:
     data_files = [path for path in (args.calib, args.eval_data) if path and os.path.isfile(path)]
     check_out_path(args.out, [model_dir or _hub_cache()], data_files)
     _check_tasks(args.eval_tasks, args, "--eval-tasks")
+    args.stream = _decide_streaming(args, model_dir)
     pattern = method.pattern(pattern, args.per_row)
     layer_solver, refiner = method.layer_solver, method.refiner
     seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
@@ -197,9 +206,12 @@ def cmd_prune(args) -> int:
     ranks, device = from_environment(resolve_device(config.device))
     args.no_progress = args.no_progress or not ranks.is_main
     try:
+        if args.stream and ranks.active:
+            raise LmpruneError("--stream runs in one process: start it without torchrun (or use --no-stream)")
         # The destination is locked, checked and its temporary directory made before the model loads:
         # a destination that cannot take the result fails now, not after the pruning.
-        with _terminate_as_interrupt(), (Destination(args.out, args.overwrite, checkpoint_bytes(model_dir, args.dtype))
+        with _terminate_as_interrupt(), (Destination(args.out, args.overwrite, checkpoint_bytes(model_dir, args.dtype),
+                                                     resumable=args.stream)
                                          if ranks.is_main else contextlib.nullcontext()) as destination:
             return _run_prune(config, pattern, layer_solver, refiner, args, destination, ranks, device)
     except BaseException as exc:
@@ -207,6 +219,37 @@ def cmd_prune(args) -> int:
         raise
     finally:
         ranks.close()
+
+
+def _decide_streaming(args, model_dir: str | None) -> bool:
+    """--stream, --no-stream, or on by default for a checkpoint too large for memory (or a killed streamed
+    run to continue); options that need the whole model in memory are refused with --stream."""
+    from .model.streaming import stream_by_default
+    from .model.saving import Destination
+
+    needs_memory = [flag for flag, value in (("--eval", args.eval_data), ("--eval-tasks", args.eval_tasks))
+                    if value] + (["self-generated calibration (give --calib FILE)"] if args.calib == SELF_CALIB else [])
+    if args.stream is None:
+        stream, why = stream_by_default(model_dir)
+        partial = Destination(args.out, resumable=True).tmp
+        if not stream and os.path.isdir(partial) and model_dir:
+            stream, why = True, f"{partial} holds a streamed run to continue"
+        if stream and needs_memory:
+            _log(f"warning: not streaming although {why}: {', '.join(needs_memory)} need(s) the whole model in memory")
+            stream = False
+        elif stream:
+            _log(f"streaming blocks from disk: {why} (--no-stream loads the whole model)")
+        args.stream = stream
+    elif args.stream:
+        if needs_memory:
+            raise LmpruneError(f"--stream keeps one block in memory: {', '.join(needs_memory)} need(s) the whole "
+                               "model (evaluate the saved checkpoint with `lmprune eval`)")
+        if not model_dir:
+            raise LmpruneError(f"--stream reads a local checkpoint directory; {args.model!r} is not one "
+                               "(download it first)")
+    if args.fresh and not args.stream:
+        raise LmpruneError("--fresh discards a streamed run's partial output: it needs --stream")
+    return bool(args.stream)
 
 
 def _hub_cache() -> str:
@@ -239,7 +282,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     import torch
 
     from .model import describe_device, load_model
-    from .model.loading import require_finite_weights
+    from .model.loading import local_model_dir, require_finite_weights
     from .pipeline import format_duration, plan_layers, prune_model
     from .selfcalib import self_calibration
 
@@ -247,7 +290,12 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
 
     calib_text = None if config.calib == SELF_CALIB else load_text(config.calib, "calibration")
     eval_text = load_text(config.eval_data, "evaluation") if config.eval_data else None  # before the model loads
-    model, tokenizer = load_model(config.model, args.dtype, progress=not args.no_progress)
+    if args.stream:
+        from .model.streaming import load_streamed_model
+
+        model, tokenizer, shards = load_streamed_model(local_model_dir(config.model), config.model, args.dtype)
+    else:
+        model, tokenizer = load_model(config.model, args.dtype, progress=not args.no_progress)
     config.seqlen = _seqlen(args.seqlen, model, "--seqlen")
     plan_layers(model, pattern, config.skip)  # N:M widths and --skip, before any work
     generation = None
@@ -261,14 +309,19 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         eval_seqlen = _seqlen(config.eval_seqlen or config.seqlen, model, "--eval-seqlen")
         eval_windows = evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen, config.eval_max_windows)
 
+    blocks = None
+    if args.stream:
+        blocks = _open_streamed_blocks(model, shards, config, args, device, calibration, destination)
     store = torch.device("cpu") if args.offload_activations else None
-    result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
-                         config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
-                         moe_calibration=config.moe_calibration, ranks=ranks)
+    with _keep_finished_blocks(blocks, destination):
+        result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
+                             config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
+                             moe_calibration=config.moe_calibration, ranks=ranks, store=blocks)
     ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
     if not ranks.is_main:
         return 0
-    require_finite_weights(model, "the pruned model")  # the last word before anything is written
+    if blocks is None:
+        require_finite_weights(model, "the pruned model")  # the last word before anything is written
     if generation is not None:
         result.timings["generation"] = generation["seconds"]
     evaluation = []
@@ -313,12 +366,58 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     }
     if zeroshot is not None:
         report["zeroshot"] = zeroshot
-    destination.save(model, tokenizer, report)
+    if blocks is None:
+        destination.save(model, tokenizer, report)
+    else:
+        report["settings"]["stream"] = True
+        if blocks.resume_from:
+            report["resumed"] = {"from_block": blocks.resume_from}
+        with _keep_finished_blocks(blocks, destination):
+            blocks.finish(tokenizer, report)
+            destination.commit()
     summary = report["summary"]
     ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in evaluation)
     _log(f"saved to {config.out}: {summary['layers']} layers at sparsity {summary['sparsity']:.4f}{ppl}, "
          f"mean relative error {summary['mean_error']:.4g}; wall time {format_duration(time.perf_counter() - wall)}")
     return 0
+
+
+def _open_streamed_blocks(model, shards, config, args, device, calibration, destination):
+    """The streamed blocks, writing into the destination's partial output; continues a killed run there
+    when settings, calibration and model all match."""
+    from .model.streaming import StreamedBlocks, run_identity
+
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("model", "calib", "out", "overwrite", "eval_data", "eval_seqlen", "eval_max_windows")}
+    settings.update(device=str(device), dtype=args.dtype)
+    blocks = StreamedBlocks(model, shards, destination.tmp, run_identity(settings, calibration, shards))
+    blocks.open_partial(args.fresh)
+    destination.keep_partial = bool(blocks.done)
+    if blocks.resume_from:
+        _log(f"resuming {destination.tmp}: block(s) 0–{blocks.resume_from - 1} of {blocks.count} were finished "
+             f"by an earlier run; pruning from block {blocks.resume_from}")
+    return blocks
+
+
+@contextlib.contextmanager
+def _keep_finished_blocks(blocks, destination):
+    """A streamed run that stops keeps the blocks it finished (a rerun continues from there); a run that
+    finished none leaves nothing."""
+    if blocks is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        destination.keep_partial = bool(blocks.done)
+        if blocks.done:
+            note = (f"{len(blocks.done)} finished block(s) are kept in {destination.tmp}: run the same command "
+                    "again to continue")
+            if isinstance(exc, LmpruneError):
+                raise LmpruneError(f"{exc} ({note})") from None
+            _log(note)
+        raise
+    destination.keep_partial = bool(blocks.done)
 
 
 def _check_tasks(tasks: str | None, args, flag: str) -> None:

@@ -37,6 +37,7 @@ from .model import (
     record_block_calls,
     text_config,
 )
+from .model.streaming import BlockStore, first_of_each_class
 from .model.tracing import BlockTracer
 from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, SolverResult, build_layer_solver
@@ -112,6 +113,7 @@ def prune_model(
     progress: bool = True,
     moe_calibration: str = "routed",
     ranks: Ranks = SINGLE,
+    store: BlockStore | None = None,
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
@@ -121,12 +123,17 @@ def prune_model(
 
     `ranks` (several processes, see distributed.py): each runs its share of the calibration batches,
     the Gram sums are all-reduced, each solves its share of the layers, and all end with the same model.
+
+    `store` holds the blocks' weights when the model is streamed (model/streaming.py): it loads each block
+    before its work and writes it out after; blocks a killed run finished are only re-run, to rebuild the
+    next block's inputs. By default every block is in memory already.
     """
     if moe_calibration not in MOE_CALIBRATION:
         raise LmpruneError(f"invalid MoE calibration {moe_calibration!r}: choose from {', '.join(MOE_CALIBRATION)}")
     plan = plan_layers(model, pattern, skip or [])
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
+    store = store or BlockStore()
     home = next(model.parameters()).device
     result = PruneResult()
     timings = {"capture": 0.0, "gram_forward": 0.0, "solve": 0.0, "propagate": 0.0, "refine": 0.0}
@@ -136,7 +143,8 @@ def prune_model(
         batches, batch_indices = ranks.shard(calibration, batch_size)
         move_outside_blocks(model, blocks_name, device)
         try:
-            calls = record_block_calls(model, blocks, batches, device, store_device)
+            with store.loaded(first_of_each_class(blocks), blocks):
+                calls = record_block_calls(model, blocks, batches, device, store_device)
         finally:
             move_outside_blocks(model, blocks_name, home)
         hidden = calls.hidden
@@ -147,8 +155,21 @@ def prune_model(
 
         bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
         for index, (block, layers) in enumerate(zip(blocks, plan)):
-            block.to(device)
+            store.load(index, block)
             block_call = calls.for_block(index)
+            if index < store.resume_from:  # pruned by a killed run: only its outputs are needed
+                tick = device_clock(device)
+                _replay_block(store.records(index), result, problems)
+                block.to(device)
+                with torch.no_grad():
+                    for j, h in enumerate(hidden):
+                        hidden[j] = block_call.call(block, j, h.to(device), device).to(store_device)
+                block.to(home)
+                store.release(index, block)
+                bar.update(len(layers))
+                timings["resume"] = timings.get("resume", 0.0) + device_clock(device) - tick
+                continue
+            block.to(device)
             tick = device_clock(device)
             collected = _collect_grams(block, f"{blocks_name}.{index}", layers, block_call, hidden, device,
                                        layer_solver.needs_input_stats, moe_calibration)
@@ -158,6 +179,7 @@ def prune_model(
             routers = collected.routers | {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
             result.routers.extend(sorted(routers))
             problems.update(collected.problems)
+            first_block_record = len(result.blocks)
 
             dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
             first_record = len(result.layers)
@@ -196,6 +218,10 @@ def prune_model(
                     hidden[j] = block_call.call(block, j, h.to(device), device).to(store_device)
             timings["propagate"] += device_clock(device) - tick
             block.to(home)
+            if store.streams:  # measured now: the block is freed once it is written
+                verify_sparsity(result.layers[first_record:], pattern, {layer.name: layer for layer in layers})
+            store.save(index, block, {"layers": result.layers[first_record:], "routers": sorted(routers),
+                                      "problems": collected.problems, "blocks": result.blocks[first_block_record:]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if progress and index == 0 and len(blocks) > 1:
@@ -206,7 +232,9 @@ def prune_model(
         bar.close()
         ranks.check(what="finishing the last block")
 
-    verify_sparsity(result.layers, pattern, {layer.name: layer for layers in plan for layer in layers})
+    # Streamed blocks were measured before they were written and freed; their records are checked here.
+    verify_sparsity(result.layers, pattern,
+                    {layer.name: layer for layers in plan for layer in layers if not layer.stored().is_meta})
     pruned = {r["name"] for r in result.layers}
     result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
     if result.unpruned and ranks.is_main:
@@ -216,6 +244,14 @@ def prune_model(
     timings["total"] = device_clock(device) - start
     result.timings = timings
     return result
+
+
+def _replay_block(records: dict[str, Any], result: PruneResult, problems: dict[str, str]) -> None:
+    """A finished block's report records, as the run that pruned it made them."""
+    result.layers.extend(records["layers"])
+    result.routers.extend(records["routers"])
+    result.blocks.extend(records["blocks"])
+    problems.update(records["problems"])
 
 
 def _short(name: str) -> str:

@@ -7,7 +7,9 @@ sibling directory, so a bad destination fails in seconds rather than after hours
 Beside `OUT` live only lmprune's own hidden siblings:
   `.OUT.lock`      the run's exclusive lock (flock), removed when the run ends;
   `.OUT.tmp-PID`   the checkpoint being written by process PID, renamed to `OUT` when complete;
-  `.OUT.old-PID`   during an `--overwrite`, the previous output between the two renames of the swap.
+  `.OUT.old-PID`   during an `--overwrite`, the previous output between the two renames of the swap;
+  `.OUT.partial`   a streamed run's checkpoint being written block by block (model/streaming.py): a
+                   stable name, so a killed run's finished blocks are found and continued by the next run.
 The report is the last file written into a checkpoint, so a directory holding it is complete.
 """
 
@@ -35,7 +37,8 @@ class Destination:
     had to create, if the run failed).
     """
 
-    def __init__(self, out: str, overwrite: bool = False, expected_bytes: int | None = None):
+    def __init__(self, out: str, overwrite: bool = False, expected_bytes: int | None = None,
+                 resumable: bool = False):
         # Symlinks resolved: the swap renames the directory itself, and two names for one directory
         # must share one lock.
         self.out = os.path.realpath(out)
@@ -44,7 +47,9 @@ class Destination:
         self.parent, base = os.path.split(self.out)
         self._sibling = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)")
         self.lock_path = os.path.join(self.parent, f".{base}.lock")
-        self.tmp = os.path.join(self.parent, f".{base}.tmp-{os.getpid()}")
+        self.resumable = resumable
+        self.tmp = os.path.join(self.parent, f".{base}.partial" if resumable else f".{base}.tmp-{os.getpid()}")
+        self.keep_partial = False  # set once the partial output holds work worth resuming
         self._old = os.path.join(self.parent, f".{base}.old-{os.getpid()}")
         self._lock_fd: int | None = None
         self._made_parents: list[str] = []
@@ -55,10 +60,13 @@ class Destination:
         try:
             _make_dirs(self.parent, self._made_parents)
             self._lock_fd = _acquire_lock(self.lock_path, self.out)
+            # A killed streamed run's partial output survives a failed start; the run decides later.
+            self.keep_partial = self.resumable and os.path.isdir(self.tmp)
             self._restore_interrupted_swap()
             self._remove_stale_siblings()
             self._check_replaceable()
-            os.mkdir(self.tmp)
+            if not (self.resumable and os.path.isdir(self.tmp)):
+                os.mkdir(self.tmp)
             self._check_free_space()
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
@@ -69,7 +77,8 @@ class Destination:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._lock_fd is not None:  # without the lock, the temporary directory is not this run's
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.keep_partial:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             _release_lock(self._lock_fd, self.lock_path)
             self._lock_fd = None
         for path in reversed(self._made_parents):
@@ -86,6 +95,10 @@ class Destination:
             write_json(os.path.join(self.tmp, REPORT_NAME), report)  # last: it marks a complete checkpoint
         except OSError as exc:
             raise LmpruneError(f"cannot write the checkpoint to {self.tmp!r}: {_os_reason(exc)}") from None
+        self.commit()
+
+    def commit(self) -> None:
+        """Swap the complete checkpoint in the temporary directory into `out`."""
         # Whatever appeared in `out` since the start (another program, not another lmprune: the lock)
         # must pass the same test again.
         self._check_replaceable()

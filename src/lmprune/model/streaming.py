@@ -1,0 +1,479 @@
+"""Models larger than memory: blocks read from the checkpoint one at a time, written out as they finish.
+
+`load_streamed_model` builds the model with its weights on the meta device (no memory), loads only the
+parts outside the decoder blocks (embeddings, final norm, lm_head; buffers such as rotary tables are
+built for real) and returns a `StreamedBlocks` store. The pipeline asks the store for block i just
+before pruning it (`load`: that block's tensors read from the safetensors shards) and hands it back
+when done (`save`: written to its own shard in the partial output, made durable, then freed).
+
+The partial output `.OUT.partial` is a stable path, so a killed run can be continued: it holds one shard
+per finished block and `lmprune_state.json` (settings, calibration and model fingerprints, and the
+report records of each finished block). A shard is fsync'ed before the state names it. A run with the
+same fingerprints skips the finished blocks: it reads each back from the partial output and runs the
+calibration windows through it, which rebuilds the next block's inputs bit for bit. Recomputing costs
+one forward pass per finished block; saving the activations instead would cost a nsamples × seqlen ×
+hidden float tensor of disk per block (8.6 GB per block for 128 × 2048 tokens of a 8192-wide model).
+
+Without streaming the same pipeline loop runs with `BlockStore`, whose every method does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LmpruneError
+from ..report import write_json
+from .blocks import find_blocks
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+STATE_NAME = "lmprune_state.json"
+STATE_VERSION = 1
+
+
+class BlockStore:
+    """In-memory blocks: all loaded already, nothing written until the whole model is saved."""
+
+    resume_from = 0  # the first block to prune; earlier ones were finished by a killed run
+    streams = False  # blocks are loaded, written and freed one at a time
+
+    def load(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def save(self, index: int, block: nn.Module, records: dict[str, Any]) -> None:
+        pass
+
+    def records(self, index: int) -> dict[str, Any]:
+        raise IndexError(index)
+
+    @contextlib.contextmanager
+    def loaded(self, indices: list[int], blocks: nn.ModuleList):
+        yield
+
+
+class CheckpointShards:
+    """Where each tensor of a local safetensors checkpoint lives: name -> shard file."""
+
+    def __init__(self, path: str):
+        from .loading import check_safetensors_files
+
+        self.path = path
+        index = os.path.join(path, INDEX_NAME)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (OSError, ValueError, KeyError, TypeError):
+                raise LmpruneError(f"{index} is not a valid safetensors index") from None
+        elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(path, SINGLE_NAME), "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_NAME)
+        else:
+            raise LmpruneError(f"{path}: streaming needs safetensors weights ({SINGLE_NAME} or {INDEX_NAME})")
+        for shard in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise LmpruneError(f"{path}: shard {shard} named in {INDEX_NAME} is missing")
+        check_safetensors_files(path)  # truncated shards are named before any work
+        self.weight_map: dict[str, str] = weight_map
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each shard opened once and closed after (its pages leave the process)."""
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        tensors = {}
+        for shard, keys in by_shard.items():
+            file = os.path.join(self.path, shard)
+            try:
+                with safe_open(file, "pt") as f:
+                    for key in keys:
+                        tensors[key] = f.get_tensor(key)
+            except Exception as exc:  # safetensors raises its own error types for damaged files
+                raise LmpruneError(f"cannot read {file}: {str(exc).strip().splitlines()[0] if str(exc) else exc}") from None
+        return tensors
+
+    def fingerprint(self) -> str:
+        """sha256 of config.json, the index and every shard's header and size: cheap, and any other model
+        (other weights, other shapes, another conversion) differs."""
+        digest = hashlib.sha256()
+        for name in ("config.json", INDEX_NAME):
+            file = os.path.join(self.path, name)
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    digest.update(f.read())
+        for shard in sorted(set(self.weight_map.values())):
+            file = os.path.join(self.path, shard)
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(shard.encode() + f.read(header_len) + str(os.path.getsize(file)).encode())
+        return digest.hexdigest()
+
+
+def checkpoint_weight_bytes(path: str) -> int:
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file() and e.name.endswith(".safetensors"))
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def stream_by_default(model_dir: str | None) -> tuple[bool, str]:
+    """(stream?, why): a local checkpoint whose weights take more than half of the available memory."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return False, ""
+    size, free = checkpoint_weight_bytes(model_dir), available_memory()
+    if free is None or size <= free / 2:
+        return False, ""
+    return True, f"the checkpoint's weights ({size / 2**30:.1f} GiB) exceed half of the available memory " \
+                 f"({free / 2**30:.1f} GiB)"
+
+
+def load_streamed_model(path: str, name: str, dtype: str = "auto"):
+    """(model with meta blocks, tokenizer, shards): like load_model, without reading any block's weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    from .loading import DTYPES, _first_line, _load_tokenizer, require_causal_decoder, require_finite_weights
+
+    hf_logging.set_verbosity_error()
+    if dtype not in DTYPES:
+        raise LmpruneError(f"invalid --dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if not os.path.isdir(path):
+        raise LmpruneError(f"--stream needs a local checkpoint directory, not {name!r}")
+    shards = CheckpointShards(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LmpruneError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+    require_causal_decoder(config, name)
+    tokenizer = _load_tokenizer(AutoTokenizer, path, name, True)
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else (_config_dtype(config) or torch.float32)
+    # Parameters on meta; buffers (rotary tables, masks) built for real, as from_pretrained builds them.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+
+    blocks_name, blocks = find_blocks(model)
+    expected = model.state_dict(keep_vars=True)
+    tied = _tied_targets(model)
+    missing = [k for k in expected if k not in shards.weight_map and k not in tied and _persistent(model, k)]
+    if missing and _converted_on_load(config):
+        raise LmpruneError(
+            f"{name}: its checkpoint stores {type(model).__name__} weights under other names (e.g. "
+            f"{missing[0]} is not there), which transformers converts while loading the whole model (e.g. "
+            "per-expert tensors it fuses): --stream reads checkpoints in the model's own layout; use --no-stream")
+    if missing:
+        where = "in its index" if os.path.isfile(os.path.join(path, INDEX_NAME)) else f"in {SINGLE_NAME}"
+        raise LmpruneError(
+            f"{name}: {len(missing)} weight(s) of {type(model).__name__} are not {where} (e.g. {missing[0]}): "
+            "a damaged index, or weights stored under other names that only loading without --stream converts")
+    inside = blocks_name + "."
+    outside = [k for k in expected if not k.startswith(inside) and k in shards.weight_map]
+    _assign(model, shards.read(outside))
+    for target, source in tied.items():
+        if target not in shards.weight_map:  # tied as from_pretrained ties it: one tensor, two names
+            owner, attr = _owner(model, target)
+            owner._parameters[attr] = model.get_parameter(source)
+    require_finite_weights(_OutsideBlocks(model, inside), f"model {name!r}")
+    return model, tokenizer, shards
+
+
+def _converted_on_load(config) -> bool:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    return get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) is not None
+
+
+class _OutsideBlocks:
+    """named_parameters() of the loaded (non-meta) part of a model, for the finiteness check."""
+
+    def __init__(self, model: nn.Module, inside: str):
+        self.model, self.inside = model, inside
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self.model.named_parameters() if not n.startswith(self.inside))
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _tied_targets(model: nn.Module) -> dict[str, str]:
+    """tied weight name -> the name it shares its tensor with (e.g. lm_head.weight -> embed_tokens.weight)."""
+    if not getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                   "tie_word_embeddings", False) and not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    keys = getattr(model, "get_expanded_tied_weights_keys", None)
+    tied = keys() if callable(keys) else getattr(model, "_tied_weights_keys", None)
+    return dict(tied) if isinstance(tied, dict) else {}
+
+
+def _persistent(model: nn.Module, name: str) -> bool:
+    owner, attr = _owner(model, name)
+    return attr in owner._parameters or attr not in getattr(owner, "_non_persistent_buffers_set", set())
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _assign(root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put each tensor in place of the meta parameter (or buffer) of that name, in that slot's dtype."""
+    for name, tensor in tensors.items():
+        owner, attr = _owner(root, name)
+        current = owner._parameters.get(attr)
+        if current is not None:
+            if tuple(tensor.shape) != tuple(current.shape):
+                raise LmpruneError(f"weight {name} has shape {list(tensor.shape)} in the checkpoint, "
+                                   f"the model expects {list(current.shape)}")
+            owner._parameters[attr] = nn.Parameter(tensor.to(current.dtype), requires_grad=current.requires_grad)
+        else:
+            buffer = owner._buffers[attr]
+            owner._buffers[attr] = tensor.to(buffer.dtype) if buffer is not None else tensor
+
+
+class StreamedBlocks(BlockStore):
+    """Blocks read from `shards` on demand, each finished one written to `out` (the partial output)."""
+
+    def __init__(self, model: nn.Module, shards: CheckpointShards, out: str, state: dict[str, Any]):
+        self.model, self.shards, self.out = model, shards, out
+        self.blocks_name, self.blocks = find_blocks(model)
+        self.state = state  # the identity of the run: settings and fingerprints
+        self.done: list[dict[str, Any]] = []  # report records of each finished block, in order
+        self.resume_from = 0
+        self.streams = True
+        self.count = len(self.blocks)
+        self._keys = {i: [k for k in shards.weight_map if k.startswith(f"{self.blocks_name}.{i}.")]
+                      for i in range(self.count)}
+        self._written: dict[str, str] = {}  # tensor name -> output shard
+
+    # -- the partial output -------------------------------------------------------------------------
+    def shard_name(self, position: int) -> str:
+        """Shard k of the output: one per block, then one for everything outside the blocks."""
+        return f"model-{position + 1:05d}-of-{self.count + 1:05d}.safetensors"
+
+    def open_partial(self, fresh: bool) -> None:
+        """Continue the partial output left by a killed run with the same identity, or start an empty one."""
+        state_file = os.path.join(self.out, STATE_NAME)
+        if fresh or not os.path.isfile(state_file):
+            if os.listdir(self.out):
+                _clear(self.out)
+            return
+        try:
+            with open(state_file, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = {}
+        mine = {**self.state, "version": STATE_VERSION}
+        theirs = {k: saved.get(k) for k in mine}
+        if theirs != mine:
+            differ = [k for k in mine if theirs.get(k) != mine[k]]
+            detail = ""
+            if "settings" in differ and isinstance(theirs.get("settings"), dict):
+                keys = sorted(k for k in set(mine["settings"]) | set(theirs["settings"])
+                              if mine["settings"].get(k) != theirs["settings"].get(k))
+                detail = f" ({', '.join(keys)})"
+            raise LmpruneError(
+                f"{self.out} holds a partial run with a different {', '.join(differ)}{detail}: run the same "
+                "command to resume it, or add --fresh to discard it and start afresh")
+        self.done = list(saved.get("blocks", []))[: self.count]
+        self.resume_from = len(self.done)
+        for i in range(self.resume_from):
+            if not os.path.isfile(os.path.join(self.out, self.shard_name(i))):
+                raise LmpruneError(f"{self.out}: the shard of finished block {i} is missing: add --fresh to start afresh")
+            self._written.update(dict.fromkeys(self._keys[i], self.shard_name(i)))
+
+    def _write_state(self) -> None:
+        """Replace the state file atomically, durable when this returns (the shards it names already are)."""
+        path = os.path.join(self.out, STATE_NAME)
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({**self.state, "version": STATE_VERSION, "blocks": self.done}, f, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.out)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            raise LmpruneError(f"cannot write the run's state to {path!r}: {reason}") from None
+
+    # -- the pipeline's view ------------------------------------------------------------------------
+    def load(self, index: int, block: nn.Module) -> None:
+        if index < self.resume_from:  # finished before the kill: its pruned weights, from the partial output
+            tensors = _read_file(os.path.join(self.out, self.shard_name(index)), self._keys[index])
+        else:
+            tensors = self.shards.read(self._keys[index])
+        prefix = f"{self.blocks_name}.{index}."
+        _assign(block, {k[len(prefix):]: v for k, v in tensors.items()})
+
+    def release(self, index: int, block: nn.Module) -> None:
+        for module in block.modules():
+            for attr, param in module._parameters.items():
+                if param is not None and not param.is_meta:
+                    module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                            requires_grad=param.requires_grad)
+
+    @contextlib.contextmanager
+    def loaded(self, indices: list[int], blocks: nn.ModuleList):
+        for i in indices:
+            self.load(i, blocks[i])
+        try:
+            yield
+        finally:
+            for i in indices:
+                self.release(i, blocks[i])
+
+    def records(self, index: int) -> dict[str, Any]:
+        return self.done[index]
+
+    def save(self, index: int, block: nn.Module, records: dict[str, Any]) -> None:
+        """Write the pruned block to its shard, fsync it, then record it in the state; free the block."""
+        from .loading import require_finite_weights
+
+        require_finite_weights(block, f"the pruned block {index}")
+        prefix = f"{self.blocks_name}.{index}."
+        state = block.state_dict()
+        tensors = {k: state[k[len(prefix):]].contiguous() for k in self._keys[index]}
+        shard = self.shard_name(index)
+        self._write_shard(shard, tensors, f"block {index}")
+        self._written.update(dict.fromkeys(tensors, shard))
+        self.done.append(records)
+        self._write_state()
+        self.release(index, block)
+
+    def _write_shard(self, shard: str, tensors: dict[str, torch.Tensor], what: str) -> None:
+        path = os.path.join(self.out, shard)
+        try:
+            write_shard(path, tensors)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            raise LmpruneError(f"cannot write {what} to {path!r}: {reason}") from None
+
+    def finish(self, tokenizer, report: dict[str, Any]) -> None:
+        """Write what lies outside the blocks, the index, config, tokenizer and (last) the report."""
+        from ..report import REPORT_NAME
+
+        state = self.model.state_dict()
+        inside = self.blocks_name + "."
+        outside = {k: state[k].contiguous() for k in self.shards.weight_map if not k.startswith(inside) and k in state}
+        shard = self.shard_name(self.count)
+        self._write_shard(shard, outside, "the weights outside the blocks")
+        self._written.update(dict.fromkeys(outside, shard))
+        total = sum(_nbytes(self.out, shard) for shard in set(self._written.values()))
+        try:
+            write_json(os.path.join(self.out, INDEX_NAME),
+                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(self._written.items()))})
+            self.model.config.save_pretrained(self.out)
+            if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
+                self.model.generation_config.save_pretrained(self.out)
+            tokenizer.save_pretrained(self.out)
+            os.remove(os.path.join(self.out, STATE_NAME))
+            write_json(os.path.join(self.out, REPORT_NAME), report)  # last: it marks a complete checkpoint
+        except OSError as exc:
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            raise LmpruneError(f"cannot write the checkpoint to {self.out!r}: {reason}") from None
+
+
+def _nbytes(directory: str, shard: str) -> int:
+    """Bytes of tensor data in a shard (the index's total_size), from its header."""
+    with open(os.path.join(directory, shard), "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
+def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, on disk (fsync'ed) when this returns."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+    except Exception as exc:
+        raise LmpruneError(f"cannot read the finished block in {path}: {exc}; add --fresh to start afresh") from None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def _clear(directory: str) -> None:
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
+
+
+def first_of_each_class(blocks: nn.ModuleList) -> list[int]:
+    """record_block_calls runs one real block per block class: these must hold their weights then."""
+    seen: dict[type, int] = {}
+    for i, block in enumerate(blocks):
+        seen.setdefault(type(block), i)
+    return sorted(seen.values())
+
+
+def run_identity(settings: dict[str, Any], calibration: torch.Tensor, shards: CheckpointShards) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues."""
+    ids = calibration.to(torch.int64).contiguous()
+    digest = hashlib.sha256(str(list(ids.shape)).encode() + ids.numpy().tobytes()).hexdigest()
+    return {"settings": json.loads(json.dumps(settings, default=str)), "calibration": digest,
+            "model": shards.fingerprint()}

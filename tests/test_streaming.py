@@ -1,0 +1,290 @@
+"""--stream: blocks read from disk one at a time, the output written as it goes, a killed run resumed.
+
+Every streamed result is compared with the in-memory path's, tensor by tensor, after a reload in plain
+transformers; faults leave one line on stderr, exit code 2 and no output directory.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, byte_tokenizer, prune_args, random_text, run_cli, snapshot
+
+WANDA = ("--method", "wanda", "--sparsity", "0.5")
+
+
+def save_tiny(path, model_type="llama", dtype=torch.float32, tied=False, shard_size=None, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    from zoo import tiny_config
+
+    config = tiny_config(model_type)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model.save_pretrained(path, **({"max_shard_size": shard_size} if shard_size else {}))
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def reload(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def report(path):
+    return json.loads((path / "lmprune_report.json").read_text())
+
+
+def layer_records(path):
+    """The report's per-layer facts without their timings."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in report(path)["layers"]]
+
+
+@pytest.fixture
+def calib(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(random_text(800))
+    return path
+
+
+@pytest.mark.parametrize("dtype, tied, method", [
+    (torch.bfloat16, True, WANDA),
+    (torch.bfloat16, False, ("--method", "sparsegpt", "--pattern", "2:4")),
+    (torch.float32, True, ("--method", "sparsellm", "--sparsity", "0.5", "--opt", "epochs=1")),
+])
+def test_streamed_equals_in_memory(capsys, tmp_path, calib, dtype, tied, method):
+    model = save_tiny(tmp_path / "model", dtype=dtype, tied=tied)
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "mem", *method))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "str", *method, "--stream"))
+    assert code == 0, err
+    mem, streamed = reload(tmp_path / "mem"), reload(tmp_path / "str")
+    assert_same_weights(mem, streamed)
+    assert streamed.dtype == dtype
+    assert (streamed.lm_head.weight is streamed.model.embed_tokens.weight) == tied
+    assert layer_records(tmp_path / "mem") == layer_records(tmp_path / "str")
+    assert report(tmp_path / "str")["settings"]["stream"] is True
+    index = json.loads((tmp_path / "str" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == mem.config.num_hidden_layers + 1  # a shard per block
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial, no lock left
+
+
+def test_streamed_moe_equals_in_memory(capsys, tmp_path, calib):
+    """Fused expert tensors (ExpertSlice views) stream as any weight, from a checkpoint in the model's layout."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = save_tiny(tmp_path / "model", model_type="mixtral")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--stream"))
+    assert code == 2 and len(err) == 1 and "under other names" in err[0] and "use --no-stream" in err[0], err
+    assert snapshot(tmp_path) == before
+    weights = AutoModelForCausalLM.from_pretrained(model).state_dict()  # the per-expert tensors, fused
+    save_file({k: v.contiguous() for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    for out, extra in (("mem", ()), ("str", ("--stream",))):
+        code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / out, *WANDA, *extra))
+        assert code == 0, err
+    assert_same_weights(reload(tmp_path / "mem"), reload(tmp_path / "str"))
+    assert layer_records(tmp_path / "mem") == layer_records(tmp_path / "str")
+
+
+def test_large_checkpoint_streams_by_default(capsys, tmp_path, calib, monkeypatch):
+    import lmprune.model.streaming as streaming
+
+    model = save_tiny(tmp_path / "model")
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA))
+    assert code == 0 and any("streaming blocks from disk: the checkpoint's weights" in line for line in err), err
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    # Options that need the whole model load it into memory, with a warning.
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out2", *WANDA, "--eval", calib))
+    assert code == 0 and any("warning: not streaming" in line for line in err), err
+
+
+def test_options_needing_the_whole_model_are_refused(capsys, tmp_path, calib):
+    model = save_tiny(tmp_path / "model")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--stream", "--eval", calib))
+    assert code == 2 and len(err) == 1 and "--stream keeps one block in memory: --eval need(s)" in err[0], err
+    code, _, err = run_cli(capsys, "prune", model, "--out", tmp_path / "out", *WANDA, "--stream", "--no-progress")
+    assert code == 2 and len(err) == 1 and "self-generated calibration" in err[0], err
+    assert snapshot(tmp_path) == before
+
+
+# -- faults: one line, exit code 2, no output directory ------------------------------------------------
+
+def fault_case(tmp_path):
+    model = save_tiny(tmp_path / "work" / "model", shard_size="40KB")
+    shards = sorted(p.name for p in model.iterdir() if p.name.endswith(".safetensors"))
+    assert len(shards) > 2
+    (tmp_path / "work" / "calib.txt").write_text(random_text(800))
+    return tmp_path / "work", model, shards
+
+
+def assert_fails(capsys, work, message, *extra):
+    before = snapshot(work)
+    code, _, err = run_cli(capsys, *prune_args(work / "model", work / "calib.txt", work / "out", *WANDA,
+                                               "--stream", *extra))
+    assert code == 2 and len(err) == 1 and err[0].startswith("lmprune: error: ") and message in err[0], err
+    assert not (work / "out").exists() and snapshot(work) == before
+    return err[0]
+
+
+def test_missing_shard(capsys, tmp_path):
+    work, model, shards = fault_case(tmp_path)
+    (model / shards[1]).unlink()
+    assert_fails(capsys, work, f"shard {shards[1]} named in model.safetensors.index.json is missing")
+
+
+def test_truncated_shard(capsys, tmp_path):
+    work, model, shards = fault_case(tmp_path)
+    data = (model / shards[1]).read_bytes()
+    (model / shards[1]).write_bytes(data[: len(data) - 100])
+    assert_fails(capsys, work, f"{shards[1]} is truncated")
+
+
+def test_block_weight_missing_from_the_index(capsys, tmp_path):
+    work, model, _ = fault_case(tmp_path)
+    index_file = model / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    del index["weight_map"]["model.layers.2.mlp.down_proj.weight"]
+    index_file.write_text(json.dumps(index))
+    assert_fails(capsys, work, "1 weight(s) of LlamaForCausalLM are not in its index "
+                               "(e.g. model.layers.2.mlp.down_proj.weight)")
+
+
+def test_unwritable_out(capsys, tmp_path, monkeypatch):
+    work, _, _ = fault_case(tmp_path)
+    real_mkdir = os.mkdir
+
+    def read_only_mkdir(path, *rest, **kwargs):  # root ignores chmod: a refusing parent is simulated
+        if str(path).endswith(".out.partial"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *rest, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    assert_fails(capsys, work, f"cannot write beside --out {str(work / 'out')!r}: permission denied")
+
+
+def disk_full_at(monkeypatch, block: int):
+    import lmprune.model.streaming as streaming
+
+    real = streaming.write_shard
+
+    def write_shard(path, tensors):
+        if f"model-{block + 1:05d}-of" in path:
+            with open(path, "wb") as f:
+                f.write(b"half a shard")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(path, tensors)
+
+    monkeypatch.setattr(streaming, "write_shard", write_shard)
+
+
+def test_disk_full_before_any_block_is_done(capsys, tmp_path, monkeypatch):
+    work, _, _ = fault_case(tmp_path)
+    disk_full_at(monkeypatch, 0)
+    assert_fails(capsys, work, "cannot write block 0 to")
+    assert "no space left on device" in assert_fails(capsys, work, "no space left on device")
+
+
+def test_disk_full_keeps_finished_blocks_and_the_rerun_continues(capsys, tmp_path, monkeypatch):
+    work, model, _ = fault_case(tmp_path)
+    args = prune_args(model, work / "calib.txt", work / "out", *WANDA, "--stream")
+    disk_full_at(monkeypatch, 2)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and len(err) == 1, err
+    assert "cannot write block 2" in err[0] and "no space left on device" in err[0]
+    assert "2 finished block(s) are kept" in err[0] and "run the same command again to continue" in err[0]
+    partial = work / ".out.partial"
+    assert not (work / "out").exists() and not (partial / "model-00003-of-00005.safetensors").exists()
+    assert len(json.loads((partial / "lmprune_state.json").read_text())["blocks"]) == 2
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and any("pruning from block 2" in line for line in err), err
+    assert report(work / "out")["resumed"] == {"from_block": 2}
+    code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "whole", *WANDA, "--stream"))
+    assert code == 0, err
+    assert_same_weights(reload(work / "out"), reload(work / "whole"))
+    assert layer_records(work / "out") == layer_records(work / "whole")
+
+
+def test_different_settings_refuse_to_resume_and_fresh_starts_afresh(capsys, tmp_path, monkeypatch):
+    work, model, _ = fault_case(tmp_path)
+    disk_full_at(monkeypatch, 1)
+    code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "out", *WANDA, "--stream"))
+    assert code == 2
+    monkeypatch.undo()
+    before = snapshot(work)
+    changed = prune_args(model, work / "calib.txt", work / "out", "--method", "wanda", "--sparsity", "0.6", "--stream")
+    code, _, err = run_cli(capsys, *changed)
+    assert code == 2 and len(err) == 1 and "holds a partial run with a different settings (pattern)" in err[0], err
+    assert "add --fresh to discard it and start afresh" in err[0]
+    assert snapshot(work) == before  # the partial run is kept as it was
+    code, _, err = run_cli(capsys, *changed, "--fresh")
+    assert code == 0 and not any("resuming" in line for line in err), err
+    assert "resumed" not in report(work / "out") and not (work / ".out.partial").exists()
+
+
+# -- a real kill ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # three Python processes, each importing torch
+def test_sigkill_after_block_2_then_rerun_is_bit_identical(tmp_path, stories_path, tinystories_path):
+    """A real `kill -9` once block 2 is durable; the same command continues and matches a whole run."""
+    command = ["prune", str(stories_path), "--calib", str(tinystories_path), "--nsamples", "4", "--seqlen", "64",
+               "--method", "sparsegpt", "--sparsity", "0.5", "--stream", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    # Killed from inside, right after block 2's state write returns: exactly "block 2 is durable".
+    script = (
+        "import os, signal, sys\n"
+        "import lmprune.model.streaming as s\n"
+        "real = s.StreamedBlocks._write_state\n"
+        "def write_state(self):\n"
+        "    real(self)\n"
+        "    if len(self.done) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "s.StreamedBlocks._write_state = write_state\n"
+        "from lmprune.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, *command, "--out", str(out)], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = json.loads((tmp_path / ".out.partial" / "lmprune_state.json").read_text())
+    assert len(state["blocks"]) == 3 and not out.exists()
+
+    changed = [a if a != "0.5" else "0.6" for a in command]
+    refused = subprocess.run([sys.executable, "-m", "lmprune", *changed, "--out", str(out)], env=env,
+                             capture_output=True, text=True)
+    lines = [line for line in refused.stderr.splitlines() if not line.startswith("lmprune: plan: ")]
+    assert refused.returncode == 2 and len(lines) == 1 and "different settings (pattern)" in lines[0], refused.stderr
+
+    runs = [subprocess.run([sys.executable, "-m", "lmprune", *command, "--out", str(target)], env=env,
+                           capture_output=True, text=True) for target in (out, whole)]
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    assert "pruning from block 3" in runs[0].stderr
+    assert report(out)["resumed"] == {"from_block": 3} and "resumed" not in report(whole)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(p.name for p in whole.iterdir())
+    for name in files:
+        if name != "lmprune_report.json":  # timings and the resume note differ
+            assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    assert layer_records(out) == layer_records(whole)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
