@@ -408,8 +408,8 @@ class StreamedBlocks(BlockStore):
             if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
                 self.model.generation_config.save_pretrained(self.out)
             tokenizer.save_pretrained(self.out)
-            os.remove(os.path.join(self.out, STATE_NAME))
-            write_json(os.path.join(self.out, REPORT_NAME), report)  # last: it marks a complete checkpoint
+            write_json(os.path.join(self.out, REPORT_NAME), report)  # it marks a complete checkpoint
+            os.remove(os.path.join(self.out, STATE_NAME))  # until now a kill leaves a resumable partial output
         except OSError as exc:
             reason = exc.strerror.lower() if exc.strerror else str(exc)
             raise LmpruneError(f"cannot write the checkpoint to {self.out!r}: {reason}") from None
