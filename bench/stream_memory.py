@@ -150,8 +150,8 @@ def main() -> None:
         if not args.keep:
             for stream in ("stream", "memory"):
                 shutil.rmtree(RUNS / f"out-{method}-{stream}", ignore_errors=True)
-    print(f"\n| method | checkpoint | streaming peak RSS | in-memory peak RSS | streaming / checkpoint | "
-          f"wall streaming / in-memory | outputs equal |")
+    print("\n| method | checkpoint | streaming peak RSS | in-memory peak RSS | streaming / checkpoint | "
+          "wall streaming / in-memory | outputs equal |")
     print("|---|---|---|---|---|---|---|")
     for method, s, m, equal, tensors in rows:
         print(f"| {method} | {size / 1e9:.2f} GB | {s['peak_rss'] / 1e9:.2f} GB | {m['peak_rss'] / 1e9:.2f} GB | "

@@ -7,7 +7,6 @@ transformers; faults leave one line on stderr, exit code 2 and no output directo
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

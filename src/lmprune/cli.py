@@ -224,8 +224,8 @@ def cmd_prune(args) -> int:
 def _decide_streaming(args, model_dir: str | None) -> bool:
     """--stream, --no-stream, or on by default for a checkpoint too large for memory (or a killed streamed
     run to continue); options that need the whole model in memory are refused with --stream."""
-    from .model.streaming import stream_by_default
     from .model.saving import Destination
+    from .model.streaming import stream_by_default
 
     needs_memory = [flag for flag, value in (("--eval", args.eval_data), ("--eval-tasks", args.eval_tasks))
                     if value] + (["self-generated calibration (give --calib FILE)"] if args.calib == SELF_CALIB else [])

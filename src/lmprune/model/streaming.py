@@ -20,6 +20,7 @@ Without streaming the same pipeline loop runs with `BlockStore`, whose every met
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -150,8 +151,8 @@ def stream_by_default(model_dir: str | None) -> tuple[bool, str]:
     size, free = checkpoint_weight_bytes(model_dir), available_memory()
     if free is None or size <= free / 2:
         return False, ""
-    return True, f"the checkpoint's weights ({size / 2**30:.1f} GiB) exceed half of the available memory " \
-                 f"({free / 2**30:.1f} GiB)"
+    return True, (f"the checkpoint's weights ({size / 2**30:.1f} GiB) exceed half of the available memory "
+                  f"({free / 2**30:.1f} GiB)")
 
 
 def load_streamed_model(path: str, name: str, dtype: str = "auto"):
@@ -183,7 +184,7 @@ def load_streamed_model(path: str, name: str, dtype: str = "auto"):
         with contextlib.suppress(OSError, ValueError):
             model.generation_config = GenerationConfig.from_pretrained(path)
 
-    blocks_name, blocks = find_blocks(model)
+    blocks_name, _ = find_blocks(model)
     expected = model.state_dict(keep_vars=True)
     tied = _tied_targets(model)
     missing = [k for k in expected if k not in shards.weight_map and k not in tied and _persistent(model, k)]
@@ -235,8 +236,9 @@ def _config_dtype(config) -> torch.dtype | None:
 
 def _tied_targets(model: nn.Module) -> dict[str, str]:
     """tied weight name -> the name it shares its tensor with (e.g. lm_head.weight -> embed_tokens.weight)."""
-    if not getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                   "tie_word_embeddings", False) and not getattr(model.config, "tie_word_embeddings", False):
+    from .blocks import text_config
+
+    if not (getattr(model.config, "tie_word_embeddings", False) or getattr(text_config(model), "tie_word_embeddings", False)):
         return {}
     keys = getattr(model, "get_expanded_tied_weights_keys", None)
     tied = keys() if callable(keys) else getattr(model, "_tied_weights_keys", None)
@@ -351,6 +353,7 @@ class StreamedBlocks(BlockStore):
                 if param is not None and not param.is_meta:
                     module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"),
                                                             requires_grad=param.requires_grad)
+        return_freed_memory()
 
     @contextlib.contextmanager
     def loaded(self, indices: list[int], blocks: nn.ModuleList):
@@ -413,6 +416,26 @@ class StreamedBlocks(BlockStore):
         except OSError as exc:
             reason = exc.strerror.lower() if exc.strerror else str(exc)
             raise LmpruneError(f"cannot write the checkpoint to {self.out!r}: {reason}") from None
+
+
+def return_freed_memory() -> None:
+    """Hand the freed heap pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    glibc raises its mmap threshold each time a large block is freed, so later block-sized tensors come
+    from the heap, whose freed pages it keeps: without this a streamed run's RSS grew by ~60% of a block
+    per block (measured: 10 MB per 16.8 MB block), defeating the point of streaming.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _nbytes(directory: str, shard: str) -> int:
