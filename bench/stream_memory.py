@@ -6,7 +6,7 @@ this script never holds it whole. Then prunes it with each method, streaming and
 separate `python -m lmprune` process whose peak RSS is read from its own rusage (wait4's ru_maxrss), and
 checks that the two outputs hold equal tensors, one tensor at a time.
 
-    OMP_NUM_THREADS=1 python bench/stream_memory.py [--methods wanda,sparsegpt] [--blocks 60]
+    OMP_NUM_THREADS=1 python bench/stream_memory.py [--methods wanda,sparsegpt] [--blocks 240]
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ def same_tensors(a: Path, b: Path) -> tuple[bool, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="wanda,sparsegpt")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ffn", type=int, default=4096)
-    parser.add_argument("--blocks", type=int, default=60)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--blocks", type=int, default=240)
     parser.add_argument("--nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs afterwards")
