@@ -37,6 +37,8 @@ from .model import (
     text_config,
 )
 from .model.tracing import BlockTracer
+from .allocation import Allocation, SparsityBudget, dense_outlier_ratios, depth_sparsities, owl_sparsities
+from .sequential import GroupDone, check_sequential, layer_groups
 from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, build_layer_solver
 from .solvers.linalg import relative_errors
@@ -87,6 +89,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     routers: list[str] = field(default_factory=list)  # weights found to compute routing logits: never pruned
     unpruned: list[dict[str, Any]] = field(default_factory=list)  # ≥2-D block weights left dense, and why
+    allocation: dict[str, Any] = field(default_factory=lambda: {"kind": "uniform"})  # block sparsities and why
 
 
 @dataclass
@@ -110,16 +113,22 @@ def prune_model(
     refiner: BlockRefiner | None = None,
     progress: bool = True,
     moe_calibration: str = "routed",
+    allocation: Allocation | None = None,
+    sequential: str = "none",
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
     `moe_calibration`: "routed" calibrates each expert on the tokens the router sends it; "all" sends
     every calibration token through every expert (the model's own routing still decides what the next
-    block sees).
+    block sees). `allocation` spreads the target over the blocks (allocation.py); `sequential` "layer"
+    prunes a block's layers group by group in data-flow order (sequential.py).
     """
     if moe_calibration not in MOE_CALIBRATION:
         raise LmpruneError(f"invalid MoE calibration {moe_calibration!r}: choose from {', '.join(MOE_CALIBRATION)}")
     plan = plan_layers(model, pattern, skip or [])
+    allocation = allocation or Allocation()
+    allocation.check(pattern)
+    check_sequential(sequential, plan)
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
     home = next(model.parameters()).device
@@ -138,45 +147,63 @@ def prune_model(
         block_tokens = sum(h[..., 0].numel() for h in hidden)
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
+        budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result)
+        timings["allocation"] = device_clock(device) - start - timings["capture"]
 
         bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
         for index, (block, layers) in enumerate(zip(blocks, plan)):
             block.to(device)
             block_call = calls.for_block(index)
             tick = device_clock(device)
-            collected = _collect_grams(block, f"{blocks_name}.{index}", layers, block_call, hidden, device,
-                                       layer_solver.needs_input_stats, moe_calibration)
+            groups, stop_early = [layers], False
+            if sequential == "layer":
+                groups, stop_early = layer_groups(block, layers, block_call, hidden, device)
+            collected = _collect_grams(block, f"{blocks_name}.{index}", groups[0], block_call, hidden, device,
+                                       layer_solver.needs_input_stats, moe_calibration, stop_early)
             timings["gram_forward"] += device_clock(device) - tick
             # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
             routers = collected.routers | {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
             result.routers.extend(sorted(routers))
             problems.update(collected.problems)
+            patterns = {}
+            if budget is not None:
+                pruned_here = [layer for layer in layers if not _is_router(layer, routers)
+                               and not (isinstance(layer, ExpertSlice) and _fused_name(layer) in problems)]
+                patterns = budget.layer_patterns(index, pruned_here, last=index == max(i for i, p in enumerate(plan) if p))
 
             dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
             first_record = len(result.layers)
-            for layer in layers:
-                bar.update()
-                inputs = collected.inputs.pop(layer.name, None)
-                if _is_router(layer, routers) or inputs is None:
-                    continue  # routers stay dense; unreadable expert tensors are reported below
-                bar.set_postfix_str(f"block {index}: {_short(layer.name)}")
-                pattern.check_width(layer.in_features, layer.name)
-                tick = device_clock(device)
-                solver, fallback = layer_solver, None
-                if inputs.tokens < block_tokens and inputs.tokens < layer.in_features:
-                    # A routed layer (an expert) that saw fewer tokens than it has inputs: its Gram matrix
-                    # cannot determine an update, and a zero Gram would let a solver delete it. Magnitude
-                    # needs no data and keeps the weights it keeps.
-                    solver = fallback_solver
-                    fallback = (f"expert saw {inputs.tokens} calibration tokens for {layer.in_features} inputs: "
-                                "magnitude mask, kept weights unchanged")
-                record = _prune_layer(layer, inputs, solver, pattern, device)
-                record["tokens"] = inputs.tokens
-                if fallback:
-                    record["fallback"] = fallback
-                record["seconds"] = device_clock(device) - tick
-                timings["solve"] += record["seconds"]
-                result.layers.append(record)
+            for group_index, group in enumerate(groups):
+                if group_index:  # --sequential layer: this group's inputs, with the earlier groups pruned
+                    tick = device_clock(device)
+                    collected = _collect_grams(block, f"{blocks_name}.{index}", group, block_call, hidden, device,
+                                               layer_solver.needs_input_stats, moe_calibration, stop_early)
+                    timings["gram_forward"] += device_clock(device) - tick
+                for layer in group:
+                    bar.update()
+                    inputs = collected.inputs.pop(layer.name, None)
+                    if _is_router(layer, routers) or inputs is None:
+                        continue  # routers stay dense; unreadable expert tensors are reported below
+                    bar.set_postfix_str(f"block {index}: {_short(layer.name)}")
+                    pattern.check_width(layer.in_features, layer.name)
+                    tick = device_clock(device)
+                    solver, fallback = layer_solver, None
+                    if inputs.tokens < block_tokens and inputs.tokens < layer.in_features:
+                        # A routed layer (an expert) that saw fewer tokens than it has inputs: its Gram matrix
+                        # cannot determine an update, and a zero Gram would let a solver delete it. Magnitude
+                        # needs no data and keeps the weights it keeps.
+                        solver = fallback_solver
+                        fallback = (f"expert saw {inputs.tokens} calibration tokens for {layer.in_features} inputs: "
+                                    "magnitude mask, kept weights unchanged")
+                    record = _prune_layer(layer, inputs, solver, patterns.get(layer.name, pattern), device)
+                    record["tokens"] = inputs.tokens
+                    if budget is not None:
+                        record["target"] = budget.counts[layer.name] / layer.numel()
+                    if fallback:
+                        record["fallback"] = fallback
+                    record["seconds"] = device_clock(device) - tick
+                    timings["solve"] += record["seconds"]
+                    result.layers.append(record)
 
             if progress and len(result.layers) > first_record:
                 errors = ", ".join(f"{_short(r['name'])} {r['error']:.3g}" for r in result.layers[first_record:][:16])
@@ -204,7 +231,8 @@ def prune_model(
                           f"for all {len(blocks)} blocks")
         bar.close()
 
-    verify_sparsity(result.layers, pattern, {layer.name: layer for layers in plan for layer in layers})
+    verify_sparsity(result.layers, pattern, {layer.name: layer for layers in plan for layer in layers},
+                    budget.counts if budget is not None else None)
     pruned = {r["name"] for r in result.layers}
     result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
     if result.unpruned:
@@ -214,6 +242,24 @@ def prune_model(
     timings["total"] = device_clock(device) - start
     result.timings = timings
     return result
+
+
+def _allocate(allocation: Allocation, pattern: SparsityPattern, blocks, plan, calls, hidden, device,
+              result: PruneResult) -> SparsityBudget | None:
+    """Block sparsities for a non-uniform allocation (OWL: one dense forward first), as an exact budget."""
+    if allocation.uniform:
+        return None
+    sizes = [sum(layer.numel() for layer in layers) for layers in plan]
+    info = allocation.settings()
+    if allocation.kind == "owl":
+        ratios = dense_outlier_ratios(blocks, plan, calls, hidden, device, allocation.owl_m)
+        sparsities = owl_sparsities(pattern.sparsity, sizes, ratios, allocation.owl_lambda)
+        info["outlier_ratios"] = ratios
+    else:
+        sparsities = depth_sparsities(pattern.sparsity, sizes, allocation.depth_slope)
+    info["block_sparsities"] = sparsities
+    result.allocation = info
+    return SparsityBudget(pattern.sparsity, sparsities)
 
 
 def _short(name: str) -> str:
@@ -257,13 +303,16 @@ class CollectedInputs:
 
 
 def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
-                   device, with_stats: bool = False, moe_calibration: str = "routed") -> CollectedInputs:
+                   device, with_stats: bool = False, moe_calibration: str = "routed",
+                   stop_early: bool = False) -> CollectedInputs:
     """Run the block on every batch, adding each layer's XᵀX (float32) to a running sum, and, `with_stats`,
     the sum of its inputs (for solvers that need the mean). Also finds the block's routers (first batch).
 
     Linear layers are read by forward hooks. Layers fed the very same tensor in a call (q/k/v, gate/up)
     share its product: it is computed once per batch and added to each of their sums. Checked per call,
     so it is exact for any model. Expert slices of fused tensors are read by the block tracer.
+    `stop_early` (hooked layers only): after the first batch, which runs whole to find the routers, a
+    batch's forward ends once every hooked layer has read its input.
     """
     linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
     experts = [layer for layer in layers if isinstance(layer, ExpertSlice)]
@@ -271,6 +320,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear} if with_stats else {}
     tokens = dict.fromkeys(grams, 0)
     products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count) this call
+    fired: set[str] = set()  # hooked layers that read their input this call
+    batch = [0]
 
     def make_hook(name: str):
         def hook(module, args, output):
@@ -284,6 +335,9 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             tokens[name] += seen[3]
             if with_stats:
                 totals[name].add_(seen[2])
+            fired.add(name)
+            if stop_early and batch[0] > 0 and len(fired) == len(grams):
+                raise GroupDone
 
         return hook
 
@@ -304,11 +358,16 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 watched = j == 0 or bool(fused)
                 if j == 0:
                     tracer.start_router_trace()
-                with tracer if watched else contextlib.nullcontext():
-                    call.call(block, j, h.to(device), device)
+                batch[0] = j
+                try:
+                    with tracer if watched else contextlib.nullcontext():
+                        call.call(block, j, h.to(device), device)
+                except GroupDone:
+                    pass
                 if j == 0:
                     tracer.stop_router_trace()
                 products.clear()
+                fired.clear()
     finally:
         for handle in handles:
             handle.remove()
