@@ -117,6 +117,9 @@ def test_nm_and_per_row_are_refused_before_work(calibration):
     with pytest.raises(LmpruneError, match="--allocation depth needs per-layer masks"):
         Allocation("depth").check(SparsityPattern(0.5, per_row=True))
     Allocation("uniform").check(SparsityPattern.nm("2:4"))
+    with pytest.raises(LmpruneError, match="does not combine with a block refinement"):
+        prune_model(tiny_model("llama"), calibration, build_layer_solver("sparsegpt"), SparsityPattern(0.5), CPU,
+                    progress=False, allocation=Allocation("depth"), refiner=lambda ctx: {})
 
 
 def test_cli_allocation(tiny_llama, text_file, tmp_path, capsys):

@@ -128,6 +128,9 @@ def prune_model(
     plan = plan_layers(model, pattern, skip or [])
     allocation = allocation or Allocation()
     allocation.check(pattern)
+    if refiner is not None and not allocation.uniform:
+        # A block refiner (SparseLLM) re-prunes its layers to the one pattern it is given.
+        raise LmpruneError(f"--allocation {allocation.kind} does not combine with a block refinement (sparsellm) yet")
     check_sequential(sequential, plan)
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
