@@ -73,7 +73,7 @@ ALLOCATIONS = ("uniform", "owl", "depth")
 SEQUENTIAL = ("none", "layer")
 # Sparsity of the last block minus the first's under --allocation depth. Chosen by measurement
 # (bench/RESULTS.md, issue 18 section).
-DEFAULT_DEPTH_SLOPE = 0.1
+DEFAULT_DEPTH_SLOPE = 0.3
 
 
 @dataclass(frozen=True)
