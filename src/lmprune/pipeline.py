@@ -39,6 +39,7 @@ from .model import (
 from .model.tracing import BlockTracer
 from .allocation import Allocation, SparsityBudget, dense_outlier_ratios, depth_sparsities, owl_sparsities
 from .sequential import GroupDone, check_sequential, layer_groups
+from .dense_targets import DenseStream, check_dense_targets, dense_target
 from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, build_layer_solver
 from .solvers.linalg import relative_errors
@@ -115,13 +116,15 @@ def prune_model(
     moe_calibration: str = "routed",
     allocation: Allocation | None = None,
     sequential: str = "none",
+    dense_targets: bool = False,
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
     `moe_calibration`: "routed" calibrates each expert on the tokens the router sends it; "all" sends
     every calibration token through every expert (the model's own routing still decides what the next
     block sees). `allocation` spreads the target over the blocks (allocation.py); `sequential` "layer"
-    prunes a block's layers group by group in data-flow order (sequential.py).
+    prunes a block's layers group by group in data-flow order (sequential.py). `dense_targets`: each
+    layer reconstructs the dense model's outputs from the pruned inputs (dense_targets.py).
     """
     if moe_calibration not in MOE_CALIBRATION:
         raise LmpruneError(f"invalid MoE calibration {moe_calibration!r}: choose from {', '.join(MOE_CALIBRATION)}")
@@ -132,6 +135,8 @@ def prune_model(
         # A block refiner (SparseLLM) re-prunes its layers to the one pattern it is given.
         raise LmpruneError(f"--allocation {allocation.kind} does not combine with a block refinement (sparsellm) yet")
     check_sequential(sequential, plan)
+    if dense_targets:
+        check_dense_targets(plan)
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
     home = next(model.parameters()).device
@@ -151,6 +156,7 @@ def prune_model(
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
         budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result)
+        dense_stream = DenseStream(hidden) if dense_targets else None
         timings["allocation"] = device_clock(device) - start - timings["capture"]
 
         bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
@@ -158,6 +164,8 @@ def prune_model(
             block.to(device)
             block_call = calls.for_block(index)
             tick = device_clock(device)
+            if dense_stream is not None:
+                dense_stream.start_block(block)
             groups, stop_early = [layers], False
             if sequential == "layer":
                 groups, stop_early = layer_groups(block, layers, block_call, hidden, device)
@@ -182,6 +190,12 @@ def prune_model(
                     collected = _collect_grams(block, f"{blocks_name}.{index}", group, block_call, hidden, device,
                                                layer_solver.needs_input_stats, moe_calibration, stop_early)
                     timings["gram_forward"] += device_clock(device) - tick
+                crosses = {}
+                if dense_stream is not None:
+                    tick = device_clock(device)
+                    crosses = dense_stream.cross_products(block, f"{blocks_name}.{index}", group, block_call, hidden,
+                                                          device)
+                    timings["dense_targets"] = timings.get("dense_targets", 0.0) + device_clock(device) - tick
                 for layer in group:
                     bar.update()
                     inputs = collected.inputs.pop(layer.name, None)
@@ -198,7 +212,8 @@ def prune_model(
                         solver = fallback_solver
                         fallback = (f"expert saw {inputs.tokens} calibration tokens for {layer.in_features} inputs: "
                                     "magnitude mask, kept weights unchanged")
-                    record = _prune_layer(layer, inputs, solver, patterns.get(layer.name, pattern), device)
+                    record = _prune_layer(layer, inputs, solver, patterns.get(layer.name, pattern), device,
+                                          crosses.get(layer.name) if solver is layer_solver else None)
                     record["tokens"] = inputs.tokens
                     if budget is not None:
                         record["target"] = budget.counts[layer.name] / layer.numel()
@@ -223,6 +238,8 @@ def prune_model(
             with torch.no_grad():
                 for j, h in enumerate(hidden):
                     hidden[j] = block_call.call(block, j, h.to(device), device).to(store_device)
+            if dense_stream is not None:
+                dense_stream.finish_block(block_call, device)
             timings["propagate"] += device_clock(device) - tick
             block.to(home)
             if device.type == "cuda":
@@ -477,10 +494,13 @@ def _owner(block: nn.Module, param_name: str) -> nn.Module:
 
 
 def _prune_layer(layer: PrunableLayer, inputs: LayerInputs, layer_solver: LayerSolver,
-                 pattern: SparsityPattern, device: torch.device) -> dict[str, Any]:
+                 pattern: SparsityPattern, device: torch.device, cross: torch.Tensor | None = None) -> dict[str, Any]:
+    """`cross` (--dense-targets): X_pᵀX_d; the solver then fits W′ = the dense outputs seen through X_p."""
     W = layer.get_weight(device)
     H = inputs.gram
     require_finite_gram(layer.name, H)
+    if cross is not None:
+        W = dense_target(W, H, cross)
     solved = layer_solver(W, H, pattern, inputs.stats)
     weight, mask = solved.weight, solved.mask
     record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features]}
