@@ -137,4 +137,4 @@ def test_cli_allocation(tiny_llama, text_file, tmp_path, capsys):
     assert code == 0
     code, text, _ = run_cli(capsys, "report", out)
     assert code == 0
-    assert "allocation: owl  owl_m 5  owl_lambda 0.05  block sparsities:" in text and "sequential: layer" in text
+    assert "allocation: owl  owl_m 5  owl_lambda 0.05  block sparsities:" in text and "sequential: layer  dense targets: no" in text

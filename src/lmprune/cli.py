@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sequential", choices=SEQUENTIAL, default="none",
                        help="layer: prune a block's layers in data-flow order, each on inputs from the "
                             "already pruned ones (extra partial block passes)")
+    prune.add_argument("--dense-targets", action="store_true",
+                       help="each layer fits the dense model's outputs from the pruned model's inputs "
+                            "(best with --sequential layer; costs two extra block passes per group)")
     prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
                        help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
@@ -180,7 +183,7 @@ def cmd_prune(args) -> int:
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda, args.depth_slope),
-        sequential=args.sequential,
+        sequential=args.sequential, dense_targets=args.dense_targets,
     )
     if args.calib != SELF_CALIB:
         _check_source(args.calib, "--calib")
@@ -264,7 +267,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
                          config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
                          moe_calibration=config.moe_calibration, allocation=config.allocation,
-                         sequential=config.sequential)
+                         sequential=config.sequential, dense_targets=config.dense_targets)
     require_finite_weights(model, "the pruned model")  # the last word before anything is written
     if generation is not None:
         result.timings["generation"] = generation["seconds"]

@@ -201,6 +201,7 @@ class PruneConfig:
     moe_calibration: str = "routed"
     allocation: Allocation = field(default_factory=Allocation)
     sequential: str = "none"
+    dense_targets: bool = False
 
     def __post_init__(self) -> None:
         check_windows(self.seqlen, self.nsamples, "--seqlen", "--nsamples")

@@ -118,8 +118,8 @@ def format_report(report: dict[str, Any]) -> str:
         spread = ", ".join(f"{_number(v):.3f}" for v in allocation.get("block_sparsities", []))
         lines.append(f"allocation: {allocation['kind']}  {knobs}  block sparsities: {spread}")
     sequential = settings.get("sequential", "none")
-    if sequential != "none":
-        lines.append(f"sequential: {sequential}")
+    if sequential != "none" or settings.get("dense_targets"):
+        lines.append(f"sequential: {sequential}  dense targets: {'yes' if settings.get('dense_targets') else 'no'}")
     if summary.get("expert_slices"):
         lines.append(f"experts:  {summary['expert_slices']} expert slices pruned")
     for r in summary.get("layers_with_fallback", []):
