@@ -9,7 +9,8 @@ inputs. Every solver then runs unchanged on (W′, H). Written as W′ = W + W (
 and W′ = W exactly where the inputs are still the dense ones (the first block).
 
 Cost: the dense model is carried along (a copy of each block and of the hidden states) and every block
-runs twice more per group (dense and pruned, for C). Fused expert tensors are refused (their inputs are
+runs twice more per group (dense and pruned, for C; with --sequential layer each pass stops after the
+group's last layer). Fused expert tensors are refused (their inputs are
 read by the tracer, not by hooks).
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from .errors import LmpruneError
 from .model import ExpertSlice, PrunableLayer
+from .sequential import GroupDone
 
 DAMPING = 0.01
 
@@ -43,20 +45,30 @@ class DenseStream:
         self.block = copy.deepcopy(block)  # the block's dense weights, before any layer is pruned
 
     def cross_products(self, block: nn.Module, prefix: str, layers: list[PrunableLayer], call,
-                       hidden: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """C = X_pᵀX_d per layer: X_p from the current block on the pruned stream, X_d from the dense copy."""
+                       hidden: list[torch.Tensor], device: torch.device,
+                       stop_early: bool = False) -> dict[str, torch.Tensor]:
+        """C = X_pᵀX_d per layer: X_p from the current block on the pruned stream, X_d from the dense copy.
+
+        `stop_early`: each forward ends once every layer of `layers` has read its input (as in
+        --sequential layer; only where no layer runs twice in a forward)."""
         crosses = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in layers}
         dense_inputs: dict[str, torch.Tensor] = {}
+        done: set[str] = set()
 
         def keep(name):
             def hook(module, args, output):
                 dense_inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+                if stop_early and len(dense_inputs) == len(crosses):
+                    raise GroupDone
             return hook
 
         def add(name):
             def hook(module, args, output):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
                 crosses[name].add_(x.t() @ dense_inputs[name])
+                done.add(name)
+                if stop_early and len(done) == len(crosses):
+                    raise GroupDone
             return hook
 
         handles = []
@@ -67,9 +79,13 @@ class DenseStream:
         try:
             with torch.no_grad():
                 for j, (h, d) in enumerate(zip(hidden, self.hidden)):
-                    call.call(self.block, j, d.to(device), device)
-                    call.call(block, j, h.to(device), device)
+                    for module, x in ((self.block, d), (block, h)):
+                        try:
+                            call.call(module, j, x.to(device), device)
+                        except GroupDone:
+                            pass
                     dense_inputs.clear()
+                    done.clear()
         finally:
             for handle in handles:
                 handle.remove()

@@ -194,7 +194,7 @@ def prune_model(
                 if dense_stream is not None:
                     tick = device_clock(device)
                     crosses = dense_stream.cross_products(block, f"{blocks_name}.{index}", group, block_call, hidden,
-                                                          device)
+                                                          device, stop_early)
                     timings["dense_targets"] = timings.get("dense_targets", 0.0) + device_clock(device) - tick
                 for layer in group:
                     bar.update()
