@@ -18,8 +18,6 @@ whole row, which cannot carry a per-weight rounding); both are refused with a no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -78,7 +76,7 @@ def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden:
         linear = [layer for layer in layers if not isinstance(layer, ExpertSlice) and layer.out_features > 1]
         squares = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear}
 
-        def make_hook(name: str):
+        def make_hook(name: str, squares=squares):
             def hook(module, args, output):
                 x = args[0].detach()
                 squares[name].add_(x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0))

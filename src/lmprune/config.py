@@ -99,7 +99,7 @@ class Allocation:
     def uniform(self) -> bool:
         return self.kind == "uniform"
 
-    def check(self, pattern: "SparsityPattern") -> None:
+    def check(self, pattern: SparsityPattern) -> None:
         if self.uniform:
             return
         if pattern.is_nm:
