@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lmprune.config import SparsityPattern
+from lmprune.config import Allocation, SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, load_text, tokenize
 from lmprune.evaluate import perplexity
 from lmprune.methods import build_method
@@ -70,9 +70,31 @@ def split_methods(text: str) -> list[str]:
     return [m for m in re.split(r",(?![^\[]*\])", text) if m]
 
 
+def split_levers(method: str) -> tuple[str, Allocation, str, bool]:
+    """A spec's pipeline levers after "+": "alps+owl", "alps+depth+depth-slope=0.2+seq", "sparsegpt+owl-lambda=0.1"
+    (owl-m / owl-lambda imply owl, depth-slope implies depth; dense: --dense-targets);
+    returns (method spec, allocation, sequential, dense targets)."""
+    base, *levers = method.split("+")
+    kind, knobs, sequential, dense = "uniform", {}, "none", False
+    for lever in levers:
+        key, _, value = lever.partition("=")
+        if key == "dense":
+            dense = True
+        elif key == "seq":
+            sequential = "layer"
+        elif key in ("owl", "depth"):
+            kind = key
+        elif key in ("owl-m", "owl-lambda", "depth-slope"):
+            kind = key.partition("-")[0]
+            knobs[key.replace("-", "_")] = float(value)
+        else:
+            raise ValueError(f"unknown lever {lever!r} in {method!r}")
+    return base, Allocation(kind, **knobs), sequential, dense
+
+
 def build(method: str):
-    """lmprune's Method for a spec such as "admm-grad[schedule=slow,iterations=30]"."""
-    name, _, rest = method.partition("[")
+    """lmprune's Method for a spec such as "admm-grad[schedule=slow,iterations=30]" (levers after "+" ignored)."""
+    name, _, rest = split_levers(method)[0].partition("[")
     options = dict(pair.split("=", 1) for pair in rest.rstrip("]").split(",") if pair)
     return build_method(name, options=options)
 
@@ -81,8 +103,10 @@ def prune(model, method: str, target: str, calibration, device, progress=False, 
           moe_calibration="routed"):
     """Prune `model` in place with the method spec at the target; returns the pipeline's PruneResult."""
     built = built or build(method)
+    _, allocation, sequential, dense = split_levers(method)
     return prune_model(model, calibration, built.layer_solver, built.pattern(SparsityPattern.parse(target)), device,
-                       refiner=built.refiner, progress=progress, moe_calibration=moe_calibration)
+                       refiner=built.refiner, progress=progress, moe_calibration=moe_calibration,
+                       allocation=allocation, sequential=sequential, dense_targets=dense)
 
 
 def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False,
@@ -102,7 +126,7 @@ def run_once(dense_model, method: str, target: str, calibration, evaluation, dev
         "tool": "lmprune", "method": method, "target": target, "perplexity": ppl,
         "prune_seconds": prune_seconds, "eval_seconds": time.perf_counter() - tick, "commit": git_commit(),
         "device": describe_device(device),
-        "timings": result.timings, "summary": summarize_layers(result.layers),
+        "timings": result.timings, "summary": summarize_layers(result.layers), "allocation": result.allocation,
         "layers": [{k: r.get(k) for k in ("name", "error", "error_masked", "sparsity", "seconds", "tokens")}
                    for r in result.layers],
     }

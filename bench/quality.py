@@ -2,6 +2,10 @@
 
     python bench/quality.py --preset stories260k                      # all methods × 50/60/70/80%/2:4
     python bench/quality.py --preset smollm2-135m --methods sparsegpt,wanda --peers
+    python bench/quality.py --preset smollm2-135m --methods alps+owl,alps+depth,alps+owl+seq --targets 0.7
+
+A method spec takes pipeline levers after "+": owl, depth, seq (--sequential layer), and owl-m=, owl-lambda=,
+depth-slope= (which imply their allocation).
 
 Results go to bench/results/quality_<preset>.json (saved after every run; an interrupted run resumes,
 skipping rows already there; --fresh starts over) and a table in bench/RESULTS.md. A row whose time is
@@ -148,7 +152,7 @@ def format_table(data: dict) -> str:
         if key not in tools_methods:
             tools_methods.append(key)
     def order(key):
-        base = key[1].partition("[")[0]
+        base = key[1].partition("[")[0].partition("+")[0]
         return (METHODS.index(base) if base in METHODS else 99, key[1], key[0] != "lmprune")
 
     tools_methods.sort(key=order)

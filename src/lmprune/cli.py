@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict
 
 from . import __version__
-from .config import PruneConfig, SparsityPattern, check_windows, parse_options
+from .config import ALLOCATIONS, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern, check_windows, parse_options
 from .errors import LmpruneError
 from .report import format_report, library_versions, load_report, plot_layer_errors, summarize_layers
 
@@ -53,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not prune layers whose full name matches (repeatable)")
     prune.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="solver setting, e.g. iterations=30 (repeatable)")
+    prune.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                       help="spread the sparsity over the blocks: the same everywhere (default), by outlier "
+                            "ratio (owl) or rising with depth; the model's total stays exactly the target")
+    prune.add_argument("--owl-m", type=float, default=Allocation.owl_m,
+                       help=f"owl: a score is an outlier above M × its block's mean (default {Allocation.owl_m:g})")
+    prune.add_argument("--owl-lambda", type=float, default=Allocation.owl_lambda,
+                       help=f"owl: block sparsities within target ± λ (default {Allocation.owl_lambda:g})")
+    prune.add_argument("--depth-slope", type=float, default=Allocation.depth_slope,
+                       help=f"depth: last block's sparsity minus the first's (default {Allocation.depth_slope:g})")
+    prune.add_argument("--sequential", choices=SEQUENTIAL, default="none",
+                       help="layer: prune a block's layers in data-flow order, each on inputs from the "
+                            "already pruned ones (extra partial block passes)")
+    prune.add_argument("--dense-targets", action="store_true",
+                       help="each layer fits the dense model's outputs from the pruned model's inputs "
+                            "(best with --sequential layer; costs two extra block passes per group)")
     prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
                        help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
@@ -179,6 +194,8 @@ def cmd_prune(args) -> int:
         device=args.device, mask=args.mask, update=args.update, options=method.settings, skip=args.skip,
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
+        allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda, args.depth_slope),
+        sequential=args.sequential, dense_targets=args.dense_targets,
     )
     if args.calib != SELF_CALIB:
         _check_source(args.calib, "--calib")
@@ -192,6 +209,7 @@ def cmd_prune(args) -> int:
     _check_tasks(args.eval_tasks, args, "--eval-tasks")
     args.stream = _decide_streaming(args, model_dir)
     pattern = method.pattern(pattern, args.per_row)
+    config.allocation.check(pattern)
     layer_solver, refiner = method.layer_solver, method.refiner
     seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
     source = (f"{args.calib} ({args.nsamples} × {seqlen} tokens)" if calib_given and args.calib != SELF_CALIB
@@ -316,7 +334,9 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     with _keep_finished_blocks(blocks, destination):
         result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
                              config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
-                             moe_calibration=config.moe_calibration, ranks=ranks, store=blocks)
+                             moe_calibration=config.moe_calibration, ranks=ranks, store=blocks,
+                             allocation=config.allocation, sequential=config.sequential,
+                             dense_targets=config.dense_targets)
     ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
     if not ranks.is_main:
         return 0
@@ -362,6 +382,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         "routers": result.routers,
         "unpruned": result.unpruned,
         "blocks": result.blocks,
+        "allocation": result.allocation,
         "versions": library_versions(),
     }
     if zeroshot is not None:

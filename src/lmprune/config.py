@@ -69,6 +69,54 @@ class SparsityPattern:
         return f"{self.sparsity:.0%}" + (" per row" if self.per_row else "")
 
 
+ALLOCATIONS = ("uniform", "owl", "depth")
+SEQUENTIAL = ("none", "layer")
+# Sparsity of the last block minus the first's under --allocation depth. Chosen by measurement
+# (bench/RESULTS.md, issue 18 section).
+DEFAULT_DEPTH_SLOPE = 0.3
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How the target sparsity is spread over the blocks."""
+
+    kind: str = "uniform"
+    owl_m: float = 5.0  # a Wanda score is an outlier above M × its block's mean score (OWL paper: 5)
+    owl_lambda: float = 0.08  # block sparsities span [s − λ, s + λ] before centring (OWL paper: 0.08)
+    depth_slope: float = DEFAULT_DEPTH_SLOPE
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALLOCATIONS:
+            raise LmpruneError(f"invalid --allocation {self.kind!r}: choose from {', '.join(ALLOCATIONS)}")
+        if not self.owl_m > 0:
+            raise LmpruneError(f"--owl-m must be positive, got {self.owl_m}")
+        if not 0 <= self.owl_lambda < 1:
+            raise LmpruneError(f"--owl-lambda must be in [0, 1), got {self.owl_lambda}")
+        if not -1 < self.depth_slope < 1:
+            raise LmpruneError(f"--depth-slope must be in (-1, 1), got {self.depth_slope}")
+
+    @property
+    def uniform(self) -> bool:
+        return self.kind == "uniform"
+
+    def check(self, pattern: SparsityPattern) -> None:
+        if self.uniform:
+            return
+        if pattern.is_nm:
+            raise LmpruneError(f"--allocation {self.kind} needs an unstructured --sparsity: "
+                               f"{pattern.describe()} fixes the sparsity of every group (use --allocation uniform)")
+        if pattern.per_row:
+            raise LmpruneError(f"--allocation {self.kind} needs per-layer masks: a per-row mask prunes whole-row "
+                               "units, which cannot meet the total exactly (use --per-layer)")
+
+    def settings(self) -> dict:
+        if self.kind == "owl":
+            return {"kind": "owl", "owl_m": self.owl_m, "owl_lambda": self.owl_lambda}
+        if self.kind == "depth":
+            return {"kind": "depth", "depth_slope": self.depth_slope}
+        return {"kind": "uniform"}
+
+
 def settings_from_options(settings_cls: type, options: dict[str, Any], owner: str):
     """Build a solver's settings dataclass from `key=value` options, with clear errors.
 
@@ -151,6 +199,9 @@ class PruneConfig:
     batch_size: int = 1
     overwrite: bool = False
     moe_calibration: str = "routed"
+    allocation: Allocation = field(default_factory=Allocation)
+    sequential: str = "none"
+    dense_targets: bool = False
 
     def __post_init__(self) -> None:
         check_windows(self.seqlen, self.nsamples, "--seqlen", "--nsamples")
@@ -159,6 +210,8 @@ class PruneConfig:
             raise LmpruneError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.moe_calibration not in ("routed", "all"):
             raise LmpruneError(f"invalid --moe-calibration {self.moe_calibration!r}: choose routed or all")
+        if self.sequential not in SEQUENTIAL:
+            raise LmpruneError(f"invalid --sequential {self.sequential!r}: choose from {', '.join(SEQUENTIAL)}")
         for regex in self.skip:
             try:
                 re.compile(regex)

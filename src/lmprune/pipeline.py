@@ -13,6 +13,7 @@ not pruned, not a router and not excluded with --skip is named in a warning and 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from .model import (
 )
 from .model.streaming import BlockStore, first_of_each_class
 from .model.tracing import BlockTracer
+from .allocation import Allocation, SparsityBudget, dense_outlier_ratios, depth_sparsities, owl_sparsities
+from .sequential import GroupDone, check_sequential, layer_groups
+from .dense_targets import DenseStream, check_dense_targets, dense_target
 from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, SolverResult, build_layer_solver
 from .solvers.linalg import relative_errors
@@ -89,6 +93,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     routers: list[str] = field(default_factory=list)  # weights found to compute routing logits: never pruned
     unpruned: list[dict[str, Any]] = field(default_factory=list)  # ≥2-D block weights left dense, and why
+    allocation: dict[str, Any] = field(default_factory=lambda: {"kind": "uniform"})  # block sparsities and why
 
 
 @dataclass
@@ -114,12 +119,17 @@ def prune_model(
     moe_calibration: str = "routed",
     ranks: Ranks = SINGLE,
     store: BlockStore | None = None,
+    allocation: Allocation | None = None,
+    sequential: str = "none",
+    dense_targets: bool = False,
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
     `moe_calibration`: "routed" calibrates each expert on the tokens the router sends it; "all" sends
     every calibration token through every expert (the model's own routing still decides what the next
-    block sees).
+    block sees). `allocation` spreads the target over the blocks (allocation.py); `sequential` "layer"
+    prunes a block's layers group by group in data-flow order (sequential.py). `dense_targets`: each
+    layer reconstructs the dense model's outputs from the pruned inputs (dense_targets.py).
 
     `ranks` (several processes, see distributed.py): each runs its share of the calibration batches,
     the Gram sums are all-reduced, each solves its share of the layers, and all end with the same model.
@@ -131,9 +141,22 @@ def prune_model(
     if moe_calibration not in MOE_CALIBRATION:
         raise LmpruneError(f"invalid MoE calibration {moe_calibration!r}: choose from {', '.join(MOE_CALIBRATION)}")
     plan = plan_layers(model, pattern, skip or [])
+    allocation = allocation or Allocation()
+    allocation.check(pattern)
+    if refiner is not None and not allocation.uniform:
+        # A block refiner (SparseLLM) re-prunes its layers to the one pattern it is given.
+        raise LmpruneError(f"--allocation {allocation.kind} does not combine with a block refinement (sparsellm) yet")
+    check_sequential(sequential, plan)
+    if dense_targets:
+        check_dense_targets(plan)
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
     store = store or BlockStore()
+    if allocation.kind == "owl" and (ranks.active or store.streams):
+        # OWL's dense pre-pass reads every block before the first is pruned, from every token at once.
+        raise LmpruneError("--allocation owl does not combine with --stream or torchrun yet: use depth or uniform")
+    if dense_targets and ranks.active:
+        raise LmpruneError("--dense-targets does not run under torchrun yet (its cross products are per process)")
     home = next(model.parameters()).device
     result = PruneResult()
     timings = {"capture": 0.0, "gram_forward": 0.0, "solve": 0.0, "propagate": 0.0, "refine": 0.0}
@@ -152,6 +175,9 @@ def prune_model(
         block_tokens = ranks.total(sum(h[..., 0].numel() for h in hidden))
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
+        budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result)
+        dense_stream = DenseStream(hidden) if dense_targets else None
+        timings["allocation"] = device_clock(device) - start - timings["capture"]
 
         bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
         for index, (block, layers) in enumerate(zip(blocks, plan)):
@@ -171,35 +197,62 @@ def prune_model(
                 continue
             block.to(device)
             tick = device_clock(device)
-            collected = _collect_grams(block, f"{blocks_name}.{index}", layers, block_call, hidden, device,
-                                       layer_solver.needs_input_stats, moe_calibration)
-            merge_collected(ranks, collected, layers)
+            if dense_stream is not None:
+                dense_stream.start_block(block)
+            stages, stop_early = [layers], False
+            if sequential == "layer":
+                stages, stop_early = layer_groups(block, layers, block_call, hidden, device)
+            collected = _collect_grams(block, f"{blocks_name}.{index}", stages[0], block_call, hidden, device,
+                                       layer_solver.needs_input_stats, moe_calibration, stop_early)
+            merge_collected(ranks, collected, stages[0])
             timings["gram_forward"] += device_clock(device) - tick
             # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
             routers = collected.routers | {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
             result.routers.extend(sorted(routers))
             problems.update(collected.problems)
             first_block_record = len(result.blocks)
+            patterns = {}
+            if budget is not None:
+                pruned_here = [layer for layer in layers if not _is_router(layer, routers)
+                               and not (isinstance(layer, ExpertSlice) and _fused_name(layer) in problems)]
+                patterns = budget.layer_patterns(index, pruned_here, last=index == max(i for i, p in enumerate(plan) if p))
 
             dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
             first_record = len(result.layers)
             batchable = getattr(layer_solver, "solve_batch", None) is not None  # any callable may solve layers
-            groups = _solve_groups(layers, collected.inputs, routers, block_tokens, batchable)
-            owners = assign_layers(ranks, layers)
-            groups = own_groups(ranks, owners, groups)  # the solves this process does
-            bar.update(len(layers) - sum(len(group) for group in groups))  # routers and unreadable expert tensors
-            for group in groups:
-                bar.set_postfix_str(f"block {index}: {_short(group[0].layer.name)}"
-                                    + (f" ×{len(group)}" if len(group) > 1 else ""))
-                tick = device_clock(device)
-                records = _prune_group(group, layer_solver, fallback_solver, pattern, device)
-                seconds = device_clock(device) - tick
-                for record in records:
-                    record["seconds"] = seconds / len(records)  # a batch's time, shared by its layers
-                timings["solve"] += seconds
-                result.layers.extend(records)
-                bar.update(len(group))
-            result.layers[first_record:] = share_solved(ranks, layers, owners, result.layers[first_record:])
+            for stage_index, stage in enumerate(stages):
+                if stage_index:  # --sequential layer: this stage's inputs, with the earlier stages pruned
+                    tick = device_clock(device)
+                    collected = _collect_grams(block, f"{blocks_name}.{index}", stage, block_call, hidden, device,
+                                               layer_solver.needs_input_stats, moe_calibration, stop_early)
+                    merge_collected(ranks, collected, stage)
+                    timings["gram_forward"] += device_clock(device) - tick
+                crosses = {}
+                if dense_stream is not None:
+                    tick = device_clock(device)
+                    crosses = dense_stream.cross_products(block, f"{blocks_name}.{index}", stage, block_call, hidden,
+                                                          device, stop_early)
+                    timings["dense_targets"] = timings.get("dense_targets", 0.0) + device_clock(device) - tick
+                groups = _solve_groups(stage, collected.inputs, routers, block_tokens, batchable)
+                owners = assign_layers(ranks, stage)
+                groups = own_groups(ranks, owners, groups)  # the solves this process does
+                bar.update(len(stage) - sum(len(group) for group in groups))  # routers, unreadable experts, others'
+                stage_first = len(result.layers)
+                for group in groups:
+                    bar.set_postfix_str(f"block {index}: {_short(group[0].layer.name)}"
+                                        + (f" ×{len(group)}" if len(group) > 1 else ""))
+                    tick = device_clock(device)
+                    records = _prune_group(group, layer_solver, fallback_solver, pattern, patterns, crosses, device)
+                    seconds = device_clock(device) - tick
+                    for record in records:
+                        record["seconds"] = seconds / len(records)  # a batch's time, shared by its layers
+                        if budget is not None:
+                            record["target"] = budget.counts[record["name"]] / math.prod(record["shape"])
+                    timings["solve"] += seconds
+                    result.layers.extend(records)
+                    bar.update(len(group))
+                # Every process holds the stage's pruned weights before the next stage's inputs are read.
+                result.layers[stage_first:] = share_solved(ranks, stage, owners, result.layers[stage_first:])
 
             if progress and len(result.layers) > first_record:
                 errors = ", ".join(f"{_short(r['name'])} {r['error']:.3g}" for r in result.layers[first_record:][:16])
@@ -216,6 +269,8 @@ def prune_model(
             with torch.no_grad():
                 for j, h in enumerate(hidden):
                     hidden[j] = block_call.call(block, j, h.to(device), device).to(store_device)
+            if dense_stream is not None:
+                dense_stream.finish_block(block_call, device)
             timings["propagate"] += device_clock(device) - tick
             block.to(home)
             if store.streams:  # measured now: the block is freed once it is written
@@ -234,7 +289,8 @@ def prune_model(
 
     # Streamed blocks were measured before they were written and freed; their records are checked here.
     verify_sparsity(result.layers, pattern,
-                    {layer.name: layer for layers in plan for layer in layers if not layer.stored().is_meta})
+                    {layer.name: layer for layers in plan for layer in layers if not layer.stored().is_meta},
+                    budget.counts if budget is not None else None)
     pruned = {r["name"] for r in result.layers}
     result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
     if result.unpruned and ranks.is_main:
@@ -252,6 +308,24 @@ def _replay_block(records: dict[str, Any], result: PruneResult, problems: dict[s
     result.routers.extend(records["routers"])
     result.blocks.extend(records["blocks"])
     problems.update(records["problems"])
+
+
+def _allocate(allocation: Allocation, pattern: SparsityPattern, blocks, plan, calls, hidden, device,
+              result: PruneResult) -> SparsityBudget | None:
+    """Block sparsities for a non-uniform allocation (OWL: one dense forward first), as an exact budget."""
+    if allocation.uniform:
+        return None
+    sizes = [sum(layer.numel() for layer in layers) for layers in plan]
+    info = allocation.settings()
+    if allocation.kind == "owl":
+        ratios = dense_outlier_ratios(blocks, plan, calls, hidden, device, allocation.owl_m)
+        sparsities = owl_sparsities(pattern.sparsity, sizes, ratios, allocation.owl_lambda)
+        info["outlier_ratios"] = ratios
+    else:
+        sparsities = depth_sparsities(pattern.sparsity, sizes, allocation.depth_slope)
+    info["block_sparsities"] = sparsities
+    result.allocation = info
+    return SparsityBudget(pattern.sparsity, sparsities)
 
 
 def _short(name: str) -> str:
@@ -295,13 +369,16 @@ class CollectedInputs:
 
 
 def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
-                   device, with_stats: bool = False, moe_calibration: str = "routed") -> CollectedInputs:
+                   device, with_stats: bool = False, moe_calibration: str = "routed",
+                   stop_early: bool = False) -> CollectedInputs:
     """Run the block on every batch, adding each layer's XᵀX (float32) to a running sum, and, `with_stats`,
     the sum of its inputs (for solvers that need the mean). Also finds the block's routers (first batch).
 
     Linear layers are read by forward hooks. Layers fed the very same tensor in a call (q/k/v, gate/up)
     share its product: it is computed once per batch and added to each of their sums. Checked per call,
     so it is exact for any model. Expert slices of fused tensors are read by the block tracer.
+    `stop_early` (hooked layers only): after the first batch, which runs whole to find the routers, a
+    batch's forward ends once every hooked layer has read its input.
     """
     linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
     experts = [layer for layer in layers if isinstance(layer, ExpertSlice)]
@@ -309,6 +386,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear} if with_stats else {}
     tokens = dict.fromkeys(grams, 0)
     products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count) this call
+    fired: set[str] = set()  # hooked layers that read their input this call
+    batch = [0]
 
     def make_hook(name: str):
         def hook(module, args, output):
@@ -322,6 +401,9 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             tokens[name] += seen[3]
             if with_stats:
                 totals[name].add_(seen[2])
+            fired.add(name)
+            if stop_early and batch[0] > 0 and len(fired) == len(grams):
+                raise GroupDone
 
         return hook
 
@@ -342,11 +424,16 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 watched = j == 0 or bool(fused)
                 if j == 0:
                     tracer.start_router_trace()
-                with tracer if watched else contextlib.nullcontext():
-                    call.call(block, j, h.to(device), device)
+                batch[0] = j
+                try:
+                    with tracer if watched else contextlib.nullcontext():
+                        call.call(block, j, h.to(device), device)
+                except GroupDone:
+                    pass
                 if j == 0:
                     tracer.stop_router_trace()
                 products.clear()
+                fired.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -498,13 +585,27 @@ _BATCH_BYTES = 1 << 30
 
 
 def _prune_group(group: list[_Solve], layer_solver: LayerSolver, fallback_solver: LayerSolver,
-                 pattern: SparsityPattern, device: torch.device) -> list[dict[str, Any]]:
-    """Prune the layers of a group (one layer, or experts of one fused tensor solved in batches)."""
+                 pattern: SparsityPattern, patterns: dict[str, SparsityPattern], crosses: dict[str, torch.Tensor],
+                 device: torch.device) -> list[dict[str, Any]]:
+    """Prune the layers of a group (one layer, or experts of one fused tensor solved in batches).
+
+    `patterns`: each layer's own target where an allocation gives one; `crosses` (--dense-targets): X_pᵀX_d,
+    so the solver fits W′, the dense outputs seen through the pruned inputs.
+    """
+    targets = {patterns.get(solve.layer.name, pattern) for solve in group}
+    if len(group) > 1 and (len(targets) > 1 or any(solve.layer.name in crosses for solve in group)):
+        # An allocation can give the experts of one tensor different counts: one pattern per batch only.
+        return [record for solve in group
+                for record in _prune_group([solve], layer_solver, fallback_solver, pattern, patterns, crosses, device)]
+    pattern = targets.pop()
     if len(group) == 1:
         solve = group[0]
         solver = fallback_solver if solve.fallback else layer_solver
         W = solve.layer.get_weight(device)
         require_finite_gram(solve.layer.name, solve.inputs.gram)
+        cross = crosses.get(solve.layer.name) if solver is layer_solver else None
+        if cross is not None:
+            W = dense_target(W, solve.inputs.gram, cross)
         record = _write_back(solve.layer, W, solve.inputs, solver(W, solve.inputs.gram, pattern, solve.inputs.stats))
         if solve.fallback:
             record["fallback"] = solve.fallback

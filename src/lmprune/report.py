@@ -112,6 +112,14 @@ def format_report(report: dict[str, Any]) -> str:
     for result in report.get("evaluation", []):
         lines.append(f"perplexity on {result['data']} ({result['windows']}×{result['seqlen']}): "
                      f"{_number(result['perplexity']):.3f}")
+    allocation = report.get("allocation") or {}
+    if allocation.get("kind", "uniform") != "uniform":
+        knobs = "  ".join(f"{k} {v:g}" for k, v in allocation.items() if isinstance(v, (int, float)))
+        spread = ", ".join(f"{_number(v):.3f}" for v in allocation.get("block_sparsities", []))
+        lines.append(f"allocation: {allocation['kind']}  {knobs}  block sparsities: {spread}")
+    sequential = settings.get("sequential", "none")
+    if sequential != "none" or settings.get("dense_targets"):
+        lines.append(f"sequential: {sequential}  dense targets: {'yes' if settings.get('dense_targets') else 'no'}")
     if summary.get("expert_slices"):
         lines.append(f"experts:  {summary['expert_slices']} expert slices pruned")
     for r in summary.get("layers_with_fallback", []):

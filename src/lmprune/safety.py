@@ -2,7 +2,8 @@
 
 - `check_out_path`: `--out` never is, contains or sits inside the model, nor contains the data files.
 - `require_finite_gram`, `finite_layer_weight`: each layer's inputs and result, before it is written back.
-- `verify_sparsity`: after pruning, every layer has the zeros its target asks for.
+- `verify_sparsity`: after pruning, every layer has the zeros its target asks for, and under a
+  non-uniform allocation the targets add up to exactly the model's.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def pruned_count(out_features: int, in_features: int, pattern: SparsityPattern) 
 
 
 def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
-                    layers: Mapping[str, Any] | None = None) -> None:
+                    layers: Mapping[str, Any] | None = None, counts: Mapping[str, int] | None = None) -> None:
     """Fail loudly if a pruned layer has fewer zeros than its target prunes, or breaks its rows or N:M groups.
 
     Each record gives "name", "shape" [out, in] and "sparsity". `layers`, when given, maps names to the
@@ -92,10 +93,19 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
     found there is measured instead of trusting its record, row by row and group by group. More zeros
     than the target are allowed: weights of inputs never active are zeroed, an already sparse model
     keeps its zeros, and tiny kept weights can round to zero in half precision. Fewer are never right.
+
+    `counts` (a non-uniform allocation): each layer's own number of weights to prune, replacing the
+    pattern's; they must add up to exactly the pattern's share of all the pruned layers' weights.
     """
+    if counts is not None:
+        size = sum(rows * cols for rows, cols in (r["shape"] for r in records))
+        allocated = sum(counts[r["name"]] for r in records)
+        if allocated != prune_count(size, pattern.sparsity):
+            raise LmpruneError(f"the allocation prunes {allocated} of {size} weights, not the "
+                               f"{prune_count(size, pattern.sparsity)} that {pattern.describe()} asks for")
     for record in records:
         name, (rows, cols) = record["name"], record["shape"]
-        need = pruned_count(rows, cols, pattern)
+        need = counts[name] if counts is not None else pruned_count(rows, cols, pattern)
         layer = (layers or {}).get(name)
         weight = layer.get_weight(torch.device("cpu")) if layer is not None else None
         if weight is None:
@@ -112,7 +122,8 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
                 broken_groups = False
         if zeros < need or broken_groups:
             where = "" if zeros < need else (" (not in every group)" if pattern.is_nm else " (not in every row)")
+            target = f"{need / (rows * cols):.2%}" if counts is not None else pattern.describe()
             raise LmpruneError(
-                f"layer {name} is off its target {pattern.describe()}: {zeros} of {rows * cols} weights are zero, "
+                f"layer {name} is off its target {target}: {zeros} of {rows * cols} weights are zero, "
                 f"{need} should be{where}"
             )

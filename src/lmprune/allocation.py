@@ -1,0 +1,142 @@
+"""Sparsity allocation across blocks: uniform, OWL (outlier-weighted) or rising linearly with depth.
+
+Each rule gives one sparsity per block whose mean, weighted by the block's prunable parameters, is the
+target. `SparsityBudget` turns those fractions into an exact number of weights to prune per layer, so
+that the model's total is exactly ⌊target × prunable parameters⌋ (the masks' own rounding rule):
+
+- a block prunes round(Σ_{b'≤b} s_b'·P_b') minus what the blocks before it pruned (the rounding carries
+  forward instead of accumulating), and the last block closes the sum at ⌊s·P⌋;
+- inside a block the count is split over its layers in proportion to their sizes by largest remainder
+  (ties to the earlier layer), so every layer of a block has the block's sparsity within one weight.
+
+A layer's count k of n weights is handed to the solvers as the fraction (k + ½)/n, which every mask
+rule (⌊n·s⌋) turns back into exactly k, whatever the floating-point error of k/n.
+
+N:M patterns stay uniform (their sparsity is fixed per group), and so do per-row masks (their unit is a
+whole row, which cannot carry a per-weight rounding); both are refused with a non-uniform allocation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Allocation, SparsityPattern  # noqa: F401  (Allocation: re-exported)
+from .errors import LmpruneError
+from .masks import prune_count
+
+
+def _centred(target: float, offsets: list[float], sizes: list[int]) -> list[float]:
+    """target + offset − (size-weighted mean offset): the weighted mean is exactly the target."""
+    total = sum(sizes)
+    mean = sum(o * n for o, n in zip(offsets, sizes)) / total if total else 0.0
+    out = [target + o - mean for o in offsets]
+    low, high = min(out), max(out)
+    if low < 0 or high >= 1:
+        raise LmpruneError(f"the allocation asks for block sparsities from {low:.3f} to {high:.3f} around "
+                           f"{target:.3f}, outside [0, 1): choose a smaller --owl-lambda or --depth-slope")
+    return out
+
+
+def depth_sparsities(target: float, sizes: list[int], slope: float) -> list[float]:
+    """Linear in the block index, `slope` from the first block to the last, size-weighted mean = target."""
+    count = len(sizes)
+    positions = [i / (count - 1) if count > 1 else 0.0 for i in range(count)]
+    return _centred(target, [slope * t for t in positions], sizes)
+
+
+def owl_sparsities(target: float, sizes: list[int], ratios: list[float], lam: float) -> list[float]:
+    """OWL: a block's outlier ratio, min-max scaled into [0, 2λ], lowers its sparsity; centred on the target."""
+    low, high = min(ratios), max(ratios)
+    scaled = [(r - low) / (high - low) * 2 * lam if high > low else 0.0 for r in ratios]
+    return _centred(target, [-v for v in scaled], sizes)
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """Share of the Wanda scores |W|·‖X‖ (all of a block's layers together) above m × their mean."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    return float((flat > m * flat.mean()).float().mean())
+
+
+def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden: list[torch.Tensor],
+                         device: torch.device, m: float, progress_write=None) -> list[float]:
+    """One forward of the dense model, block by block, reading only each input column's Σx² (diag XᵀX).
+
+    OWL needs every block's ratio before the first block is pruned, so these come from the dense model
+    (as in the OWL paper), not from the pruned one the Grams see. Layers read by forward hooks
+    (nn.Linear-like); fused expert slices have no hook and do not count towards their block's ratio.
+    """
+    from .model import ExpertSlice
+
+    home = next(blocks[0].parameters()).device
+    hidden = list(hidden)  # the pruning pass starts from these same inputs
+    ratios = []
+    for index, (block, layers) in enumerate(zip(blocks, plan)):
+        block.to(device)
+        linear = [layer for layer in layers if not isinstance(layer, ExpertSlice) and layer.out_features > 1]
+        squares = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear}
+
+        def make_hook(name: str, squares=squares):
+            def hook(module, args, output):
+                x = args[0].detach()
+                squares[name].add_(x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0))
+            return hook
+
+        handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in linear]
+        call = block_calls.for_block(index)
+        try:
+            with torch.no_grad():
+                for j, h in enumerate(hidden):
+                    hidden[j] = call.call(block, j, h.to(device), device).to(h.device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        scores = [layer.get_weight(device).abs() * squares[layer.name].sqrt() for layer in linear]
+        ratios.append(outlier_ratio(scores, m) if scores else 0.0)
+        block.to(home)
+    return ratios
+
+
+class SparsityBudget:
+    """Exact per-layer prune counts from block sparsities (see the module docstring for the rounding)."""
+
+    def __init__(self, target: float, block_sparsities: list[float]):
+        self.target = target
+        self.block_sparsities = block_sparsities
+        self.ideal = 0.0  # Σ s_b·P_b over the blocks seen so far
+        self.size = 0  # P of the blocks seen so far
+        self.allocated = 0  # weights the blocks seen so far were told to prune
+        self.counts: dict[str, int] = {}
+
+    def layer_patterns(self, index: int, layers: list, last: bool) -> dict[str, SparsityPattern]:
+        """The pattern of each of block `index`'s layers (all the block prunes); `last`: the final block."""
+        sizes = [layer.numel() for layer in layers]
+        block_size = sum(sizes)
+        self.ideal += self.block_sparsities[index] * block_size
+        self.size += block_size
+        cumulative = prune_count(self.size, self.target) if last else round(self.ideal)
+        count = min(max(cumulative - self.allocated, 0), block_size)
+        counts = _split(count, sizes)
+        self.allocated += sum(counts)
+        patterns = {}
+        for layer, k, n in zip(layers, counts, sizes):
+            k = min(k, n - 1)  # a layer always keeps one weight (sparsity < 1)
+            self.counts[layer.name] = k
+            patterns[layer.name] = SparsityPattern((k + 0.5) / n)
+        return patterns
+
+    @property
+    def expected_total(self) -> int:
+        return prune_count(self.size, self.target)
+
+
+def _split(count: int, sizes: list[int]) -> list[int]:
+    """`count` split in proportion to `sizes` by largest remainder (ties to the earlier entry)."""
+    total = sum(sizes)
+    if not total:
+        return [0] * len(sizes)
+    out = [count * n // total for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda i: (-(count * sizes[i] % total), i))
+    for i in order[: count - sum(out)]:
+        out[i] += 1
+    return out
