@@ -101,6 +101,20 @@ def test_model_total_is_exactly_the_target(kind, method, calibration):
         assert r["sparsity"] == r["target"]
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "alps"])
+def test_moe_total_is_exact_with_batched_experts(method, calibration):
+    """Experts of one fused tensor may get different counts from the budget: they are then solved one by one,
+    and the model's total (every expert slice counted) is still exactly the target."""
+    model = tiny_model("mixtral")
+    result = prune_model(model, calibration, build_layer_solver(method), SparsityPattern(0.6), CPU,
+                         progress=False, allocation=Allocation("depth", depth_slope=0.2))
+    zeros = sum(round(r["sparsity"] * r["shape"][0] * r["shape"][1]) for r in result.layers)
+    total = sum(r["shape"][0] * r["shape"][1] for r in result.layers)
+    assert any("experts" in r["name"] for r in result.layers)
+    assert zeros == prune_count(total, 0.6)
+    assert all(r["sparsity"] == r["target"] for r in result.layers)
+
+
 def test_verify_sparsity_checks_the_allocated_total():
     records = [{"name": "a", "shape": [2, 5], "sparsity": 0.6}, {"name": "b", "shape": [2, 5], "sparsity": 0.6}]
     verify_sparsity(records, SparsityPattern(0.6), counts={"a": 6, "b": 6})
