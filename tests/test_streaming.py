@@ -66,6 +66,8 @@ def calib(tmp_path):
     (torch.bfloat16, True, WANDA),
     (torch.bfloat16, False, ("--method", "sparsegpt", "--pattern", "2:4")),
     (torch.float32, True, ("--method", "sparsellm", "--sparsity", "0.5", "--opt", "epochs=1")),
+    (torch.float32, False, ("--method", "sparsegpt", "--sparsity", "0.6", "--allocation", "depth",
+                            "--sequential", "layer", "--dense-targets")),
 ])
 def test_streamed_equals_in_memory(capsys, tmp_path, calib, dtype, tied, method):
     model = save_tiny(tmp_path / "model", dtype=dtype, tied=tied)
@@ -118,11 +120,15 @@ def test_large_checkpoint_streams_by_default(capsys, tmp_path, calib, monkeypatc
 
 def test_options_needing_the_whole_model_are_refused(capsys, tmp_path, calib):
     model = save_tiny(tmp_path / "model")
+    capsys.readouterr()  # transformers' own saving bar, when no earlier test has turned its bars off
     before = snapshot(tmp_path)
     code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--stream", "--eval", calib))
     assert code == 2 and len(err) == 1 and "--stream keeps one block in memory: --eval need(s)" in err[0], err
     code, _, err = run_cli(capsys, "prune", model, "--out", tmp_path / "out", *WANDA, "--stream", "--no-progress")
     assert code == 2 and len(err) == 1 and "self-generated calibration" in err[0], err
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", "--method", "sparsegpt",
+                                               "--sparsity", "0.5", "--allocation", "owl", "--stream"))
+    assert code == 2 and len(err) == 1 and "--allocation owl does not combine with --stream" in err[0], err
     assert snapshot(tmp_path) == before
 
 

@@ -274,7 +274,8 @@ def prune_model(
             timings["propagate"] += device_clock(device) - tick
             block.to(home)
             if store.streams:  # measured now: the block is freed once it is written
-                verify_sparsity(result.layers[first_record:], pattern, {layer.name: layer for layer in layers})
+                verify_sparsity(result.layers[first_record:], pattern, {layer.name: layer for layer in layers},
+                                budget.counts if budget is not None else None, whole_model=False)
             store.save(index, block, {"layers": result.layers[first_record:], "routers": sorted(routers),
                                       "problems": collected.problems, "blocks": result.blocks[first_block_record:]})
             if device.type == "cuda":

@@ -85,7 +85,8 @@ def pruned_count(out_features: int, in_features: int, pattern: SparsityPattern) 
 
 
 def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
-                    layers: Mapping[str, Any] | None = None, counts: Mapping[str, int] | None = None) -> None:
+                    layers: Mapping[str, Any] | None = None, counts: Mapping[str, int] | None = None,
+                    whole_model: bool = True) -> None:
     """Fail loudly if a pruned layer has fewer zeros than its target prunes, or breaks its rows or N:M groups.
 
     Each record gives "name", "shape" [out, in] and "sparsity". `layers`, when given, maps names to the
@@ -95,9 +96,10 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
     keeps its zeros, and tiny kept weights can round to zero in half precision. Fewer are never right.
 
     `counts` (a non-uniform allocation): each layer's own number of weights to prune, replacing the
-    pattern's; they must add up to exactly the pattern's share of all the pruned layers' weights.
+    pattern's; they must add up to exactly the pattern's share of all the pruned layers' weights
+    (checked when the records are the `whole_model`'s, not one block's).
     """
-    if counts is not None:
+    if counts is not None and whole_model:
         size = sum(rows * cols for rows, cols in (r["shape"] for r in records))
         allocated = sum(counts[r["name"]] for r in records)
         if allocated != prune_count(size, pattern.sparsity):
