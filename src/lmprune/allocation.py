@@ -59,7 +59,8 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
 
 
 def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden: list[torch.Tensor],
-                         device: torch.device, m: float, progress_write=None) -> list[float]:
+                         device: torch.device, m: float, progress_write=None,
+                         all_reduce_sum=None) -> list[float]:
     """One forward of the dense model, block by block, reading only each input column's Σx² (diag XᵀX).
 
     OWL needs every block's ratio before the first block is pruned, so these come from the dense model
@@ -91,6 +92,8 @@ def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden:
         finally:
             for handle in handles:
                 handle.remove()
+        if all_reduce_sum is not None:  # several processes: each holds its own windows' Σx²
+            all_reduce_sum(list(squares.values()))
         scores = [layer.get_weight(device).abs() * squares[layer.name].sqrt() for layer in linear]
         ratios.append(outlier_ratio(scores, m) if scores else 0.0)
         block.to(home)

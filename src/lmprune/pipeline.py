@@ -152,9 +152,9 @@ def prune_model(
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
     store = store or BlockStore()
-    if allocation.kind == "owl" and (ranks.active or store.streams):
-        # OWL's dense pre-pass reads every block before the first is pruned, from every token at once.
-        raise LmpruneError("--allocation owl does not combine with --stream or torchrun yet: use depth or uniform")
+    if allocation.kind == "owl" and store.streams:
+        # OWL's dense pre-pass reads every block before the first is pruned.
+        raise LmpruneError("--allocation owl does not combine with --stream yet: use depth or uniform")
     if dense_targets and ranks.active:
         raise LmpruneError("--dense-targets does not run under torchrun yet (its cross products are per process)")
     home = next(model.parameters()).device
@@ -175,7 +175,7 @@ def prune_model(
         block_tokens = ranks.total(sum(h[..., 0].numel() for h in hidden))
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
-        budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result)
+        budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result, ranks)
         dense_stream = DenseStream(hidden) if dense_targets else None
         timings["allocation"] = device_clock(device) - start - timings["capture"]
 
@@ -312,14 +312,15 @@ def _replay_block(records: dict[str, Any], result: PruneResult, problems: dict[s
 
 
 def _allocate(allocation: Allocation, pattern: SparsityPattern, blocks, plan, calls, hidden, device,
-              result: PruneResult) -> SparsityBudget | None:
+              result: PruneResult, ranks: Ranks = SINGLE) -> SparsityBudget | None:
     """Block sparsities for a non-uniform allocation (OWL: one dense forward first), as an exact budget."""
     if allocation.uniform:
         return None
     sizes = [sum(layer.numel() for layer in layers) for layers in plan]
     info = allocation.settings()
     if allocation.kind == "owl":
-        ratios = dense_outlier_ratios(blocks, plan, calls, hidden, device, allocation.owl_m)
+        ratios = dense_outlier_ratios(blocks, plan, calls, hidden, device, allocation.owl_m,
+                                      all_reduce_sum=lambda sums: ranks.all_reduce_sum(sums, "summing OWL's input norms"))
         sparsities = owl_sparsities(pattern.sparsity, sizes, ratios, allocation.owl_lambda)
         info["outlier_ratios"] = ratios
     else:
