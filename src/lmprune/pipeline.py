@@ -571,11 +571,11 @@ def _solve_groups(layers: list[PrunableLayer], inputs: dict[str, LayerInputs], r
                         "magnitude mask, kept weights unchanged")
         solve = _Solve(layer, got, fallback)
         if batchable and fallback is None and isinstance(layer, ExpertSlice):
-            batch = batches.get(_fused_name(layer))
-            if batch is None:
-                batch = batches[_fused_name(layer)] = []
-                groups.append(batch)
-            batch.append(solve)
+            fused = _fused_name(layer)
+            if fused not in batches:
+                batches[fused] = []
+                groups.append(batches[fused])
+            batches[fused].append(solve)
         else:
             groups.append([solve])
     return groups

@@ -169,6 +169,7 @@ def _admm(Wn: torch.Tensor, G: torch.Tensor, pattern: SparsityPattern, settings:
     checked = mask
     W = Wn
     live = torch.arange(count)  # the batch's layers still iterating
+    growth = torch.tensor([settings.growth_low, settings.growth_mid, settings.growth_high], dtype=torch.float64)
     out_W, out_mask = torch.empty_like(Wn), torch.empty_like(mask)
     out_iterations, out_rho = [0] * count, [0.0] * count
 
@@ -199,7 +200,6 @@ def _admm(Wn: torch.Tensor, G: torch.Tensor, pattern: SparsityPattern, settings:
                 live, target, D, V, W, mask, checked, k, rho, change = (
                     t[stay] for t in (live, target, D, V, W, mask, checked, k, rho, change))
                 solver.keep(stay.nonzero().squeeze(1))
-            growth = torch.tensor([settings.growth_low, settings.growth_mid, settings.growth_high], dtype=torch.float64)
             factor = growth[(change > settings.change_mid).long() + (change > settings.change_high).long()]
             new_rho = torch.clamp_max(rho * factor, _RHO_MAX)
             if bool((new_rho != rho).any()):  # V is the (unscaled) multiplier: it stays as ρ changes
