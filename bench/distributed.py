@@ -89,10 +89,12 @@ def main() -> None:
         single = run(1, 1, args, Path(tmp) / "single") if args.device == "cpu" else None  # 1 thread: the unit
         many = run(n, 1, args, Path(tmp) / "many")
         flips, total = mask_flips(Path(tmp) / "one", Path(tmp) / "many")
+        # The yardstick for those flips: the same single process with n threads instead of 1.
+        thread_flips = mask_flips(Path(tmp) / "one", Path(tmp) / "single")[0] if single else None
     runs = [one] + ([single] if single else []) + [many]
     result = {"preset": args.preset, "method": args.method, "sparsity": args.sparsity, "device": args.device,
               "torch": torch.__version__, "note": args.note, "runs": runs,
-              "mask_flips": flips, "weights": total,
+              "mask_flips": flips, "weights": total, "mask_flips_threads_vs_1_thread": thread_flips,
               "speedup_wall": one["wall_s"] / many["wall_s"], "speedup_prune": one["prune_s"] / many["prune_s"]}
     if single:
         result["speedup_prune_vs_1_thread"] = single["prune_s"] / many["prune_s"]
@@ -105,7 +107,7 @@ def main() -> None:
     print(f"speed-up over 1 process × {n} threads: {result['speedup_prune']:.2f}× (prune), "
           f"{result['speedup_wall']:.2f}× (wall); "
           f"over 1 × 1: {result.get('speedup_prune_vs_1_thread', 0):.2f}× (prune); "
-          f"mask flips {flips} of {total}; written to {path}")
+          f"mask flips {flips} of {total} (1 process, {n} threads vs 1 thread: {thread_flips}); written to {path}")
 
 
 if __name__ == "__main__":

@@ -224,8 +224,8 @@ def cmd_prune(args) -> int:
     ranks, device = from_environment(resolve_device(config.device))
     args.no_progress = args.no_progress or not ranks.is_main
     try:
-        if args.stream and ranks.active:
-            raise LmpruneError("--stream runs in one process: start it without torchrun (or use --no-stream)")
+        # Rank 0 decides (it alone sees a killed run's partial output): every process streams, or none does.
+        args.stream = ranks.broadcast_object(args.stream, "deciding whether to stream")
         # The destination is locked, checked and its temporary directory made before the model loads:
         # a destination that cannot take the result fails now, not after the pruning.
         with _terminate_as_interrupt(), (Destination(args.out, args.overwrite, checkpoint_bytes(model_dir, args.dtype),
@@ -328,10 +328,14 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         eval_windows = evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen, config.eval_max_windows)
 
     blocks = None
-    if args.stream:
+    if args.stream and ranks.is_main:
         blocks = _open_streamed_blocks(model, shards, config, args, device, calibration, destination)
+    elif args.stream:  # the other ranks read each block from the checkpoint too, and write nothing
+        from .model.streaming import StreamedReader
+
+        blocks = StreamedReader(model, shards)
     store = torch.device("cpu") if args.offload_activations else None
-    with _keep_finished_blocks(blocks, destination):
+    with _keep_finished_blocks(blocks if ranks.is_main else None, destination):
         result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
                              config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
                              moe_calibration=config.moe_calibration, ranks=ranks, store=blocks,

@@ -165,6 +165,14 @@ class Ranks:
         self._collective(what, torch.distributed.all_gather_object, out, obj)
         return out
 
+    def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
+        """Rank `src`'s `obj` (small, picklable) on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        self._collective(what, torch.distributed.broadcast_object_list, box, src)
+        return box[0]
+
     def gather_to_main(self, obj: Any, what: str) -> list[Any] | None:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
         if not self.active:

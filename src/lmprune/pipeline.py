@@ -155,8 +155,6 @@ def prune_model(
     if allocation.kind == "owl" and store.streams:
         # OWL's dense pre-pass reads every block before the first is pruned.
         raise LmpruneError("--allocation owl does not combine with --stream yet: use depth or uniform")
-    if dense_targets and ranks.active:
-        raise LmpruneError("--dense-targets does not run under torchrun yet (its cross products are per process)")
     home = next(model.parameters()).device
     result = PruneResult()
     timings = {"capture": 0.0, "gram_forward": 0.0, "solve": 0.0, "propagate": 0.0, "refine": 0.0}
@@ -179,13 +177,19 @@ def prune_model(
         dense_stream = DenseStream(hidden) if dense_targets else None
         timings["allocation"] = device_clock(device) - start - timings["capture"]
 
+        # Rank 0 owns a streamed run's partial output: it says where a killed run stopped.
+        resume_from = ranks.broadcast_object(store.resume_from, "sharing where the killed run stopped")
         bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
         for index, (block, layers) in enumerate(zip(blocks, plan)):
             store.load(index, block)
             block_call = calls.for_block(index)
-            if index < store.resume_from:  # pruned by a killed run: only its outputs are needed
+            if index < resume_from:  # pruned by a killed run: only its outputs are needed
                 tick = device_clock(device)
-                _replay_block(store.records(index), result, problems)
+                records = store.records(index) if ranks.is_main else None
+                _replay_block(ranks.broadcast_object(records, "sharing a finished block's records"), result, problems)
+                # The other ranks read the dense block: the pruned one is in rank 0's partial output.
+                ranks.broadcast_tensors(list(block.parameters()) + list(block.buffers()), 0,
+                                        "sharing a finished block")
                 block.to(device)
                 with torch.no_grad():
                     for j, h in enumerate(hidden):
@@ -232,6 +236,7 @@ def prune_model(
                     tick = device_clock(device)
                     crosses = dense_stream.cross_products(block, f"{blocks_name}.{index}", stage, block_call, hidden,
                                                           device, stop_early)
+                    ranks.all_reduce_sum(list(crosses.values()), "summing dense-target cross products")
                     timings["dense_targets"] = timings.get("dense_targets", 0.0) + device_clock(device) - tick
                 groups = _solve_groups(stage, collected.inputs, routers, block_tokens, batchable)
                 owners = assign_layers(ranks, stage)

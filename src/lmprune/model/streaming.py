@@ -418,6 +418,24 @@ class StreamedBlocks(BlockStore):
             raise LmpruneError(f"cannot write the checkpoint to {self.out!r}: {reason}") from None
 
 
+class StreamedReader(StreamedBlocks):
+    """A streamed run's blocks on a rank other than 0 (torchrun): each is read from the checkpoint as on
+    rank 0 and freed when done, but nothing is written; rank 0 alone owns the output and its resume state."""
+
+    def __init__(self, model: nn.Module, shards: CheckpointShards):
+        super().__init__(model, shards, out="", state={})
+
+    def open_partial(self, fresh: bool) -> None:
+        raise LmpruneError("internal: only rank 0 opens the partial output")
+
+    def save(self, index: int, block: nn.Module, records: dict[str, Any]) -> None:
+        self.done.append(records)
+        self.release(index, block)
+
+    def finish(self, tokenizer, report: dict[str, Any]) -> None:
+        raise LmpruneError("internal: only rank 0 writes the checkpoint")
+
+
 def return_freed_memory() -> None:
     """Hand the freed heap pages back to the OS (glibc's malloc_trim; elsewhere nothing).
 
