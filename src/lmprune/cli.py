@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dense-targets", action="store_true",
                        help="each layer fits the dense model's outputs from the pruned model's inputs "
                             "(best with --sequential layer; costs two extra block passes per group)")
+    prune.add_argument("--best-quality", action="store_true",
+                       help="shorthand for --sequential layer --dense-targets: the combination that won every "
+                            "comparison in bench/RESULTS.md (issue 18), at several times the prune time")
     prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
                        help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
@@ -186,6 +189,8 @@ def cmd_prune(args) -> int:
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
     calib_given = args.calib is not None
+    if args.best_quality:
+        args.sequential, args.dense_targets = "layer", True
     args.calib = args.calib or SELF_CALIB  # no dataset needed: the model writes its own calibration text
     method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
     config = PruneConfig(
