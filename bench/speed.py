@@ -34,12 +34,14 @@ from lmprune.solvers import InputStats  # noqa: E402
 
 
 def one_model_run(preset_name: str, method: str, target: str, threads: int, nsamples: int | None,
-                  device: torch.device) -> dict:
+                  device: torch.device, blocks: int | None = None) -> dict:
     torch.set_num_threads(threads)
     preset = dict(PRESETS[preset_name])
     if nsamples:
         preset["nsamples"] = nsamples
     model, tokenizer = load_dense(preset)
+    if blocks:
+        keep_first_blocks(model, blocks)
     calibration, _ = build_windows(preset, tokenizer)
     tick = time.perf_counter()
     result = prune(model, method, target, calibration, device)
@@ -49,6 +51,22 @@ def one_model_run(preset_name: str, method: str, target: str, threads: int, nsam
             "forward_s": t["capture"] + t["gram_forward"] + t["propagate"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": describe_device(device),
             **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {})}
+
+
+def keep_first_blocks(model, count: int) -> None:
+    """Cut the model to its first `count` blocks: every block does the same work, so a few time a method at
+    the model's real widths and calibration size in a fraction of the run."""
+    from torch import nn
+
+    from lmprune.model import find_blocks, text_config
+
+    name, blocks = find_blocks(model)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList(list(blocks)[:count]))
+    config = text_config(model)
+    config.num_hidden_layers = count
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:count]
 
 
 def one_layer_run(method: str, width: int, target: str, threads: int, device: torch.device) -> dict:
@@ -81,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is kept")
+    parser.add_argument("--blocks", type=int, help="time only the model's first N blocks (cut before pruning)")
     parser.add_argument("--layers", action="store_true", help="synthetic layers instead of a model")
     parser.add_argument("--widths", default="512,1024,2048")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
@@ -93,7 +112,8 @@ def main() -> None:
 
     if args.one:
         row = (one_layer_run(args.one, args.width, args.target, args.threads, device) if args.layers
-               else one_model_run(args.preset, args.one, args.target, args.threads, args.nsamples, device))
+               else one_model_run(args.preset, args.one, args.target, args.threads, args.nsamples, device,
+                                  args.blocks))
         print(json.dumps(row))
         return
 
@@ -114,19 +134,22 @@ def main() -> None:
     require_shared()
     rows = []
     for method in methods:
-        extra = ["--nsamples", str(args.nsamples)] if args.nsamples else []
+        extra = (["--nsamples", str(args.nsamples)] if args.nsamples else []) + \
+                (["--blocks", str(args.blocks)] if args.blocks else [])
         runs = [spawn(["--preset", args.preset, "--one", method, *common_args, *extra]) for _ in range(args.repeat)]
         rows.append(min(runs, key=lambda r: r["total_s"]))
         print(rows[-1], file=sys.stderr)
     # A smaller calibration set is a different measurement: keep it beside the preset's, not over it.
-    name = args.preset + (f"-n{args.nsamples}" if args.nsamples else "") + suffix
+    name = args.preset + (f"-n{args.nsamples}" if args.nsamples else "") + (f"-b{args.blocks}" if args.blocks else "") \
+        + suffix
     save_json(BENCH / "results" / f"speed_{name}.json", {"command": command, "runs": rows})
     replace_section(BENCH / "RESULTS.md", f"speed-{name}", model_table(rows, command, args))
 
 
 def model_table(rows, command, args) -> str:
     base = next((r for r in rows if r["method"] == "sparsegpt"), None)
-    sizes = f", {args.nsamples} calibration windows" if args.nsamples else ""
+    sizes = (f", {args.nsamples} calibration windows" if args.nsamples else "") + \
+            (f", first {args.blocks} blocks only" if args.blocks else "")
     gpu = any("peak_gpu_mb" in r for r in rows)
     lines = [f"### Prune time: {args.preset}{sizes}, target {args.target}, {_where(rows, args)}", "",
              f"Command: `{command}`", "",
