@@ -185,6 +185,13 @@ def prune_model(
             block_call = calls.for_block(index)
             if index < resume_from:  # pruned by a killed run: only its outputs are needed
                 tick = device_clock(device)
+                if dense_stream is not None:  # the dense stream passes through the block's dense weights
+                    store.load_original(index, block)
+                    block.to(device)
+                    dense_stream.start_block(block)
+                    dense_stream.finish_block(block_call, device)
+                    block.to(home)
+                    store.load(index, block)
                 records = store.records(index) if ranks.is_main else None
                 _replay_block(ranks.broadcast_object(records, "sharing a finished block's records"), result, problems)
                 # The other ranks read the dense block: the pruned one is in rank 0's partial output.

@@ -53,6 +53,9 @@ class BlockStore:
     def release(self, index: int, block: nn.Module) -> None:
         pass
 
+    def load_original(self, index: int, block: nn.Module) -> None:
+        raise LmpruneError("internal: in-memory blocks are never resumed")
+
     def save(self, index: int, block: nn.Module, records: dict[str, Any]) -> None:
         pass
 
@@ -346,6 +349,11 @@ class StreamedBlocks(BlockStore):
             tensors = self.shards.read(self._keys[index])
         prefix = f"{self.blocks_name}.{index}."
         _assign(block, {k[len(prefix):]: v for k, v in tensors.items()})
+
+    def load_original(self, index: int, block: nn.Module) -> None:
+        """Block `index` with the checkpoint's own (dense) weights, even where a killed run finished it."""
+        prefix = f"{self.blocks_name}.{index}."
+        _assign(block, {k[len(prefix):]: v for k, v in self.shards.read(self._keys[index]).items()})
 
     def release(self, index: int, block: nn.Module) -> None:
         for module in block.modules():
