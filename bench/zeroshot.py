@@ -2,18 +2,27 @@
 
     python bench/zeroshot.py --check --limit 40          # acceptance: `lmprune eval` == simple_evaluate directly
     python bench/zeroshot.py --methods sparsegpt,wanda --targets 0.5,0.7,2:4 --limit 40
+    python bench/zeroshot.py --methods llmc-sparsegpt,llmc-wanda --limit 40   # llm-compressor's models
 
 Every row prunes a fresh copy of the dense model (calibration from the smollm2-135m preset, --nsamples
 windows), then scores the seven tasks of ../shared/data/zeroshot with the first --limit documents each, and
 the perplexity of the same pruned model on the first --ppl-windows windows of WikiText-2 test, so the two
 orderings compare like for like. Results go to bench/results/zeroshot_smollm2-135m.json after every row; a
 rerun skips rows already there (same method, target, limit, calibration). The table goes to bench/RESULTS.md.
+
+llmc-sparsegpt and llmc-wanda are llm-compressor's SparseGPT and Wanda: bench/peers/run_llmcompressor.py
+prunes the same calibration windows in its own venv (`bash bench/peers/setup.sh`) and saves the pruned block
+weights; they are loaded into a fresh copy of the dense model, checked for the target's sparsity, and scored
+by the same code as lmprune's rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +35,20 @@ from common import (  # noqa: E402
     BENCH, PRESETS, SHARED, build_windows, git_commit, load_dense, load_json, prune, replace_section, require_shared,
     save_json, split_methods,
 )
+from lmprune.config import SparsityPattern  # noqa: E402
 from lmprune.evaluate import perplexity  # noqa: E402
+from lmprune.masks import is_nm  # noqa: E402
 from lmprune.model import describe_device, resolve_device  # noqa: E402
+from lmprune.model.loading import local_model_dir  # noqa: E402
 from lmprune.zeroshot import run_tasks, summarize  # noqa: E402
 
 TASKS = ["piqa", "arc_easy", "boolq", "sglue_rte", "openbookqa", "lambada_openai", "copa"]
 TASK_DATA = SHARED / "data" / "zeroshot"
 RESULTS = BENCH / "results" / "zeroshot_smollm2-135m.json"
 TARGETS = ["0.5", "0.7", "2:4"]
+PEERS = BENCH / "peers"
+LLMC_PYTHON = PEERS / ".venv-llmc" / "bin" / "python"
+PEER_PREFIX = "llmc-"  # llmc-sparsegpt, llmc-wanda: llm-compressor's methods
 
 
 def main() -> None:
@@ -50,10 +65,18 @@ def main() -> None:
                         help="run `lmprune eval` on the dense model and lm-eval's simple_evaluate directly; compare")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--table-only", action="store_true", help="rewrite the RESULTS.md table from the JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="JSON the rows go to (another file lets two runs go at once; then --merge it)")
+    parser.add_argument("--merge", type=Path, help="add this results file's new rows to --results, then the table")
     args = parser.parse_args()
     args.limit = args.limit or None
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    data = load_json(RESULTS)
+    data = load_json(args.results)
+    if args.merge:
+        data["runs"] += [r for r in load_json(args.merge)["runs"] if not any(done(data, r, r["setup"]))]
+        save_json(args.results, data)
+        write_table(data)
+        return
     if args.table_only:
         write_table(data)
         return
@@ -62,7 +85,7 @@ def main() -> None:
     device = resolve_device(args.device)
     if args.check:
         data["check"] = check(args, batch_size, device)
-        save_json(RESULTS, data)
+        save_json(args.results, data)
         write_table(data)
         return
 
@@ -74,12 +97,16 @@ def main() -> None:
     # target-major: an interrupted run still compares every method at the first targets
     plan = [("dense", "-")] + [(m, t) for t in args.targets.split(",") for m in split_methods(args.methods)]
     for method, target in plan:
-        if any(r["method"] == method and r["target"] == target and r["setup"] == setup for r in data["runs"]):
+        if any(done(data, {"method": method, "target": target}, setup)):
             print(f"skip {method} {target} (done)")
             continue
         model = copy.deepcopy(dense)
         tick = time.perf_counter()
-        if method != "dense":
+        peer = None
+        if method.startswith(PEER_PREFIX):
+            peer = prune_with_llmcompressor(model, method, target, calibration, evaluation, preset["model"],
+                                            args.threads)
+        elif method != "dense":
             prune(model, method, target, calibration, device, progress=not args.no_progress)
         prune_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -90,12 +117,62 @@ def main() -> None:
         row = {"method": method, "target": target, "setup": setup, "perplexity": ppl,
                "zeroshot": summarize(results, args.limit, "../shared/data/zeroshot", batch_size),
                "prune_seconds": prune_seconds, "eval_seconds": eval_seconds, "commit": git_commit(),
-               "device": describe_device(device), "threads": args.threads}
+               "device": describe_device(device), "threads": args.threads, **({"peer": peer} if peer else {})}
         data["runs"].append(row)
-        save_json(RESULTS, data)
+        save_json(args.results, data)
         print(f"{method} {target}: mean acc {row['zeroshot']['mean']['acc,none']:.4f}, ppl {ppl:.2f} "
               f"(prune {prune_seconds:.0f}s, eval {eval_seconds:.0f}s)", flush=True)
         write_table(data)
+
+
+def done(data: dict, row: dict, setup: dict):
+    """The rows of `data` with the row's method and target under the same setup (a rerun skips them)."""
+    return (r for r in data["runs"]
+            if r["method"] == row["method"] and r["target"] == row["target"] and r["setup"] == setup)
+
+
+def prune_with_llmcompressor(model, method: str, target: str, calibration, evaluation, model_name: str,
+                             threads: int) -> dict:
+    """Prune `model` in place with llm-compressor's method on the same calibration windows.
+
+    bench/peers/run_llmcompressor.py runs in its own venv (llm-compressor pins an older transformers) and
+    saves the pruned block weights, which replace this dense copy's; the model is then scored like ours.
+    Returns the peer's own summary (its perplexity on the same evaluation windows, versions, checks).
+    """
+    if not LLMC_PYTHON.exists():
+        sys.exit(f"{LLMC_PYTHON} not found: build it with `bash bench/peers/setup.sh`")
+    with tempfile.TemporaryDirectory() as tmp:
+        windows, result, weights = (Path(tmp) / name for name in ("windows.pt", "result.json", "weights.pt"))
+        torch.save({"calibration": calibration, "evaluation": evaluation}, windows)
+        command = [str(LLMC_PYTHON), str(PEERS / "run_llmcompressor.py"), "--model", local_model_dir(model_name),
+                   "--windows", str(windows), "--method", method.removeprefix(PEER_PREFIX),
+                   *(["--pattern", target] if ":" in target else ["--sparsity", target]),
+                   "--out", str(result), "--save-weights", str(weights), "--threads", str(threads)]
+        # check=True: the peer exits 1 when its own checks fail (sparsity, lm_head, calibration tokens)
+        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        peer = json.loads(result.read_text())
+        load_pruned_weights(model, torch.load(weights), SparsityPattern.parse(target))
+    return {k: peer[k] for k in ("tool", "version", "transformers", "torch", "perplexity", "prune_seconds",
+                                 "sparsity", "calibration_tokens_match", "lm_head_untouched")}
+
+
+def load_pruned_weights(model, weights: dict, pattern: SparsityPattern, tolerance: float = 0.01) -> None:
+    """Copy the peer's block Linear weights into `model`; every block Linear must come, at the target sparsity."""
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+    if set(weights) != set(linears):
+        missing, unknown = sorted(set(linears) - set(weights)), sorted(set(weights) - set(linears))
+        sys.exit(f"peer weights name {len(weights)} layers, the model has {len(linears)} block Linears: "
+                 f"missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for name, module in linears.items():
+            module.weight.copy_(weights[name])
+            kept = module.weight != 0
+            sparsity = 1 - kept.float().mean().item()
+            if pattern.is_nm and not is_nm(kept, pattern.n, pattern.m):
+                sys.exit(f"peer weights of {name} are not {pattern.n}:{pattern.m} sparse")
+            if not pattern.is_nm and abs(sparsity - pattern.sparsity) > tolerance:
+                sys.exit(f"peer weights of {name} have sparsity {sparsity:.4f}, not {pattern.sparsity}")
 
 
 def check(args, batch_size, device) -> dict:
@@ -140,7 +217,9 @@ def write_table(data: dict) -> None:
         setup = runs[-1]["setup"]
         rows = [r for r in runs if r["setup"] == setup]
         order = {t: i for i, t in enumerate(["-", *TARGETS])}
-        rows.sort(key=lambda r: (order.get(r["target"], 99), r["method"] != "dense", r["method"]))
+        # llm-compressor's rows right below ours of the same method
+        rows.sort(key=lambda r: (order.get(r["target"], 99), r["method"] != "dense",
+                                 r["method"].removeprefix(PEER_PREFIX), r["method"].startswith(PEER_PREFIX)))
         lines += [
             f"### Zero-shot accuracy: smollm2-135m, first {setup['limit']} documents per task",
             "",

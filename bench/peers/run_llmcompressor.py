@@ -12,7 +12,11 @@ by the total count), the same convention as lmprune's.
 
     .venv-llmc/bin/python run_llmcompressor.py --model PATH --windows FILE.pt
         --method sparsegpt|wanda (--sparsity S | --pattern 2:4) --out RESULT.json [--threads N] [--save-masks MASKS.pt]
-        [--perturb EPS --perturb-seed S]
+        [--save-weights WEIGHTS.pt] [--perturb EPS --perturb-seed S]
+
+`--save-weights` saves the pruned weight of every measured Linear (the decoder blocks', not lm_head), so
+that bench/zeroshot.py can load them into its own copy of the model and score the peer's model with the
+same code as lmprune's.
 
 `--perturb` (Wanda only) multiplies every input norm llm-compressor's Wanda computed by its own factor
 1 + EPS·N(0, 1) before the mask is chosen: the perturbation bench/sensitivity.py applies to lmprune, so
@@ -44,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--dense", action="store_true", help="also measure the dense model's perplexity first")
     p.add_argument("--save-masks", help="also save {layer name: bool keep-mask} of every measured Linear here")
+    p.add_argument("--save-weights", help="also save {layer name: pruned weight} of every measured Linear here")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="a targeted layer whose measured sparsity falls short of the target by more fails")
     p.add_argument("--perturb", type=float, default=0.0,
@@ -228,6 +233,9 @@ def main(argv=None):
     if args.save_masks:
         torch.save({name: module.weight.detach() != 0 for name, module in model.named_modules()
                     if name in layers}, args.save_masks)
+    if args.save_weights:
+        torch.save({name: module.weight.detach().clone() for name, module in model.named_modules()
+                    if name in layers}, args.save_weights)
     t0 = time.perf_counter()
     ppl = perplexity(model, evaluation, args.eval_batch_size)
     eval_seconds = time.perf_counter() - t0
