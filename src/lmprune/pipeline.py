@@ -181,7 +181,6 @@ def prune_model(
         resume_from = ranks.broadcast_object(store.resume_from, "sharing where the killed run stopped")
         bar = tqdm(total=sum(len(p) for p in plan), desc="pruning", unit="layer", disable=not progress)
         for index, (block, layers) in enumerate(zip(blocks, plan)):
-            store.load(index, block)
             block_call = calls.for_block(index)
             if index < resume_from:  # pruned by a killed run: only its outputs are needed
                 tick = device_clock(device)
@@ -191,7 +190,7 @@ def prune_model(
                     dense_stream.start_block(block)
                     dense_stream.finish_block(block_call, device)
                     block.to(home)
-                    store.load(index, block)
+                store.load(index, block)
                 records = store.records(index) if ranks.is_main else None
                 _replay_block(ranks.broadcast_object(records, "sharing a finished block's records"), result, problems)
                 # The other ranks read the dense block: the pruned one is in rank 0's partial output.
@@ -206,6 +205,7 @@ def prune_model(
                 bar.update(len(layers))
                 timings["resume"] = timings.get("resume", 0.0) + device_clock(device) - tick
                 continue
+            store.load(index, block)
             block.to(device)
             tick = device_clock(device)
             if dense_stream is not None:
