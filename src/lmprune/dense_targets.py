@@ -31,7 +31,8 @@ DAMPING = 0.01
 def check_dense_targets(plan: list[list[PrunableLayer]]) -> None:
     fused = next((layer.name for layers in plan for layer in layers if isinstance(layer, ExpertSlice)), None)
     if fused is not None:
-        raise LmpruneError(f"--dense-targets cannot read fused expert tensors' dense inputs ({fused})")
+        raise LmpruneError(f"--dense-targets cannot read fused expert tensors' dense inputs ({fused}): "
+                           "leave out --dense-targets and --best-quality (which sets it) for this model")
 
 
 class DenseStream:

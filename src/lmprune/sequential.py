@@ -31,7 +31,7 @@ def check_sequential(mode: str, plan: list[list[PrunableLayer]]) -> None:
         fused = next((layer.name for layers in plan for layer in layers if isinstance(layer, ExpertSlice)), None)
         if fused is not None:
             raise LmpruneError(f"--sequential layer cannot order fused expert tensors ({fused}): "
-                               "use --sequential none for this model")
+                               "leave out --sequential layer and --best-quality (which sets it) for this model")
 
 
 def layer_groups(block: nn.Module, layers: list[PrunableLayer], call, hidden: list[torch.Tensor],
