@@ -8,10 +8,10 @@ inputs. Every solver then runs unchanged on (W′, H). Written as W′ = W + W (
 1% of its mean diagonal, the correction shrinks towards W (not towards zero) where H is ill-determined,
 and W′ = W exactly where the inputs are still the dense ones (the first block).
 
-Cost: the dense model is carried along (a copy of each block and of the hidden states) and every block
-runs twice more per group (dense and pruned, for C; with --sequential layer each pass stops after the
-group's last layer). Fused expert tensors are refused (their inputs are
-read by the tracer, not by hooks).
+Cost: the dense model is carried along (a copy of each block and of the hidden states), and the dense
+copy of the block runs once more per group of layers, batch by batch beside the pruned block's Gram pass,
+which adds C with H (with --sequential layer each pass stops after the group's last layer). Fused expert
+tensors are refused (their inputs are read by the tracer, not by hooks).
 """
 
 from __future__ import annotations
@@ -45,52 +45,33 @@ class DenseStream:
     def start_block(self, block: nn.Module) -> None:
         self.block = copy.deepcopy(block)  # the block's dense weights, before any layer is pruned
 
-    def cross_products(self, block: nn.Module, prefix: str, layers: list[PrunableLayer], call,
-                       hidden: list[torch.Tensor], device: torch.device,
-                       stop_early: bool = False) -> dict[str, torch.Tensor]:
-        """C = X_pᵀX_d per layer: X_p from the current block on the pruned stream, X_d from the dense copy.
+    def batch_inputs(self, prefix: str, layers: list[PrunableLayer], call, j: int, device: torch.device,
+                     stop_early: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The dense block's inputs to `layers` on batch j: {name: (the input object, its rows in float32)}.
 
-        `stop_early`: each forward ends once every layer of `layers` has read its input (as in
-        --sequential layer; only where no layer runs twice in a forward)."""
-        crosses = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in layers}
-        dense_inputs: dict[str, torch.Tensor] = {}
-        done: set[str] = set()
+        Read in the same loop as the pruned block's Grams (pipeline._collect_grams), which adds X_pᵀX_d
+        beside X_pᵀX_p: the pruned block runs once per batch for both. `stop_early`: the dense forward ends
+        once every layer has read its input."""
+        inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def keep(name):
             def hook(module, args, output):
-                dense_inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-                if stop_early and len(dense_inputs) == len(crosses):
+                inputs[name] = (args[0], args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+                if stop_early and len(inputs) == len(layers):
                     raise GroupDone
             return hook
 
-        def add(name):
-            def hook(module, args, output):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-                crosses[name].add_(x.t() @ dense_inputs[name])
-                done.add(name)
-                if stop_early and len(done) == len(crosses):
-                    raise GroupDone
-            return hook
-
-        handles = []
-        for layer in layers:
-            relative = layer.name[len(prefix) + 1:]
-            handles.append(self.block.get_submodule(relative).register_forward_hook(keep(layer.name)))
-            handles.append(layer.module.register_forward_hook(add(layer.name)))
+        handles = [self.block.get_submodule(layer.name[len(prefix) + 1:]).register_forward_hook(keep(layer.name))
+                   for layer in layers]
         try:
             with torch.no_grad():
-                for j, (h, d) in enumerate(zip(hidden, self.hidden)):
-                    for module, x in ((self.block, d), (block, h)):
-                        try:
-                            call.call(module, j, x.to(device), device)
-                        except GroupDone:
-                            pass
-                    dense_inputs.clear()
-                    done.clear()
+                call.call(self.block, j, self.hidden[j].to(device), device)
+        except GroupDone:
+            pass
         finally:
             for handle in handles:
                 handle.remove()
-        return crosses
+        return inputs
 
     def finish_block(self, call, device: torch.device) -> None:
         with torch.no_grad():

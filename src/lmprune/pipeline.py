@@ -214,7 +214,7 @@ def prune_model(
             if sequential == "layer":
                 stages, stop_early = layer_groups(block, layers, block_call, hidden, device)
             collected = _collect_grams(block, f"{blocks_name}.{index}", stages[0], block_call, hidden, device,
-                                       layer_solver.needs_input_stats, moe_calibration, stop_early)
+                                       layer_solver.needs_input_stats, moe_calibration, stop_early, dense_stream)
             merge_collected(ranks, collected, stages[0])
             timings["gram_forward"] += device_clock(device) - tick
             # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
@@ -235,16 +235,12 @@ def prune_model(
                 if stage_index:  # --sequential layer: this stage's inputs, with the earlier stages pruned
                     tick = device_clock(device)
                     collected = _collect_grams(block, f"{blocks_name}.{index}", stage, block_call, hidden, device,
-                                               layer_solver.needs_input_stats, moe_calibration, stop_early)
+                                               layer_solver.needs_input_stats, moe_calibration, stop_early, dense_stream)
                     merge_collected(ranks, collected, stage)
                     timings["gram_forward"] += device_clock(device) - tick
-                crosses = {}
-                if dense_stream is not None:
-                    tick = device_clock(device)
-                    crosses = dense_stream.cross_products(block, f"{blocks_name}.{index}", stage, block_call, hidden,
-                                                          device, stop_early)
+                crosses = collected.crosses
+                if crosses:
                     ranks.all_reduce_sum(list(crosses.values()), "summing dense-target cross products")
-                    timings["dense_targets"] = timings.get("dense_targets", 0.0) + device_clock(device) - tick
                 groups = _solve_groups(stage, collected.inputs, routers, block_tokens, batchable)
                 owners = assign_layers(ranks, stage)
                 groups = own_groups(ranks, owners, groups)  # the solves this process does
@@ -380,11 +376,12 @@ class CollectedInputs:
     inputs: dict[str, LayerInputs]
     routers: set[str]
     problems: dict[str, str]  # fused tensor name -> why it could not be read (not pruned)
+    crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --dense-targets: X_pᵀX_d per hooked layer
 
 
 def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
                    device, with_stats: bool = False, moe_calibration: str = "routed",
-                   stop_early: bool = False) -> CollectedInputs:
+                   stop_early: bool = False, dense: DenseStream | None = None) -> CollectedInputs:
     """Run the block on every batch, adding each layer's XᵀX (float32) to a running sum, and, `with_stats`,
     the sum of its inputs (for solvers that need the mean). Also finds the block's routers (first batch).
 
@@ -393,6 +390,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     so it is exact for any model. Expert slices of fused tensors are read by the block tracer.
     `stop_early` (hooked layers only): after the first batch, which runs whole to find the routers, a
     batch's forward ends once every hooked layer has read its input.
+    `dense` (--dense-targets): each batch first runs the block's dense copy on the dense stream, and each
+    hooked layer also adds X_pᵀX_d, with X_p the very input its Gram reads.
     """
     linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
     experts = [layer for layer in layers if isinstance(layer, ExpertSlice)]
@@ -402,6 +401,9 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count) this call
     fired: set[str] = set()  # hooked layers that read their input this call
     batch = [0]
+    crosses = {name: torch.zeros_like(gram) for name, gram in grams.items()} if dense is not None else {}
+    dense_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    cross_products: dict[tuple[int, int], tuple] = {}  # (id(X_p), id(X_d)) -> (X_p, X_d, X_pᵀX_d) this call
 
     def make_hook(name: str):
         def hook(module, args, output):
@@ -412,6 +414,14 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 total = flat.sum(0) if with_stats else None
                 seen = products[id(x)] = (x, flat.t() @ flat, total, flat.shape[0])
             grams[name].add_(seen[1])
+            if dense is not None:
+                dense_x, dense_flat = dense_inputs[name]
+                key = (id(x), id(dense_x))
+                cross = cross_products.get(key)
+                if cross is None or cross[0] is not x or cross[1] is not dense_x:
+                    flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                    cross = cross_products[key] = (x, dense_x, flat.t() @ dense_flat)
+                crosses[name].add_(cross[2])
             tokens[name] += seen[3]
             if with_stats:
                 totals[name].add_(seen[2])
@@ -439,6 +449,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 if j == 0:
                     tracer.start_router_trace()
                 batch[0] = j
+                if dense is not None:
+                    dense_inputs = dense.batch_inputs(prefix, linear, call, j, device, stop_early)
                 try:
                     with tracer if watched else contextlib.nullcontext():
                         call.call(block, j, h.to(device), device)
@@ -448,6 +460,7 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                     tracer.stop_router_trace()
                 products.clear()
                 fired.clear()
+                cross_products.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -473,7 +486,7 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
         else:
             inputs[layer.name] = LayerInputs(sums.gram, InputStats(sums.total, sums.tokens) if with_stats else None,
                                              sums.tokens)
-    return CollectedInputs(inputs, tracer.routers, problems)
+    return CollectedInputs(inputs, tracer.routers, problems, crosses)
 
 
 def _fused_name(layer: ExpertSlice) -> str:
