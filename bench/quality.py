@@ -3,9 +3,11 @@
     python bench/quality.py --preset stories260k                      # all methods × 50/60/70/80%/2:4
     python bench/quality.py --preset smollm2-135m --methods sparsegpt,wanda --peers
     python bench/quality.py --preset smollm2-135m --methods alps+owl,alps+depth,alps+owl+seq --targets 0.7
+    python bench/quality.py --preset smollm2-135m --methods '' --targets 0.7 --peers --peer-methods sparsegpt+owl,wanda+owl
 
 A method spec takes pipeline levers after "+": owl, depth, seq (--sequential layer), and owl-m=, owl-lambda=,
-depth-slope= (which imply their allocation).
+depth-slope= (which imply their allocation). A peer method (--peer-methods) is sparsegpt or wanda, optionally with
++owl (owl-m=, owl-lambda=): llm-compressor's own OWL profile, with lmprune's defaults M and λ unless given.
 
 Results go to bench/results/quality_<preset>.json (saved after every run; an interrupted run resumes,
 skipping rows already there; --fresh starts over) and a table in bench/RESULTS.md. A row whose time is
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    split_methods,
+    split_levers, split_methods,
     BENCH, METHODS, PRESETS, TABLE_TARGETS, TARGETS, build_windows, load_dense, load_json, replace_section, require_shared,
     run_once, save_json,
 )
@@ -45,12 +47,15 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, help="override the preset's calibration windows")
     parser.add_argument("--eval-windows", type=int, help="override the preset's evaluation windows")
     parser.add_argument("--peers", action="store_true", help="also run llm-compressor (bench/peers/setup.sh)")
+    parser.add_argument("--peer-methods", default=",".join(PEER_METHODS),
+                        help="llm-compressor's methods with --peers: sparsegpt, wanda, each optionally +owl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--table-only", action="store_true", help="rewrite the RESULTS.md table from the JSON; run nothing")
     args = parser.parse_args()
+    peer_methods = [_peer_flags(m) for m in split_methods(args.peer_methods)] if args.peers else []
     if args.table_only:
         table = format_table(load_json(BENCH / "results" / f"quality_{args.preset}.json"))
         replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", table)
@@ -100,7 +105,7 @@ def main() -> None:
         print(f"    perplexity {row['perplexity']:.3f}, prune {row['prune_seconds']:.1f} s", file=sys.stderr)
 
     if args.peers:
-        run_peers(data, out, preset, calibration, evaluation, targets, args.threads)
+        run_peers(data, out, preset, calibration, evaluation, targets, args.threads, peer_methods)
     replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", format_table(data))
     print(format_table(data))
 
@@ -109,15 +114,31 @@ def _done(data: dict, tool: str, method: str, target: str) -> bool:
     return any(r["tool"] == tool and r["method"] == method and r["target"] == target for r in data["runs"])
 
 
-def run_peers(data, out, preset, calibration, evaluation, targets, threads) -> None:
+def _peer_flags(spec: str) -> tuple[str, list[str]]:
+    """(spec, run_llmcompressor.py's flags) for a peer method such as "wanda" or "sparsegpt+owl"."""
+    base, allocation, sequential, dense = split_levers(spec)
+    if base not in PEER_METHODS or allocation.kind == "depth" or sequential != "none" or dense:
+        sys.exit(f"--peer-methods: {spec!r} is not one of {', '.join(PEER_METHODS)}, optionally with +owl")
+    if allocation.kind == "uniform":
+        return spec, ["--method", base]
+    if allocation.owl_m != int(allocation.owl_m):
+        sys.exit(f"--peer-methods: {spec!r}: llm-compressor's owl_m is an integer")
+    return spec, ["--method", base, "--profile", "owl", "--owl-m", str(int(allocation.owl_m)),
+                  "--owl-lambda", repr(allocation.owl_lambda)]
+
+
+def run_peers(data, out, preset, calibration, evaluation, targets, threads, peer_methods) -> None:
     if not PEER_PYTHON.exists():
         sys.exit(f"{PEER_PYTHON} missing: run bench/peers/setup.sh first")
     windows = out.with_name(f"windows_{data['preset']}.pt")
     torch.save({"calibration": calibration, "evaluation": evaluation}, windows)
     model_path = _model_path(preset["model"])
-    for method in PEER_METHODS:
+    for method, method_flags in peer_methods:
         for target in targets:
             if _done(data, "llmcompressor", method, target):
+                continue
+            if ":" in target and "--profile" in method_flags:
+                print(f"[llm-compressor] {method} {target}: skipped, OWL needs an unstructured target", file=sys.stderr)
                 continue
             result = out.with_name(f"peer_{data['preset']}_{method}_{target.replace(':', '-')}.json")
             flag = ["--pattern", target] if ":" in target else ["--sparsity", target]
@@ -125,7 +146,7 @@ def run_peers(data, out, preset, calibration, evaluation, targets, threads) -> N
             # A non-zero exit with a result means a sanity check failed (e.g. llm-compressor's Wanda
             # rounds the per-row count down: 68.75% at "70%"); keep the row, its measured sparsity shows it.
             subprocess.run([str(PEER_PYTHON), str(BENCH / "peers" / "run_llmcompressor.py"), "--model", model_path,
-                            "--windows", str(windows), "--method", method, *flag, "--out", str(result),
+                            "--windows", str(windows), *method_flags, *flag, "--out", str(result),
                             "--threads", str(threads)], check=False)
             if not result.exists():
                 sys.exit(f"llm-compressor {method} {target} failed without a result")

@@ -12,7 +12,7 @@ by the total count), the same convention as lmprune's.
 
     .venv-llmc/bin/python run_llmcompressor.py --model PATH --windows FILE.pt
         --method sparsegpt|wanda (--sparsity S | --pattern 2:4) --out RESULT.json [--threads N] [--save-masks MASKS.pt]
-        [--save-weights WEIGHTS.pt] [--perturb EPS --perturb-seed S]
+        [--save-weights WEIGHTS.pt] [--perturb EPS --perturb-seed S] [--profile owl --owl-m M --owl-lambda L]
 
 `--save-weights` saves the pruned weight of every measured Linear (the decoder blocks', not lm_head), so
 that bench/zeroshot.py can load them into its own copy of the model and score the peer's model with the
@@ -21,6 +21,17 @@ same code as lmprune's.
 `--perturb` (Wanda only) multiplies every input norm llm-compressor's Wanda computed by its own factor
 1 + EPS·N(0, 1) before the mask is chosen: the perturbation bench/sensitivity.py applies to lmprune, so
 the two tools' rounding noise floors can be compared.
+
+`--profile owl` uses llm-compressor's own OWL allocation (`sparsity_profile="owl"`, `owl_m`, `owl_lmbda`; it has
+no defaults, both must be given): one sparsity per decoder layer from that layer's share of outlier scores
+|W|·act > M × the layer's mean. In 0.14.0.1 the profile cannot run through `oneshot`: its activation pass
+(`_get_activations` → `run_calibration`) fires lifecycle events while the modifier is still initializing
+("Cannot invoke event before initializing"); and had it run, the per-decoder-layer dict it returns matches
+neither the per-Linear `targets=["Linear"]` count nor the `list` case that hands sparsities to layers. So the
+script calls llm-compressor's `_infer_owl_layer_sparsity` itself, inside an initialized empty session (as
+llm-compressor's own unit test of it does), on the same calibration windows and the dense model, and then
+gives those sparsities to the modifier as its documented per-target list, with the decoder layers as targets.
+Every number OWL produces is llm-compressor's; only the plumbing around it is ours.
 """
 
 from __future__ import annotations
@@ -54,7 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--perturb", type=float, default=0.0,
                    help="Wanda only: scale each input norm by 1 + PERTURB·N(0, 1) (rounding-noise study)")
     p.add_argument("--perturb-seed", type=int, default=0)
+    p.add_argument("--profile", choices=["uniform", "owl"], default="uniform",
+                   help="owl: llm-compressor's OWL sparsity per decoder layer (unstructured --sparsity only)")
+    p.add_argument("--owl-m", type=int, default=5, help="owl: outlier threshold, M × the layer's mean score")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl: layer sparsities span 2λ around the target")
     args = p.parse_args(argv)
+    if args.profile == "owl" and args.pattern is not None:
+        p.error("--profile owl needs --sparsity: an N:M pattern fixes every group's sparsity")
     if args.perturb and args.method != "wanda":
         p.error("--perturb applies to --method wanda only")
     if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
@@ -138,6 +155,30 @@ def perturb_wanda_norms(eps, seed):
     base.sparsify_weight = perturbed
 
 
+def owl_block_sparsities(modifier_class, model, calib, sparsity, owl_m, owl_lambda):
+    """llm-compressor's OWL sparsity of every decoder layer, {name: sparsity} in model order (see the docstring)."""
+    import torch
+    from compressed_tensors.utils import match_named_modules
+    from llmcompressor.core import create_session
+    from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
+    block_classes = infer_sequential_targets(model)
+    blocks = dict(match_named_modules(model, block_classes))
+    profiler = modifier_class(sparsity=sparsity, sparsity_profile="owl", owl_m=owl_m, owl_lmbda=owl_lambda,
+                              targets=block_classes, ignore=["re:.*lm_head"])
+    # Batches as oneshot's loader gives them here: one window each, no padding.
+    loader = torch.utils.data.DataLoader([{"input_ids": row} for row in calib], batch_size=1)
+    with create_session() as session:
+        session.initialize(model=model)
+        sparsities = profiler._infer_owl_layer_sparsity(model, blocks, loader)
+    return block_classes, {name: float(sparsities[name]) for name in blocks}
+
+
+def block_of(layer_name, block_names):
+    """The decoder layer holding a Linear ("model.layers.3" for "model.layers.3.mlp.up_proj")."""
+    return next((b for b in block_names if layer_name.startswith(b + ".")), None)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -168,7 +209,8 @@ def main(argv=None):
     lm_head_before = lm_head.weight.detach().clone() if lm_head is not None else None
 
     result = {"tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"),
-              "method": args.method, "target": args.pattern or str(args.sparsity),
+              "method": args.method + ("+owl" if args.profile == "owl" else ""),
+              "target": args.pattern or str(args.sparsity),
               **({"perturb": args.perturb, "perturb_seed": args.perturb_seed} if args.perturb else {})}
     if args.dense:
         t0 = time.perf_counter()
@@ -176,10 +218,25 @@ def main(argv=None):
         print(f"[llmc] dense perplexity {result['dense_perplexity']:.4f} "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
 
+    owl_seconds = 0.0  # OWL's dense activation pass, counted in prune_seconds
     if args.pattern:
         n, m = (int(x) for x in args.pattern.split(":"))
         # llm-compressor ignores `sparsity` under an N:M mask_structure; set it to the implied value.
         modifier = Modifier(sparsity=0.5, mask_structure=args.pattern, targets=["Linear"],
+                            ignore=["re:.*lm_head"])
+    elif args.profile == "owl":
+        n, m = 0, 0
+        t0 = time.perf_counter()
+        block_classes, block_sparsities = owl_block_sparsities(Modifier, model, calib, args.sparsity,
+                                                               args.owl_m, args.owl_lambda)
+        owl_seconds = time.perf_counter() - t0
+        result["owl"] = {"m": args.owl_m, "lambda": args.owl_lambda, "block_sparsities": block_sparsities}
+        print(f"[llmc] OWL sparsities of {len(block_sparsities)} decoder layers: "
+              f"{min(block_sparsities.values()):.4f} to {max(block_sparsities.values()):.4f} "
+              f"(mean {sum(block_sparsities.values()) / len(block_sparsities):.4f}; {owl_seconds:.1f}s)", flush=True)
+        # A list holds one sparsity per target in model order; targets are the decoder layers, whose
+        # Linears (less lm_head, outside them anyway) are all pruned, as with targets=["Linear"].
+        modifier = Modifier(sparsity=list(block_sparsities.values()), mask_structure="0:0", targets=block_classes,
                             ignore=["re:.*lm_head"])
     else:
         n, m = 0, 0
@@ -206,9 +263,10 @@ def main(argv=None):
         shuffle_calibration_samples=False,
         batch_size=1,
     )
-    prune_seconds = time.perf_counter() - t0
+    prune_seconds = time.perf_counter() - t0 + owl_seconds
     hook.remove()
-    print(f"[llmc] oneshot {args.method} {result['target']}: {prune_seconds:.1f}s", flush=True)
+    print(f"[llmc] pruned {result['method']} {result['target']}: {prune_seconds:.1f}s"
+          + (f" (OWL's pass {owl_seconds:.1f}s + oneshot)" if owl_seconds else " (oneshot)"), flush=True)
     model.eval()
 
     layers, overall = measure(model, n, m)
@@ -219,11 +277,24 @@ def main(argv=None):
         problems.append(f"calibration inputs differ from the windows: {len(seen)} distinct rows seen, "
                         f"{len(expected)} expected, {len(seen & expected)} in common")
     want = 1 - n / m if n else args.sparsity
+    owl = result.get("owl")
     for name, entry in layers.items():
-        if entry["sparsity"] < want - args.tolerance:
-            problems.append(f"{name}: measured sparsity {entry['sparsity']:.4f} below target")
+        # Under OWL each Linear answers to its decoder layer's sparsity; the model's total to the target.
+        layer_want = owl["block_sparsities"].get(block_of(name, owl["block_sparsities"]), want) if owl else want
+        if entry["sparsity"] < layer_want - args.tolerance:
+            problems.append(f"{name}: measured sparsity {entry['sparsity']:.4f} below its target {layer_want:.4f}")
         if entry.get("nm_violations"):
             problems.append(f"{name}: {entry['nm_violations']} groups keep more than {n} of {m}")
+    if owl:
+        if abs(overall - want) > args.tolerance:
+            problems.append(f"overall measured sparsity {overall:.4f} is not within {args.tolerance} of {want}")
+        measured = {}
+        for name, entry in layers.items():
+            zeros_total = measured.setdefault(block_of(name, owl["block_sparsities"]), [0.0, 0])
+            size = entry["shape"][0] * entry["shape"][1]
+            zeros_total[0] += entry["sparsity"] * size
+            zeros_total[1] += size
+        owl["block_sparsities_measured"] = {block: zeros / size for block, (zeros, size) in measured.items()}
     lm_head_untouched = None
     if lm_head_before is not None:
         lm_head_untouched = bool(torch.equal(lm_head_before, model.get_output_embeddings().weight.detach()))
