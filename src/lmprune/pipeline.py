@@ -235,7 +235,8 @@ def prune_model(
                 if stage_index:  # --sequential layer: this stage's inputs, with the earlier stages pruned
                     tick = device_clock(device)
                     collected = _collect_grams(block, f"{blocks_name}.{index}", stage, block_call, hidden, device,
-                                               layer_solver.needs_input_stats, moe_calibration, stop_early, dense_stream)
+                                               layer_solver.needs_input_stats, moe_calibration, stop_early,
+                                               dense_stream)
                     merge_collected(ranks, collected, stage)
                     timings["gram_forward"] += device_clock(device) - tick
                 crosses = collected.crosses
@@ -398,7 +399,7 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in linear}
     totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear} if with_stats else {}
     tokens = dict.fromkeys(grams, 0)
-    products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count) this call
+    products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count, float32 rows if dense) this call
     fired: set[str] = set()  # hooked layers that read their input this call
     batch = [0]
     crosses = {name: torch.zeros_like(gram) for name, gram in grams.items()} if dense is not None else {}
@@ -412,15 +413,14 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             if seen is None or seen[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                 total = flat.sum(0) if with_stats else None
-                seen = products[id(x)] = (x, flat.t() @ flat, total, flat.shape[0])
+                seen = products[id(x)] = (x, flat.t() @ flat, total, flat.shape[0], flat if dense is not None else None)
             grams[name].add_(seen[1])
             if dense is not None:
                 dense_x, dense_flat = dense_inputs[name]
                 key = (id(x), id(dense_x))
                 cross = cross_products.get(key)
                 if cross is None or cross[0] is not x or cross[1] is not dense_x:
-                    flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                    cross = cross_products[key] = (x, dense_x, flat.t() @ dense_flat)
+                    cross = cross_products[key] = (x, dense_x, seen[4].t() @ dense_flat)
                 crosses[name].add_(cross[2])
             tokens[name] += seen[3]
             if with_stats:
