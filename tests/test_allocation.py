@@ -77,10 +77,11 @@ def test_budget_total_is_exact_for_awkward_sizes():
 
 
 @pytest.mark.parametrize("kind", ["owl", "depth"])
-@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
-def test_model_total_is_exactly_the_target(kind, method, calibration):
+@pytest.mark.parametrize("method, per_row", [("magnitude", False), ("sparsegpt", False), ("wanda", True),
+                                             ("sparsegpt", True), ("admm-grad", True), ("dsnot", True)])
+def test_model_total_is_exactly_the_target(kind, method, per_row, calibration):
     model = tiny_model("llama")
-    result = prune_model(model, calibration, build_layer_solver(method), SparsityPattern(0.6), CPU,
+    result = prune_model(model, calibration, build_layer_solver(method), SparsityPattern(0.6, per_row=per_row), CPU,
                          progress=False, allocation=Allocation(kind, owl_lambda=0.1, depth_slope=0.2))
     _, blocks = find_blocks(model)
     pruned = {r["name"] for r in result.layers}
@@ -89,6 +90,10 @@ def test_model_total_is_exactly_the_target(kind, method, calibration):
         if name in pruned:
             zeros += int((module.weight == 0).sum())
             total += module.weight.numel()
+            if per_row:  # a spread per-row mask: rows prune ⌊k/rows⌋ or one more, the extra ones first
+                per = (module.weight == 0).sum(1)
+                base, extra = divmod(int(per.sum()), per.numel())
+                assert per.tolist() == [base + 1] * extra + [base] * (per.numel() - extra)
     assert len(pruned) == 7 * len(blocks)
     assert zeros == prune_count(total, 0.6)
     spread = result.allocation["block_sparsities"]
@@ -124,12 +129,22 @@ def test_verify_sparsity_checks_the_allocated_total():
         verify_sparsity(records, SparsityPattern(0.65), counts={"a": 6, "b": 7})
 
 
-def test_nm_and_per_row_are_refused_before_work(calibration):
+def test_verify_sparsity_checks_the_rows_of_a_spread_layer():
+    layer = type("Layer", (), {"get_weight": lambda self, device: weight})()
+    records = [{"name": "a", "shape": [3, 4], "sparsity": 7 / 12}]
+    pattern = SparsityPattern(0.5, per_row=True)
+    weight = torch.tensor([[0, 0, 0, 1.0], [0, 0, 1, 1], [0, 0, 1, 1]])  # 7 zeros: 3, 2, 2
+    verify_sparsity(records, pattern, {"a": layer}, counts={"a": 7}, whole_model=False)
+    weight = torch.tensor([[0, 0, 1, 1.0], [0, 0, 0, 1], [0, 0, 1, 1]])  # the extra zero in the wrong row
+    with pytest.raises(LmpruneError, match="not in every row"):
+        verify_sparsity(records, pattern, {"a": layer}, counts={"a": 7}, whole_model=False)
+
+
+def test_nm_is_refused_before_work(calibration):
     with pytest.raises(LmpruneError, match="--allocation owl needs an unstructured --sparsity"):
         prune_model(tiny_model("llama"), calibration, build_layer_solver("wanda"), SparsityPattern.nm("2:4"), CPU,
                     progress=False, allocation=Allocation("owl"))
-    with pytest.raises(LmpruneError, match="--allocation depth needs per-layer masks"):
-        Allocation("depth").check(SparsityPattern(0.5, per_row=True))
+    Allocation("depth").check(SparsityPattern(0.5, per_row=True))  # per-row masks take spread counts
     Allocation("uniform").check(SparsityPattern.nm("2:4"))
     with pytest.raises(LmpruneError, match="does not combine with a block refinement"):
         prune_model(tiny_model("llama"), calibration, build_layer_solver("sparsegpt"), SparsityPattern(0.5), CPU,

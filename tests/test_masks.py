@@ -22,6 +22,20 @@ def test_row_mask_exact_per_row():
     assert ((~mask).sum(1) == 16).all()
 
 
+def test_spread_row_mask_meets_the_matrix_total():
+    scores = torch.rand(2, 10, 33)  # two matrices (fused experts): the count is per matrix
+    pattern = SparsityPattern((123 + 0.5) / 330, per_row=True, spread=True)
+    mask = topk_mask(scores, pattern)
+    assert ((~mask).sum(-1) == torch.tensor([13] * 3 + [12] * 7)).all()  # 123 = 10·12 + 3
+    for row in range(10):  # each row prunes its own lowest scores
+        s, m = scores[0, row], mask[0, row]
+        assert s[~m].max() <= s[m].min()
+    # without spread the same fraction prunes ⌊33·s⌋ = 12 in every row
+    assert ((~topk_mask(scores, SparsityPattern(pattern.sparsity, per_row=True))).sum(-1) == 12).all()
+    with pytest.raises(LmpruneError, match="spread needs per_row"):
+        SparsityPattern(0.5, spread=True)
+
+
 def test_ties_broken_deterministically_lower_index_first():
     scores = torch.ones(4, 8)
     mask = layer_mask(scores, 0.5)

@@ -12,8 +12,9 @@ that the model's total is exactly ⌊target × prunable parameters⌋ (the masks
 A layer's count k of n weights is handed to the solvers as the fraction (k + ½)/n, which every mask
 rule (⌊n·s⌋) turns back into exactly k, whatever the floating-point error of k/n.
 
-N:M patterns stay uniform (their sparsity is fixed per group), and so do per-row masks (their unit is a
-whole row, which cannot carry a per-weight rounding); both are refused with a non-uniform allocation.
+Per-row masks (Wanda's, DSnoT's) take a layer's count as a "spread" pattern: every row prunes ⌊k/rows⌋
+and the first k mod rows rows one more, so the count stays exact while rows differ by at most one weight.
+N:M patterns stay uniform (their sparsity is fixed per group) and are refused with a non-uniform allocation.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden:
 class SparsityBudget:
     """Exact per-layer prune counts from block sparsities (see the module docstring for the rounding)."""
 
-    def __init__(self, target: float, block_sparsities: list[float]):
+    def __init__(self, target: float, block_sparsities: list[float], per_row: bool = False):
         self.target = target
+        self.per_row = per_row  # the method's masks are per row: hand out spread per-row patterns
         self.block_sparsities = block_sparsities
         self.ideal = 0.0  # Σ s_b·P_b over the blocks seen so far
         self.size = 0  # P of the blocks seen so far
@@ -125,7 +127,7 @@ class SparsityBudget:
         for layer, k, n in zip(layers, counts, sizes):
             k = min(k, n - 1)  # a layer always keeps one weight (sparsity < 1)
             self.counts[layer.name] = k
-            patterns[layer.name] = SparsityPattern((k + 0.5) / n)
+            patterns[layer.name] = SparsityPattern((k + 0.5) / n, per_row=self.per_row, spread=self.per_row)
         return patterns
 
     @property

@@ -15,12 +15,18 @@ class SparsityPattern:
 
     Either an unstructured fraction (`sparsity`, per layer or per output row) or N:M: at most `n`
     non-zeros in every `m` consecutive input weights of a row.
+
+    `spread` (per row only; set by a non-uniform allocation): the matrix prunes exactly
+    ⌊rows·cols·sparsity⌋ weights, every row ⌊that / rows⌋ and the first (that mod rows) rows one more,
+    instead of ⌊cols·sparsity⌋ in every row. An allocation's per-layer counts need not be a multiple of
+    the rows; rows still differ by at most one weight.
     """
 
     sparsity: float = 0.0
     n: int | None = None
     m: int | None = None
     per_row: bool = False
+    spread: bool = False
 
     def __post_init__(self) -> None:
         if self.is_nm:
@@ -28,6 +34,8 @@ class SparsityPattern:
                 raise LmpruneError(f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M")
         elif not (0.0 <= self.sparsity < 1.0):
             raise LmpruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.spread and not self.per_row:
+            raise LmpruneError("a spread pattern is a per-row one: spread needs per_row")
 
     @property
     def is_nm(self) -> bool:
@@ -105,9 +113,6 @@ class Allocation:
         if pattern.is_nm:
             raise LmpruneError(f"--allocation {self.kind} needs an unstructured --sparsity: "
                                f"{pattern.describe()} fixes the sparsity of every group (use --allocation uniform)")
-        if pattern.per_row:
-            raise LmpruneError(f"--allocation {self.kind} needs per-layer masks: a per-row mask prunes whole-row "
-                               "units, which cannot meet the total exactly (use --per-layer)")
 
     def settings(self) -> dict:
         if self.kind == "owl":

@@ -92,6 +92,21 @@ def prune_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _prune_lowest_rows(scores.reshape(-1, scores.shape[-1]), k).reshape(scores.shape)
 
 
+def row_counts(rows: int, cols: int, pattern: SparsityPattern) -> tuple[int, int]:
+    """A per-row pattern's counts for a [rows, cols] matrix: every row prunes `base`, the first `extra` one more."""
+    if pattern.spread:
+        return divmod(prune_count(rows * cols, pattern.sparsity), rows)
+    return prune_count(cols, pattern.sparsity), 0
+
+
+def prune_lowest_spread(scores: torch.Tensor, base: int, extra: int) -> torch.Tensor:
+    """Prune the `base` lowest entries of every row, and one more in the first `extra` rows of every matrix."""
+    mask = prune_lowest_per_row(scores, base)
+    if extra:
+        mask[..., :extra, :] = prune_lowest_per_row(scores[..., :extra, :], base + 1)
+    return mask
+
+
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction of every matrix (of the whole tensor if it is not one)."""
     if scores.dim() < 2:
@@ -118,7 +133,7 @@ def topk_mask(scores: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
     if pattern.is_nm:
         return nm_mask(scores, pattern.n, pattern.m)
     if pattern.per_row:
-        return row_mask(scores, pattern.sparsity)
+        return prune_lowest_spread(scores, *row_counts(*scores.shape[-2:], pattern))
     return layer_mask(scores, pattern.sparsity)
 
 

@@ -336,7 +336,7 @@ def _allocate(allocation: Allocation, pattern: SparsityPattern, blocks, plan, ca
         sparsities = depth_sparsities(pattern.sparsity, sizes, allocation.depth_slope)
     info["block_sparsities"] = sparsities
     result.allocation = info
-    return SparsityBudget(pattern.sparsity, sparsities)
+    return SparsityBudget(pattern.sparsity, sparsities, per_row=pattern.per_row)
 
 
 def _short(name: str) -> str:

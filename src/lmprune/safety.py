@@ -15,7 +15,7 @@ import torch
 
 from .config import SparsityPattern
 from .errors import LmpruneError
-from .masks import is_nm, prune_count
+from .masks import is_nm, prune_count, row_counts
 
 MASKED_FALLBACK = "non-finite update; kept the masked weights"
 
@@ -80,7 +80,8 @@ def pruned_count(out_features: int, in_features: int, pattern: SparsityPattern) 
     if pattern.is_nm:
         return out_features * (in_features // pattern.m) * (pattern.m - pattern.n)
     if pattern.per_row:
-        return out_features * prune_count(in_features, pattern.sparsity)
+        base, extra = row_counts(out_features, in_features, pattern)
+        return out_features * base + extra
     return prune_count(out_features * in_features, pattern.sparsity)
 
 
@@ -119,7 +120,11 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
             if pattern.is_nm:
                 broken_groups = not is_nm(~zero, pattern.n, pattern.m)
             elif pattern.per_row:
-                broken_groups = bool((zero.sum(1) < prune_count(cols, pattern.sparsity)).any())
+                # With an allocation's counts the rows share the layer's own count (a spread pattern).
+                base, extra = divmod(need, rows) if counts is not None else row_counts(rows, cols, pattern)
+                row_need = torch.full((rows,), base, device=zero.device)
+                row_need[:extra] += 1
+                broken_groups = bool((zero.sum(1) < row_need).any())
             else:
                 broken_groups = False
         if zeros < need or broken_groups:

@@ -44,7 +44,8 @@ import torch
 
 from ..config import SparsityPattern
 from ..errors import LmpruneError
-from ..masks import cubic_schedule, nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_per_row, topk_mask
+from ..masks import (cubic_schedule, nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_per_row,
+                     prune_lowest_spread, topk_mask)
 from .base import Solver, SolverResult
 from .linalg import fix_dead_inputs, precondition
 
@@ -221,12 +222,15 @@ def _gradual_rule(pattern: SparsityPattern, settings: ADMMGradSettings, shape) -
 
         return rule
 
-    total = cols if pattern.per_row else rows * cols
+    # A spread per-row pattern schedules the matrix's total and spreads each step's count over the rows.
+    total = cols if pattern.per_row and not pattern.spread else rows * cols
 
     def rule(it: int, V: torch.Tensor):
         if it >= steps:
             return None
         k = prune_count(total, cubic_schedule(it + 1, steps, pattern.sparsity, kind))
+        if pattern.spread:
+            return prune_lowest_spread(V.abs(), *divmod(k, rows))
         if pattern.per_row:
             return prune_lowest_per_row(V.abs(), k)
         return prune_lowest_per_matrix(V.abs(), k)

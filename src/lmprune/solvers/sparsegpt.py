@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SparsityPattern
-from ..masks import nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_per_row
+from ..masks import nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_per_row, row_counts
 from .base import Solver, SolverResult
 from .linalg import add_damping, fix_dead_inputs
 
@@ -70,7 +70,15 @@ def _sweep(W, H, settings, pattern=None, fixed_mask=None):
         if pattern is not None and not nm:
             scores = W1**2 / d**2
             # Per-block counts as differences of floors so the layer total is exactly ⌊numel·s⌋.
-            if pattern.per_row:
+            if pattern.spread:
+                # Rows prune base or base + 1 in all (row_counts); each row's total split over the blocks
+                # the same way, as the fraction (c + ½)/cols, which ⌊cols·s⌋ turns back into c.
+                base, extra = row_counts(rows, cols, pattern)
+                for row_slice, c in ((slice(extra, None), base), (slice(None, extra), base + 1)):
+                    s = (c + 0.5) / cols
+                    k = prune_count(end, s) - prune_count(start, s)
+                    mask1[..., row_slice, :] = prune_lowest_per_row(scores[..., row_slice, :], k)
+            elif pattern.per_row:
                 k = prune_count(end, pattern.sparsity) - prune_count(start, pattern.sparsity)
                 mask1[:] = prune_lowest_per_row(scores, k)
             else:
