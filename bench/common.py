@@ -70,16 +70,18 @@ def split_methods(text: str) -> list[str]:
     return [m for m in re.split(r",(?![^\[]*\])", text) if m]
 
 
-def split_levers(method: str) -> tuple[str, Allocation, str, bool]:
+def split_levers(method: str) -> tuple[str, Allocation, str, bool, bool]:
     """A spec's pipeline levers after "+": "alps+owl", "alps+depth+depth-slope=0.2+seq", "sparsegpt+owl-lambda=0.1"
-    (owl-m / owl-lambda imply owl, depth-slope implies depth; dense: --dense-targets);
-    returns (method spec, allocation, sequential, dense targets)."""
+    (owl-m / owl-lambda imply owl, depth-slope implies depth; dense: --dense-targets; block: --block-targets);
+    returns (method spec, allocation, sequential, dense targets, block targets)."""
     base, *levers = method.split("+")
-    kind, knobs, sequential, dense = "uniform", {}, "none", False
+    kind, knobs, sequential, dense, block = "uniform", {}, "none", False, False
     for lever in levers:
         key, _, value = lever.partition("=")
         if key == "dense":
             dense = True
+        elif key == "block":
+            block = True
         elif key == "seq":
             sequential = "layer"
         elif key in ("owl", "depth"):
@@ -89,7 +91,7 @@ def split_levers(method: str) -> tuple[str, Allocation, str, bool]:
             knobs[key.replace("-", "_")] = float(value)
         else:
             raise ValueError(f"unknown lever {lever!r} in {method!r}")
-    return base, Allocation(kind, **knobs), sequential, dense
+    return base, Allocation(kind, **knobs), sequential, dense, block
 
 
 def build(method: str):
@@ -103,10 +105,11 @@ def prune(model, method: str, target: str, calibration, device, progress=False, 
           moe_calibration="routed"):
     """Prune `model` in place with the method spec at the target; returns the pipeline's PruneResult."""
     built = built or build(method)
-    _, allocation, sequential, dense = split_levers(method)
+    _, allocation, sequential, dense, block = split_levers(method)
     return prune_model(model, calibration, built.layer_solver, built.pattern(SparsityPattern.parse(target)), device,
                        refiner=built.refiner, progress=progress, moe_calibration=moe_calibration,
-                       allocation=allocation, sequential=sequential, dense_targets=dense)
+                       allocation=allocation, sequential=sequential, dense_targets=dense,
+                       block_targets=block)
 
 
 def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False,

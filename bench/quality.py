@@ -116,8 +116,8 @@ def _done(data: dict, tool: str, method: str, target: str) -> bool:
 
 def _peer_flags(spec: str) -> tuple[str, list[str]]:
     """(spec, run_llmcompressor.py's flags) for a peer method such as "wanda" or "sparsegpt+owl"."""
-    base, allocation, sequential, dense = split_levers(spec)
-    if base not in PEER_METHODS or allocation.kind == "depth" or sequential != "none" or dense:
+    base, allocation, sequential, dense, block = split_levers(spec)
+    if base not in PEER_METHODS or allocation.kind == "depth" or sequential != "none" or dense or block:
         sys.exit(f"--peer-methods: {spec!r} is not one of {', '.join(PEER_METHODS)}, optionally with +owl")
     if allocation.kind == "uniform":
         return spec, ["--method", base]

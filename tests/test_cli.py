@@ -124,18 +124,25 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.strip() == f"lmprune {lmprune.__version__}"
 
 
-def test_best_quality_is_sequential_layer_with_dense_targets(capsys, tiny_llama, calib, tmp_path):
+def test_best_quality_is_sequential_layer_with_dense_and_block_targets(capsys, tiny_llama, calib, tmp_path):
     from safetensors.torch import load_file
 
     outs = {}
-    for name, levers in (("best", ["--best-quality"]), ("both", ["--sequential", "layer", "--dense-targets"]),
-                         ("plain", [])):
+    for name, levers in (("best", ["--best-quality"]),
+                         ("both", ["--sequential", "layer", "--dense-targets", "--block-targets"]), ("plain", [])):
         outs[name] = tmp_path / name
         code, _, err = run(capsys, *prune_args(tiny_llama, calib, outs[name], "--method", "sparsegpt",
                                                "--sparsity", "0.6", *levers))
         assert code == 0, err
     settings = {n: json.loads((o / "lmprune_report.json").read_text())["settings"] for n, o in outs.items()}
-    assert (settings["best"]["sequential"], settings["best"]["dense_targets"]) == ("layer", True)
+    assert (settings["best"]["sequential"], settings["best"]["dense_targets"], settings["best"]["block_targets"]) == (
+        "layer", True, True)
+    code, text, _ = run(capsys, "report", outs["best"])
+    assert code == 0 and "sequential: layer  dense targets: yes  block targets: 2 of 2 blocks" in text, text
+    code, _, err = run(capsys, *prune_args(tiny_llama, calib, tmp_path / "bad", "--method", "sparsegpt",
+                                           "--sparsity", "0.6", "--block-targets", "--sequential", "layer"))
+    assert code == 2 and err == ["lmprune: error: --block-targets needs --dense-targets and --sequential layer "
+                                 "(--best-quality sets all three)"]
     weights = {n: load_file(o / "model.safetensors") for n, o in outs.items()}
     assert all(torch.equal(weights["best"][k], weights["both"][k]) for k in weights["both"])
     assert not all(torch.equal(weights["best"][k], weights["plain"][k]) for k in weights["plain"])

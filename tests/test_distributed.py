@@ -245,11 +245,12 @@ def test_allocation_and_sequential_two_processes(tiny_llama, calib_text, tmp_pat
         assert two["block_sparsities"] == pytest.approx(one["block_sparsities"], abs=1e-6)
 
 
-@pytest.mark.parametrize("levers", [["--stream"], ["--dense-targets", "--sequential", "layer"],
+@pytest.mark.parametrize("levers", [["--stream"], ["--dense-targets", "--sequential", "layer", "--block-targets"],
                                     ["--stream", "--dense-targets", "--sequential", "layer"]])
 def test_streaming_and_dense_targets_two_processes(stories_path, tinystories_path, tmp_path, levers):
     # --stream: every rank reads each block from the checkpoint, rank 0 alone writes; compared with one
-    # in-memory process. --dense-targets: the cross products X_pᵀX_d are all-reduced like the Grams.
+    # in-memory process. --dense-targets: the cross products X_pᵀX_d (and the block targets' X_pᵀ(R_d − R_p))
+    # are all-reduced like the Grams.
     # A trained model: on a random-init toy, dense targets + sequential amplify float32 summation order
     # into mask flips even in one process (2.6% of entries between --batch-size 1 and 2), here into none.
     common = ["--nsamples", 8, "--seqlen", 64, "--method", "sparsegpt", "--sparsity", "0.6"]

@@ -68,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dense-targets", action="store_true",
                        help="each layer fits the dense model's outputs from the pruned model's inputs "
                             "(best with --sequential layer; costs two extra block passes per group)")
+    prune.add_argument("--block-targets", action="store_true",
+                       help="with --dense-targets and --sequential layer: each block's last layer (e.g. down_proj) "
+                            "also fits the dense block's output, repairing the residual stream's error")
     prune.add_argument("--best-quality", action="store_true",
-                       help="shorthand for --sequential layer --dense-targets: the combination that won every "
-                            "comparison in bench/RESULTS.md (issue 18), at several times the prune time")
+                       help="shorthand for --sequential layer --dense-targets --block-targets: the combination "
+                            "that won every comparison in bench/RESULTS.md (issue 18), at about twice the prune time")
     prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
                        help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
@@ -190,7 +193,7 @@ def cmd_prune(args) -> int:
     pattern = _pattern(args)
     calib_given = args.calib is not None
     if args.best_quality:
-        args.sequential, args.dense_targets = "layer", True
+        args.sequential, args.dense_targets, args.block_targets = "layer", True, True
     args.calib = args.calib or SELF_CALIB  # no dataset needed: the model writes its own calibration text
     method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
     config = PruneConfig(
@@ -200,7 +203,7 @@ def cmd_prune(args) -> int:
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda, args.depth_slope),
-        sequential=args.sequential, dense_targets=args.dense_targets,
+        sequential=args.sequential, dense_targets=args.dense_targets, block_targets=args.block_targets,
     )
     if args.calib != SELF_CALIB:
         _check_source(args.calib, "--calib")
@@ -345,7 +348,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
                              config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
                              moe_calibration=config.moe_calibration, ranks=ranks, store=blocks,
                              allocation=config.allocation, sequential=config.sequential,
-                             dense_targets=config.dense_targets)
+                             dense_targets=config.dense_targets, block_targets=config.block_targets)
     ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
     if not ranks.is_main:
         return 0
@@ -392,6 +395,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         "unpruned": result.unpruned,
         "blocks": result.blocks,
         "allocation": result.allocation,
+        **({"block_targets": result.block_targets} if config.block_targets else {}),
         "versions": library_versions(),
     }
     if zeroshot is not None:

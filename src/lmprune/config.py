@@ -207,6 +207,7 @@ class PruneConfig:
     allocation: Allocation = field(default_factory=Allocation)
     sequential: str = "none"
     dense_targets: bool = False
+    block_targets: bool = False
 
     def __post_init__(self) -> None:
         check_windows(self.seqlen, self.nsamples, "--seqlen", "--nsamples")
@@ -217,6 +218,9 @@ class PruneConfig:
             raise LmpruneError(f"invalid --moe-calibration {self.moe_calibration!r}: choose routed or all")
         if self.sequential not in SEQUENTIAL:
             raise LmpruneError(f"invalid --sequential {self.sequential!r}: choose from {', '.join(SEQUENTIAL)}")
+        if self.block_targets and not (self.dense_targets and self.sequential == "layer"):
+            raise LmpruneError("--block-targets needs --dense-targets and --sequential layer "
+                               "(--best-quality sets all three)")
         for regex in self.skip:
             try:
                 re.compile(regex)

@@ -8,6 +8,16 @@ inputs. Every solver then runs unchanged on (W′, H). Written as W′ = W + W (
 1% of its mean diagonal, the correction shrinks towards W (not towards zero) where H is ill-determined,
 and W′ = W exactly where the inputs are still the dense ones (the first block).
 
+Block targets (--block-targets, with --sequential layer): the block's last layer (e.g. down_proj) also
+repairs the residual stream. A block's output is Y = R + α·O, O that layer's output and R everything
+else (the skip path and the earlier sub-layers); with the layer's target O_d + (R_d − R_p)/α the pruned
+block's output fits the dense block's output as well as the layer's own inputs allow, instead of
+leaving the skip path's error (carried in from earlier blocks and the block's attention) uncorrected.
+It needs one more product beside C, E = X_pᵀ(R_d − R_p)/α, and W′ gains H⁻¹E. α is read off the block
+itself (`output_scale`): the block's output moves by exactly α·δ when the layer's output moves by δ;
+a layer whose output is normalised or reused before it reaches the block's output has no such α and
+keeps plain dense targets (the report counts the blocks where it applied).
+
 Cost: the dense model is carried along (a copy of each block and of the hidden states), and the dense
 copy of the block runs once more per group of layers, batch by batch beside the pruned block's Gram pass,
 which adds C with H (with --sequential layer each pass stops after the group's last layer). Fused expert
@@ -53,10 +63,12 @@ class DenseStream:
         beside X_pᵀX_p: the pruned block runs once per batch for both. `stop_early`: the dense forward ends
         once every layer has read its input."""
         inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layer_outputs: dict[str, torch.Tensor] = {}  # block targets: the dense layers' outputs, this batch
 
         def keep(name):
             def hook(module, args, output):
                 inputs[name] = (args[0], args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+                self.layer_outputs[name] = output.detach()
                 if stop_early and len(inputs) == len(layers):
                     raise GroupDone
             return hook
@@ -65,8 +77,9 @@ class DenseStream:
                    for layer in layers]
         try:
             with torch.no_grad():
-                call.call(self.block, j, self.hidden[j].to(device), device)
+                self.block_output = call.call(self.block, j, self.hidden[j].to(device), device)
         except GroupDone:
+            self.block_output = None
             pass
         finally:
             for handle in handles:
@@ -80,7 +93,59 @@ class DenseStream:
         self.block = None
 
 
-def dense_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """W′ = W + W (C − H)ᵀ H⁻¹ (H damped): the weight whose outputs on X_p best match X_d W."""
+def dense_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, E: torch.Tensor | None = None) -> torch.Tensor:
+    """W′ = W + W (C − H)ᵀ H⁻¹ (H damped): the weight whose outputs on X_p best match X_d W;
+    with block targets E = X_pᵀ(R_d − R_p)/α [in, out], plus (H⁻¹E)ᵀ: the outputs also take up R_d − R_p."""
     damped = H + DAMPING * H.diagonal().mean() * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    return W + torch.linalg.solve(damped, (C - H) @ W.t()).t()
+    W = W + torch.linalg.solve(damped, (C - H) @ W.t()).t()
+    if E is not None:
+        W = W + torch.linalg.solve(damped, E).t()
+    return W
+
+
+# The block's output change may differ from α·δ by this share of ‖α·δ‖ (rounding in half precision).
+_SCALE_TOLERANCE = 0.02
+
+
+def output_scale(block: nn.Module, layer: PrunableLayer, call, hidden: torch.Tensor, device: torch.device
+                 ) -> tuple[float | None, str]:
+    """α if the block's output moves by exactly α·δ whenever `layer`'s output moves by δ, else None; and why not.
+
+    Read on one batch with two random δ, one at the scale of the layer's output and one at the scale of
+    the block's output (three forwards): a norm after the layer can look linear on outputs far below its
+    ε, never at both scales. α = 1 for a layer added straight into the residual stream."""
+    with torch.no_grad():
+        base = call.call(block, 0, hidden.to(device), device).float()
+        fits = []
+        for size in ("layer", "block"):
+            generator = torch.Generator().manual_seed(len(fits))
+            seen: dict[str, torch.Tensor] = {}
+
+            def nudge(module, args, output):
+                if "delta" in seen:  # read twice in one forward: its output is not simply added
+                    seen["twice"] = output
+                    return output
+                scale = (output.detach().float() if size == "layer" else base).std().clamp_min(1e-3).cpu()
+                seen["delta"] = delta = (torch.randn(output.shape, generator=generator) * scale).to(output)
+                return output + delta
+
+            handle = layer.module.register_forward_hook(nudge)
+            try:
+                out = call.call(block, 0, hidden.to(device), device).float()
+            finally:
+                handle.remove()
+            if "twice" in seen:
+                return None, f"{layer.name} runs twice in one forward"
+            delta = seen.get("delta")
+            if delta is None or delta.shape != base.shape:
+                return None, f"{layer.name}'s output is not shaped like the block's output"
+            delta, change = delta.float().reshape(-1), (out - base).reshape(-1)
+            alpha = float(change @ delta / (delta @ delta))
+            fits.append((alpha, float((change - alpha * delta).norm() / delta.norm())))
+    (alpha, miss), (other, other_miss) = fits
+    if (not abs(alpha) > 1e-6 or max(miss, other_miss) > _SCALE_TOLERANCE * abs(alpha)
+            or abs(other - alpha) > _SCALE_TOLERANCE * abs(alpha)):
+        return None, f"{layer.name}'s output does not reach the block's output by a fixed scale (normalised after it?)"
+    if abs(alpha - 1.0) < 1e-3:
+        alpha = 1.0  # a plain residual add, up to rounding
+    return alpha, ""

@@ -42,7 +42,7 @@ from .model.streaming import BlockStore, first_of_each_class
 from .model.tracing import BlockTracer
 from .allocation import Allocation, SparsityBudget, dense_outlier_ratios, depth_sparsities, owl_sparsities
 from .sequential import GroupDone, check_sequential, layer_groups
-from .dense_targets import DenseStream, check_dense_targets, dense_target
+from .dense_targets import DenseStream, check_dense_targets, dense_target, output_scale
 from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, SolverResult, build_layer_solver
 from .solvers.linalg import relative_errors
@@ -94,6 +94,8 @@ class PruneResult:
     routers: list[str] = field(default_factory=list)  # weights found to compute routing logits: never pruned
     unpruned: list[dict[str, Any]] = field(default_factory=list)  # ≥2-D block weights left dense, and why
     allocation: dict[str, Any] = field(default_factory=lambda: {"kind": "uniform"})  # block sparsities and why
+    # --block-targets: which layer took each block's output as its target, and the blocks where none could
+    block_targets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,6 +124,7 @@ def prune_model(
     allocation: Allocation | None = None,
     sequential: str = "none",
     dense_targets: bool = False,
+    block_targets: bool = False,
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
@@ -129,7 +132,8 @@ def prune_model(
     every calibration token through every expert (the model's own routing still decides what the next
     block sees). `allocation` spreads the target over the blocks (allocation.py); `sequential` "layer"
     prunes a block's layers group by group in data-flow order (sequential.py). `dense_targets`: each
-    layer reconstructs the dense model's outputs from the pruned inputs (dense_targets.py).
+    layer reconstructs the dense model's outputs from the pruned inputs (dense_targets.py); `block_targets`
+    (with both): a block's last layer also fits the dense block's output (dense_targets.py).
 
     `ranks` (several processes, see distributed.py): each runs its share of the calibration batches,
     the Gram sums are all-reduced, each solves its share of the layers, and all end with the same model.
@@ -149,6 +153,8 @@ def prune_model(
     check_sequential(sequential, plan)
     if dense_targets:
         check_dense_targets(plan)
+    if block_targets and not (dense_targets and sequential == "layer"):
+        raise LmpruneError("--block-targets needs --dense-targets and --sequential layer (--best-quality sets all three)")
     blocks_name, blocks = find_blocks(model)
     store_device = store_device or device
     store = store or BlockStore()
@@ -234,14 +240,18 @@ def prune_model(
             for stage_index, stage in enumerate(stages):
                 if stage_index:  # --sequential layer: this stage's inputs, with the earlier stages pruned
                     tick = device_clock(device)
+                    target = None
+                    if block_targets and stage_index == len(stages) - 1:
+                        target = _block_target(ranks, block, index, stage, block_call, hidden, device, result)
                     collected = _collect_grams(block, f"{blocks_name}.{index}", stage, block_call, hidden, device,
                                                layer_solver.needs_input_stats, moe_calibration, stop_early,
-                                               dense_stream)
+                                               dense_stream, target)
                     merge_collected(ranks, collected, stage)
                     timings["gram_forward"] += device_clock(device) - tick
                 crosses = collected.crosses
                 if crosses:
-                    ranks.all_reduce_sum(list(crosses.values()), "summing dense-target cross products")
+                    ranks.all_reduce_sum(list(crosses.values()) + list(collected.block_crosses.values()),
+                                         "summing dense-target cross products")
                 groups = _solve_groups(stage, collected.inputs, routers, block_tokens, batchable)
                 owners = assign_layers(ranks, stage)
                 groups = own_groups(ranks, owners, groups)  # the solves this process does
@@ -251,7 +261,8 @@ def prune_model(
                     bar.set_postfix_str(f"block {index}: {_short(group[0].layer.name)}"
                                         + (f" ×{len(group)}" if len(group) > 1 else ""))
                     tick = device_clock(device)
-                    records = _prune_group(group, layer_solver, fallback_solver, pattern, patterns, crosses, device)
+                    records = _prune_group(group, layer_solver, fallback_solver, pattern, patterns, crosses, device,
+                                           collected.block_crosses)
                     seconds = device_clock(device) - tick
                     for record in records:
                         record["seconds"] = seconds / len(records)  # a batch's time, shared by its layers
@@ -303,6 +314,11 @@ def prune_model(
                     budget.counts if budget is not None else None)
     pruned = {r["name"] for r in result.layers}
     result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
+    missed = result.block_targets.get("not_applied", {})
+    if missed and ranks.is_main:
+        first = next(iter(missed.items()))
+        print(f"lmprune: warning: block targets did not apply in {len(missed)} block(s), which kept plain dense "
+              f"targets (block {first[0]}: {first[1]}; all in the report)", file=sys.stderr)
     if result.unpruned and ranks.is_main:
         shown = ", ".join(f"{u['name']} ({u['reason']})" for u in result.unpruned[:6])
         more = f" and {len(result.unpruned) - 6} more (see the report)" if len(result.unpruned) > 6 else ""
@@ -378,11 +394,13 @@ class CollectedInputs:
     routers: set[str]
     problems: dict[str, str]  # fused tensor name -> why it could not be read (not pruned)
     crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --dense-targets: X_pᵀX_d per hooked layer
+    block_crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --block-targets: X_pᵀ(R_d − R_p)/α
 
 
 def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
                    device, with_stats: bool = False, moe_calibration: str = "routed",
-                   stop_early: bool = False, dense: DenseStream | None = None) -> CollectedInputs:
+                   stop_early: bool = False, dense: DenseStream | None = None,
+                   block_target: tuple[str, float] | None = None) -> CollectedInputs:
     """Run the block on every batch, adding each layer's XᵀX (float32) to a running sum, and, `with_stats`,
     the sum of its inputs (for solvers that need the mean). Also finds the block's routers (first batch).
 
@@ -393,6 +411,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     batch's forward ends once every hooked layer has read its input.
     `dense` (--dense-targets): each batch first runs the block's dense copy on the dense stream, and each
     hooked layer also adds X_pᵀX_d, with X_p the very input its Gram reads.
+    `block_target` (name, α) (--block-targets): that layer also adds X_pᵀ(R_d − R_p)/α, R = Y/α − O from the
+    block's output Y and the layer's output O, dense and pruned; its passes then run whole.
     """
     linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
     experts = [layer for layer in layers if isinstance(layer, ExpertSlice)]
@@ -405,6 +425,11 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     crosses = {name: torch.zeros_like(gram) for name, gram in grams.items()} if dense is not None else {}
     dense_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     cross_products: dict[tuple[int, int], tuple] = {}  # (id(X_p), id(X_d)) -> (X_p, X_d, X_pᵀX_d) this call
+    block_crosses, target_reads = {}, {}  # target_reads: the target layer's float32 input rows and output, this call
+    if block_target is not None:
+        block_crosses[block_target[0]] = torch.zeros(grams[block_target[0]].shape[0], layers_out(linear, block_target[0]),
+                                                     device=device)
+        stop_early = False  # the block's output is needed
 
     def make_hook(name: str):
         def hook(module, args, output):
@@ -422,6 +447,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 if cross is None or cross[0] is not x or cross[1] is not dense_x:
                     cross = cross_products[key] = (x, dense_x, seen[4].t() @ dense_flat)
                 crosses[name].add_(cross[2])
+            if name in block_crosses:
+                target_reads.update(rows=seen[4], output=output.detach())
             tokens[name] += seen[3]
             if with_stats:
                 totals[name].add_(seen[2])
@@ -453,9 +480,16 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                     dense_inputs = dense.batch_inputs(prefix, linear, call, j, device, stop_early)
                 try:
                     with tracer if watched else contextlib.nullcontext():
-                        call.call(block, j, h.to(device), device)
+                        output = call.call(block, j, h.to(device), device)
                 except GroupDone:
                     pass
+                if block_target is not None:
+                    name, alpha = block_target
+                    residual_d = dense.block_output.float() / alpha - dense.layer_outputs[name].float()
+                    residual_p = output.float() / alpha - target_reads["output"].float()
+                    miss = (residual_d - residual_p).reshape(-1, residual_d.shape[-1])
+                    block_crosses[name].add_(target_reads["rows"].t() @ miss)
+                    target_reads.clear()
                 if j == 0:
                     tracer.stop_router_trace()
                 products.clear()
@@ -486,7 +520,31 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
         else:
             inputs[layer.name] = LayerInputs(sums.gram, InputStats(sums.total, sums.tokens) if with_stats else None,
                                              sums.tokens)
-    return CollectedInputs(inputs, tracer.routers, problems, crosses)
+    return CollectedInputs(inputs, tracer.routers, problems, crosses, block_crosses)
+
+
+def layers_out(layers: list[PrunableLayer], name: str) -> int:
+    return next(layer.out_features for layer in layers if layer.name == name)
+
+
+def _block_target(ranks, block: nn.Module, index: int, stage: list[PrunableLayer], call: BlockCall, hidden,
+                  device: torch.device, result: PruneResult) -> tuple[str, float] | None:
+    """--block-targets: (the layer, α) if the block's last stage is one hooked layer whose output reaches the
+    block's output by a fixed scale α (read by rank 0 and shared); records where it applied, and why not."""
+    layer = stage[0]
+    if len(stage) != 1 or isinstance(layer, ExpertSlice):
+        found = None, f"its last group is {len(stage)} layers, not one" if len(stage) != 1 else "fused experts"
+    else:
+        found = output_scale(block, layer, call, hidden[0], device) if ranks.is_main else None
+    alpha, why = ranks.broadcast_object(found, "sharing the block's output scale")
+    info = result.block_targets
+    if alpha is None:
+        info.setdefault("not_applied", {})[str(index)] = why
+        return None
+    info.setdefault("layers", []).append(layer.name)
+    if alpha != 1.0:
+        info.setdefault("scales", {})[layer.name] = alpha
+    return layer.name, alpha
 
 
 def _fused_name(layer: ExpertSlice) -> str:
@@ -613,17 +671,19 @@ _BATCH_BYTES = 1 << 30
 
 def _prune_group(group: list[_Solve], layer_solver: LayerSolver, fallback_solver: LayerSolver,
                  pattern: SparsityPattern, patterns: dict[str, SparsityPattern], crosses: dict[str, torch.Tensor],
-                 device: torch.device) -> list[dict[str, Any]]:
+                 device: torch.device, block_crosses: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Prune the layers of a group (one layer, or experts of one fused tensor solved in batches).
 
     `patterns`: each layer's own target where an allocation gives one; `crosses` (--dense-targets): X_pᵀX_d,
-    so the solver fits W′, the dense outputs seen through the pruned inputs.
+    so the solver fits W′, the dense outputs seen through the pruned inputs; `block_crosses`
+    (--block-targets): the block's output term of its last layer.
     """
     targets = {patterns.get(solve.layer.name, pattern) for solve in group}
     if len(group) > 1 and (len(targets) > 1 or any(solve.layer.name in crosses for solve in group)):
         # An allocation can give the experts of one tensor different counts: one pattern per batch only.
         return [record for solve in group
-                for record in _prune_group([solve], layer_solver, fallback_solver, pattern, patterns, crosses, device)]
+                for record in _prune_group([solve], layer_solver, fallback_solver, pattern, patterns, crosses, device,
+                                           block_crosses)]
     pattern = targets.pop()
     if len(group) == 1:
         solve = group[0]
@@ -632,7 +692,7 @@ def _prune_group(group: list[_Solve], layer_solver: LayerSolver, fallback_solver
         require_finite_gram(solve.layer.name, solve.inputs.gram)
         cross = crosses.get(solve.layer.name) if solver is layer_solver else None
         if cross is not None:
-            W = dense_target(W, solve.inputs.gram, cross)
+            W = dense_target(W, solve.inputs.gram, cross, (block_crosses or {}).get(solve.layer.name))
         record = _write_back(solve.layer, W, solve.inputs, solver(W, solve.inputs.gram, pattern, solve.inputs.stats))
         if solve.fallback:
             record["fallback"] = solve.fallback

@@ -119,7 +119,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"allocation: {allocation['kind']}  {knobs}  block sparsities: {spread}")
     sequential = settings.get("sequential", "none")
     if sequential != "none" or settings.get("dense_targets"):
-        lines.append(f"sequential: {sequential}  dense targets: {'yes' if settings.get('dense_targets') else 'no'}")
+        line = f"sequential: {sequential}  dense targets: {'yes' if settings.get('dense_targets') else 'no'}"
+        if settings.get("block_targets"):
+            targets = report.get("block_targets") or {}
+            applied, missed = len(targets.get("layers", [])), len(targets.get("not_applied", {}))
+            line += f"  block targets: {applied} of {applied + missed} blocks"
+        lines.append(line)
     if summary.get("expert_slices"):
         lines.append(f"experts:  {summary['expert_slices']} expert slices pruned")
     for r in summary.get("layers_with_fallback", []):
