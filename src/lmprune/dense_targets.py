@@ -137,7 +137,7 @@ def output_scale(block: nn.Module, layer: PrunableLayer, call, hidden: torch.Ten
             if "twice" in seen:
                 return None, f"{layer.name} runs twice in one forward"
             delta = seen.get("delta")
-            if delta is None or delta.shape != base.shape:
+            if delta is None or delta.numel() != base.numel() or delta.shape[-1] != base.shape[-1]:
                 return None, f"{layer.name}'s output is not shaped like the block's output"
             delta, change = delta.float().reshape(-1), (out - base).reshape(-1)
             alpha = float(change @ delta / (delta @ delta))

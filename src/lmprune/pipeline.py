@@ -219,8 +219,12 @@ def prune_model(
             stages, stop_early = [layers], False
             if sequential == "layer":
                 stages, stop_early = layer_groups(block, layers, block_call, hidden, device)
+            target = None
+            if block_targets and len(stages) == 1:  # one group: its pass is also the last
+                target = _block_target(ranks, block, index, stages[0], block_call, hidden, device, result)
             collected = _collect_grams(block, f"{blocks_name}.{index}", stages[0], block_call, hidden, device,
-                                       layer_solver.needs_input_stats, moe_calibration, stop_early, dense_stream)
+                                       layer_solver.needs_input_stats, moe_calibration, stop_early, dense_stream,
+                                       target)
             merge_collected(ranks, collected, stages[0])
             timings["gram_forward"] += device_clock(device) - tick
             # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
@@ -427,8 +431,9 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     cross_products: dict[tuple[int, int], tuple] = {}  # (id(X_p), id(X_d)) -> (X_p, X_d, X_pᵀX_d) this call
     block_crosses, target_reads = {}, {}  # target_reads: the target layer's float32 input rows and output, this call
     if block_target is not None:
-        block_crosses[block_target[0]] = torch.zeros(grams[block_target[0]].shape[0], layers_out(linear, block_target[0]),
-                                                     device=device)
+        target_layer = next(layer for layer in linear if layer.name == block_target[0])
+        block_crosses[target_layer.name] = torch.zeros(target_layer.in_features, target_layer.out_features,
+                                                       device=device)
         stop_early = False  # the block's output is needed
 
     def make_hook(name: str):
@@ -485,10 +490,11 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                     pass
                 if block_target is not None:
                     name, alpha = block_target
-                    residual_d = dense.block_output.float() / alpha - dense.layer_outputs[name].float()
-                    residual_p = output.float() / alpha - target_reads["output"].float()
-                    miss = (residual_d - residual_p).reshape(-1, residual_d.shape[-1])
-                    block_crosses[name].add_(target_reads["rows"].t() @ miss)
+                    width = output.shape[-1]  # rows of tokens: a layer may see them flattened (OPT)
+                    residual_d = (dense.block_output.float().reshape(-1, width) / alpha
+                                  - dense.layer_outputs[name].float().reshape(-1, width))
+                    residual_p = output.float().reshape(-1, width) / alpha - target_reads["output"].float().reshape(-1, width)
+                    block_crosses[name].add_(target_reads["rows"].t() @ (residual_d - residual_p))
                     target_reads.clear()
                 if j == 0:
                     tracer.stop_router_trace()
@@ -521,10 +527,6 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             inputs[layer.name] = LayerInputs(sums.gram, InputStats(sums.total, sums.tokens) if with_stats else None,
                                              sums.tokens)
     return CollectedInputs(inputs, tracer.routers, problems, crosses, block_crosses)
-
-
-def layers_out(layers: list[PrunableLayer], name: str) -> int:
-    return next(layer.out_features for layer in layers if layer.name == name)
 
 
 def _block_target(ranks, block: nn.Module, index: int, stage: list[PrunableLayer], call: BlockCall, hidden,
