@@ -16,14 +16,17 @@ from zoo import tiny_model
 CPU = torch.device("cpu")
 
 
-def test_target_is_the_least_squares_fit(monkeypatch):
+@pytest.mark.parametrize("block", [False, True])
+def test_target_is_the_least_squares_fit(monkeypatch, block):
+    """W′ fits X_d Wᵀ from X_p; with block targets (E = X_pᵀ(R_d − R_p)) it fits X_d Wᵀ + (R_d − R_p)."""
     monkeypatch.setattr(dense_targets, "DAMPING", 0.0)
     g = torch.Generator().manual_seed(0)
     Xp = torch.randn(400, 12, generator=g, dtype=torch.float64)
     Xd = Xp + 0.3 * torch.randn(400, 12, generator=g, dtype=torch.float64)
     W = torch.randn(5, 12, generator=g, dtype=torch.float64)
-    fitted = dense_targets.dense_target(W, Xp.t() @ Xp, Xp.t() @ Xd)
-    reference = torch.linalg.lstsq(Xp, Xd @ W.t()).solution.t()
+    miss = torch.randn(400, 5, generator=g, dtype=torch.float64) if block else torch.zeros(400, 5, dtype=torch.float64)
+    fitted = dense_targets.dense_target(W, Xp.t() @ Xp, Xp.t() @ Xd, Xp.t() @ miss if block else None)
+    reference = torch.linalg.lstsq(Xp, Xd @ W.t() + miss).solution.t()
     assert torch.allclose(fitted, reference, atol=1e-10)
 
 
@@ -70,19 +73,6 @@ def test_passes_cut_short_change_nothing(monkeypatch):
                 dense_targets=True)
     a, b = short.state_dict(), whole.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_block_target_fits_the_dense_outputs_plus_the_residual_miss(monkeypatch):
-    """W′ with E = X_pᵀ(R_d − R_p) is the least-squares fit of X_d Wᵀ + (R_d − R_p) from X_p."""
-    monkeypatch.setattr(dense_targets, "DAMPING", 0.0)
-    g = torch.Generator().manual_seed(1)
-    Xp = torch.randn(400, 12, generator=g, dtype=torch.float64)
-    Xd = Xp + 0.3 * torch.randn(400, 12, generator=g, dtype=torch.float64)
-    miss = torch.randn(400, 5, generator=g, dtype=torch.float64)
-    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
-    fitted = dense_targets.dense_target(W, Xp.t() @ Xp, Xp.t() @ Xd, Xp.t() @ miss)
-    reference = torch.linalg.lstsq(Xp, Xd @ W.t() + miss).solution.t()
-    assert torch.allclose(fitted, reference, atol=1e-10)
 
 
 def _down_proj_scale(model_type: str, **config):
