@@ -232,6 +232,10 @@ def test_disk_full_keeps_finished_blocks_and_the_rerun_continues(capsys, tmp_pat
     assert code == 0, err
     assert_same_weights(reload(work / "out"), reload(work / "whole"))
     assert layer_records(work / "out") == layer_records(work / "whole")
+    # the finished blocks' block-target entries come back from the partial run's records
+    assert report(work / "out").get("block_targets") == report(work / "whole").get("block_targets")
+    if "--best-quality" in method:
+        assert len(report(work / "out")["block_targets"]["layers"]) == 4  # all blocks, 2 of them replayed
 
 
 def test_different_settings_refuse_to_resume_and_fresh_starts_afresh(capsys, tmp_path, monkeypatch):

@@ -219,9 +219,9 @@ def prune_model(
             stages, stop_early = [layers], False
             if sequential == "layer":
                 stages, stop_early = layer_groups(block, layers, block_call, hidden, device)
-            target = None
+            target, block_entry = None, None
             if block_targets and len(stages) == 1:  # one group: its pass is also the last
-                target = _block_target(ranks, block, index, stages[0], block_call, hidden, device, result)
+                target, block_entry = _block_target(ranks, block, index, stages[0], block_call, hidden, device, result)
             collected = _collect_grams(block, f"{blocks_name}.{index}", stages[0], block_call, hidden, device,
                                        layer_solver.needs_input_stats, moe_calibration, stop_early, dense_stream,
                                        target)
@@ -246,7 +246,8 @@ def prune_model(
                     tick = device_clock(device)
                     target = None
                     if block_targets and stage_index == len(stages) - 1:
-                        target = _block_target(ranks, block, index, stage, block_call, hidden, device, result)
+                        target, block_entry = _block_target(ranks, block, index, stage, block_call, hidden, device,
+                                                            result)
                     collected = _collect_grams(block, f"{blocks_name}.{index}", stage, block_call, hidden, device,
                                                layer_solver.needs_input_stats, moe_calibration, stop_early,
                                                dense_stream, target)
@@ -301,6 +302,7 @@ def prune_model(
                 verify_sparsity(result.layers[first_record:], pattern, {layer.name: layer for layer in layers},
                                 budget.counts if budget is not None else None, whole_model=False)
             store.save(index, block, {"layers": result.layers[first_record:], "routers": sorted(routers),
+                                      "block_target": block_entry,
                                       "problems": collected.problems, "blocks": result.blocks[first_block_record:]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -338,6 +340,8 @@ def _replay_block(records: dict[str, Any], result: PruneResult, problems: dict[s
     result.routers.extend(records["routers"])
     result.blocks.extend(records["blocks"])
     problems.update(records["problems"])
+    if records.get("block_target"):
+        _note_block_target(result, records["block_target"])
 
 
 def _allocate(allocation: Allocation, pattern: SparsityPattern, blocks, plan, calls, hidden, device,
@@ -398,7 +402,7 @@ class CollectedInputs:
     routers: set[str]
     problems: dict[str, str]  # fused tensor name -> why it could not be read (not pruned)
     crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --dense-targets: X_pᵀX_d per hooked layer
-    block_crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --block-targets: X_pᵀ(R_d − R_p)/α
+    block_crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --block-targets: X_pᵀ(R_d − R_p)
 
 
 def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
@@ -415,7 +419,7 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     batch's forward ends once every hooked layer has read its input.
     `dense` (--dense-targets): each batch first runs the block's dense copy on the dense stream, and each
     hooked layer also adds X_pᵀX_d, with X_p the very input its Gram reads.
-    `block_target` (name, α) (--block-targets): that layer also adds X_pᵀ(R_d − R_p)/α, R = Y/α − O from the
+    `block_target` (name, α) (--block-targets): that layer also adds X_pᵀ(R_d − R_p), R = Y/α − O from the
     block's output Y and the layer's output O, dense and pruned; its passes then run whole.
     """
     linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
@@ -530,23 +534,29 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
 
 
 def _block_target(ranks, block: nn.Module, index: int, stage: list[PrunableLayer], call: BlockCall, hidden,
-                  device: torch.device, result: PruneResult) -> tuple[str, float] | None:
+                  device: torch.device, result: PruneResult) -> tuple[tuple[str, float] | None, dict[str, Any]]:
     """--block-targets: (the layer, α) if the block's last stage is one hooked layer whose output reaches the
-    block's output by a fixed scale α (read by rank 0 and shared); records where it applied, and why not."""
+    block's output by a fixed scale α (read by rank 0 and shared), else None; and the block's report entry."""
     layer = stage[0]
     if len(stage) != 1 or isinstance(layer, ExpertSlice):
         found = None, f"its last group is {len(stage)} layers, not one" if len(stage) != 1 else "fused experts"
     else:
         found = output_scale(block, layer, call, hidden[0], device) if ranks.is_main else None
     alpha, why = ranks.broadcast_object(found, "sharing the block's output scale")
+    entry = {"block": index, "layer": layer.name, "scale": alpha} if alpha is not None else {"block": index, "why": why}
+    _note_block_target(result, entry)
+    return ((layer.name, alpha) if alpha is not None else None), entry
+
+
+def _note_block_target(result: PruneResult, entry: dict[str, Any]) -> None:
+    """Add a block's entry to the report: the layers that took block targets (with α where not 1), or why not."""
     info = result.block_targets
-    if alpha is None:
-        info.setdefault("not_applied", {})[str(index)] = why
-        return None
-    info.setdefault("layers", []).append(layer.name)
-    if alpha != 1.0:
-        info.setdefault("scales", {})[layer.name] = alpha
-    return layer.name, alpha
+    if entry.get("scale") is None:
+        info.setdefault("not_applied", {})[str(entry["block"])] = entry["why"]
+        return
+    info.setdefault("layers", []).append(entry["layer"])
+    if entry["scale"] != 1.0:
+        info.setdefault("scales", {})[entry["layer"]] = entry["scale"]
 
 
 def _fused_name(layer: ExpertSlice) -> str:
