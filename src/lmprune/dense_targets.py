@@ -56,19 +56,22 @@ class DenseStream:
         self.block = copy.deepcopy(block)  # the block's dense weights, before any layer is pruned
 
     def batch_inputs(self, prefix: str, layers: list[PrunableLayer], call, j: int, device: torch.device,
-                     stop_early: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                     stop_early: bool = False, output_of: str | None = None
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The dense block's inputs to `layers` on batch j: {name: (the input object, its rows in float32)}.
 
         Read in the same loop as the pruned block's Grams (pipeline._collect_grams), which adds X_pᵀX_d
         beside X_pᵀX_p: the pruned block runs once per batch for both. `stop_early`: the dense forward ends
-        once every layer has read its input."""
+        once every layer has read its input. `output_of` (block targets): also keep that layer's output and the
+        block's, as `self.outputs` (block output, layer output)."""
         inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.layer_outputs: dict[str, torch.Tensor] = {}  # block targets: the dense layers' outputs, this batch
+        layer_output = []
 
         def keep(name):
             def hook(module, args, output):
                 inputs[name] = (args[0], args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
-                self.layer_outputs[name] = output.detach()
+                if name == output_of:
+                    layer_output.append(output.detach())
                 if stop_early and len(inputs) == len(layers):
                     raise GroupDone
             return hook
@@ -77,9 +80,10 @@ class DenseStream:
                    for layer in layers]
         try:
             with torch.no_grad():
-                self.block_output = call.call(self.block, j, self.hidden[j].to(device), device)
+                block_output = call.call(self.block, j, self.hidden[j].to(device), device)
+            if output_of is not None:
+                self.outputs = (block_output, layer_output[-1])
         except GroupDone:
-            self.block_output = None
             pass
         finally:
             for handle in handles:

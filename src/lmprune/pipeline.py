@@ -486,7 +486,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                     tracer.start_router_trace()
                 batch[0] = j
                 if dense is not None:
-                    dense_inputs = dense.batch_inputs(prefix, linear, call, j, device, stop_early)
+                    dense_inputs = dense.batch_inputs(prefix, linear, call, j, device, stop_early,
+                                                      block_target[0] if block_target is not None else None)
                 try:
                     with tracer if watched else contextlib.nullcontext():
                         output = call.call(block, j, h.to(device), device)
@@ -495,8 +496,9 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 if block_target is not None:
                     name, alpha = block_target
                     width = output.shape[-1]  # rows of tokens: a layer may see them flattened (OPT)
-                    residual_d = (dense.block_output.float().reshape(-1, width) / alpha
-                                  - dense.layer_outputs[name].float().reshape(-1, width))
+                    dense_output, dense_layer_output = dense.outputs
+                    residual_d = (dense_output.float().reshape(-1, width) / alpha
+                                  - dense_layer_output.float().reshape(-1, width))
                     residual_p = output.float().reshape(-1, width) / alpha - target_reads["output"].float().reshape(-1, width)
                     block_crosses[name].add_(target_reads["rows"].t() @ (residual_d - residual_p))
                     target_reads.clear()
