@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     BENCH, METHODS, PRESETS, TABLE_TARGETS, TARGETS, build_windows, load_dense, load_json, replace_section, require_shared,
     run_once, save_json,
 )
+from lmprune.config import DEFAULT_DEPTH_SLOPE  # noqa: E402
 from lmprune.evaluate import perplexity  # noqa: E402
 from lmprune.model import describe_device, resolve_device  # noqa: E402
 
@@ -59,6 +60,7 @@ def main() -> None:
     if args.table_only:
         table = format_table(load_json(BENCH / "results" / f"quality_{args.preset}.json"))
         replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", table)
+        _write_lever_grid(load_json(BENCH / "results" / f"quality_{args.preset}.json"))
         print(table)
         return
     require_shared()
@@ -107,6 +109,7 @@ def main() -> None:
     if args.peers:
         run_peers(data, out, preset, calibration, evaluation, targets, args.threads, peer_methods)
     replace_section(BENCH / "RESULTS.md", f"quality-{args.preset}", format_table(data))
+    _write_lever_grid(data)
     print(format_table(data))
 
 
@@ -215,6 +218,78 @@ def format_table(data: dict) -> str:
             f"{r['tool']} {r['method']} {_label(r['target'])}: {r.get('sparsity', r.get('summary', {}).get('sparsity')):.4f}"
             for r in off)]
     return "\n".join(lines)
+
+
+GRID_METHODS = ("alps", "admm-grad", "sparsegpt", "wanda")  # issue #18's grid
+GRID_ORDER = ("uniform", "owl", "depth", "seq", "owl+seq", "depth+seq")  # its levers; others follow
+
+
+def _lever_key(spec: str, target: str) -> tuple[str, str]:
+    """("alps", "owl+dense+seq") for "alps+owl+dense+seq": the levers in one canonical order. `depth` names
+    the default slope at the target, min(0.3, 1 − target): rows made under the old fixed 0.3 above 70% are
+    labelled depth-slope=0.3, an explicit slope equal to the target's default is labelled depth."""
+    base, *levers = spec.split("+")
+    if ":" not in target:
+        default = min(DEFAULT_DEPTH_SLOPE, 1 - float(target))
+        for i, lever in enumerate(levers):
+            key, _, value = lever.partition("=")
+            if key == "depth" and abs(default - DEFAULT_DEPTH_SLOPE) > 1e-9:
+                levers[i] = f"depth-slope={DEFAULT_DEPTH_SLOPE:g}"
+            elif key == "depth-slope" and abs(float(value) - default) < 1e-9:
+                levers[i] = "depth"
+    rank = {"owl": 0, "depth": 0, "dense": 1, "seq": 2, "block": 3}
+    levers.sort(key=lambda lever: (rank.get(lever.partition("=")[0].partition("-")[0], 0), lever))
+    return base, "+".join(levers) or "uniform"
+
+
+def format_lever_grid(data: dict) -> str:
+    """Issue #18's grid: each method of GRID_METHODS under every lever combination measured, a column per
+    target; the lowest perplexity of each method and target in bold, a missing cell "—"."""
+    runs = [r for r in data["runs"] if "[" not in r["method"] and r["method"].partition("+")[0] in GRID_METHODS]
+    targets = [t for t in ("0.6", "0.7", "0.8", "2:4") if any(r["target"] == t for r in runs)]
+    rows: dict[tuple[str, str, str], dict[str, float]] = {}
+    for r in runs:
+        base, levers = _lever_key(r["method"], r["target"])
+        rows.setdefault((base, levers, r["tool"]), {})[r["target"]] = r["perplexity"]
+
+    def order(key):
+        base, levers, tool = key
+        known = GRID_ORDER.index(levers) if levers in GRID_ORDER else len(GRID_ORDER)
+        return GRID_METHODS.index(base), tool != "lmprune", known, levers.count("+"), levers
+
+    best = {}
+    for (base, _, tool), cells in rows.items():
+        for t, ppl in cells.items():
+            if tool == "lmprune":
+                best[base, t] = min(best.get((base, t), ppl), ppl)
+    lines = [
+        f"### Levers grid: {data['preset']}",
+        "",
+        ("Generated from the same JSON as the perplexity table above (rows with a lever, and each method's "
+         "uniform row). Bold: the lowest of lmprune's cells for that method and target; —: not run."),
+        "",
+        "| method | levers | tool | " + " | ".join(_label(t) for t in targets) + " |",
+        "|---|---|---|" + "---|" * len(targets),
+    ]
+    for key in sorted(rows, key=order):
+        base, levers, tool = key
+        cells = []
+        for t in targets:
+            ppl = rows[key].get(t)
+            text = "—" if ppl is None else f"{ppl:.2f}"
+            cells.append(f"**{text}**" if ppl is not None and tool == "lmprune" and ppl == best[base, t] else text)
+        lines.append(f"| {base} | {levers} | {tool} | " + " | ".join(cells) + " |")
+    cells = sum(1 for (b, levers, tool), c in rows.items() if tool == "lmprune" and levers in GRID_ORDER
+                for t in c if t in ("0.6", "0.7", "0.8") or (t == "2:4" and levers in ("uniform", "seq")))
+    wanted = len(GRID_METHODS) * (len(GRID_ORDER) * 3 + 2)
+    lines += ["", (f"The issue's grid (these {len(GRID_METHODS)} methods × {{uniform, owl, depth}} × sequential "
+                   f"on/off × 60/70/80%, and 2:4 with sequential on/off): {cells} of {wanted} cells measured.")]
+    return "\n".join(lines)
+
+
+def _write_lever_grid(data: dict) -> None:
+    if any("+" in r["method"] for r in data["runs"]):
+        replace_section(BENCH / "RESULTS.md", f"levers-{data['preset']}", format_lever_grid(data))
 
 
 def _elsewhere(data: dict, row: dict) -> bool:

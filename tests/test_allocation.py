@@ -106,6 +106,20 @@ def test_model_total_is_exactly_the_target(kind, method, per_row, calibration):
         assert r["sparsity"] == r["target"]
 
 
+@pytest.mark.parametrize("target, slope", [(0.5, 0.3), (0.7, 0.3), (0.8, 0.2), (0.9, 0.1)])
+def test_default_depth_slope_leaves_the_last_block_half_the_targets_density(target, slope, calibration):
+    """The default slope is min(0.3, 1 − target): 0.3 would ask 0.9 for a block sparsity over 1 (an error)."""
+    result = prune_model(tiny_model("llama"), calibration, build_layer_solver("magnitude"), SparsityPattern(target),
+                         CPU, progress=False, allocation=Allocation("depth"))
+    spread = result.allocation["block_sparsities"]
+    assert result.allocation["depth_slope"] == pytest.approx(slope)
+    assert spread[-1] - spread[0] == pytest.approx(slope)
+    assert spread[-1] <= target + (1 - target) / 2 + 1e-9
+    with pytest.raises(LmpruneError, match="outside \\[0, 1\\)"):  # the old fixed default at 0.9
+        prune_model(tiny_model("llama"), calibration, build_layer_solver("magnitude"), SparsityPattern(0.9), CPU,
+                    progress=False, allocation=Allocation("depth", depth_slope=0.3))
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "alps"])
 def test_moe_total_is_exact_with_batched_experts(method, calibration):
     """Experts of one fused tensor may get different counts from the budget: they are then solved one by one,

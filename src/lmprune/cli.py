@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict
 
 from . import __version__
-from .config import ALLOCATIONS, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern, check_windows, parse_options
+from .config import ALLOCATIONS, DEFAULT_DEPTH_SLOPE, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern, check_windows, parse_options
 from .errors import LmpruneError
 from .report import format_report, library_versions, load_report, plot_layer_errors, summarize_layers
 
@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"owl: a score is an outlier above M × its block's mean (default {Allocation.owl_m:g})")
     prune.add_argument("--owl-lambda", type=float, default=Allocation.owl_lambda,
                        help=f"owl: block sparsities within target ± λ (default {Allocation.owl_lambda:g})")
-    prune.add_argument("--depth-slope", type=float, default=Allocation.depth_slope,
-                       help=f"depth: last block's sparsity minus the first's (default {Allocation.depth_slope:g})")
+    prune.add_argument("--depth-slope", type=float, default=None,
+                       help=f"depth: last block's sparsity minus the first's (default min({DEFAULT_DEPTH_SLOPE:g}, "
+                            "1 − sparsity): the last block keeps at least half the density the target keeps)")
     prune.add_argument("--sequential", choices=SEQUENTIAL, default="none",
                        help="layer: prune a block's layers in data-flow order, each on inputs from the "
                             "already pruned ones (extra partial block passes)")

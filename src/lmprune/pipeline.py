@@ -357,7 +357,8 @@ def _allocate(allocation: Allocation, pattern: SparsityPattern, blocks, plan, ca
         sparsities = owl_sparsities(pattern.sparsity, sizes, ratios, allocation.owl_lambda)
         info["outlier_ratios"] = ratios
     else:
-        sparsities = depth_sparsities(pattern.sparsity, sizes, allocation.depth_slope)
+        info["depth_slope"] = allocation.slope_for(pattern.sparsity)
+        sparsities = depth_sparsities(pattern.sparsity, sizes, info["depth_slope"])
     info["block_sparsities"] = sparsities
     result.allocation = info
     return SparsityBudget(pattern.sparsity, sparsities, per_row=pattern.per_row)
