@@ -32,7 +32,7 @@ from common import (  # noqa: E402
     BENCH, METHODS, PRESETS, TABLE_TARGETS, TARGETS, build_windows, load_dense, load_json, replace_section, require_shared,
     run_once, save_json,
 )
-from lmprune.config import DEFAULT_DEPTH_SLOPE  # noqa: E402
+from lmprune.config import Allocation  # noqa: E402
 from lmprune.evaluate import perplexity  # noqa: E402
 from lmprune.model import describe_device, resolve_device  # noqa: E402
 
@@ -224,19 +224,16 @@ GRID_METHODS = ("alps", "admm-grad", "sparsegpt", "wanda")  # issue #18's grid
 GRID_ORDER = ("uniform", "owl", "depth", "seq", "owl+seq", "depth+seq")  # its levers; others follow
 
 
-def _lever_key(spec: str, target: str) -> tuple[str, str]:
-    """("alps", "owl+dense+seq") for "alps+owl+dense+seq": the levers in one canonical order. `depth` names
-    the default slope at the target, min(0.3, 1 − target): rows made under the old fixed 0.3 above 70% are
-    labelled depth-slope=0.3, an explicit slope equal to the target's default is labelled depth."""
-    base, *levers = spec.split("+")
-    if ":" not in target:
-        default = min(DEFAULT_DEPTH_SLOPE, 1 - float(target))
-        for i, lever in enumerate(levers):
-            key, _, value = lever.partition("=")
-            if key == "depth" and abs(default - DEFAULT_DEPTH_SLOPE) > 1e-9:
-                levers[i] = f"depth-slope={DEFAULT_DEPTH_SLOPE:g}"
-            elif key == "depth-slope" and abs(float(value) - default) < 1e-9:
-                levers[i] = "depth"
+def _lever_key(row: dict) -> tuple[str, str]:
+    """("alps", "owl+dense+seq") for a row of "alps+owl+dense+seq": the levers in one canonical order. A depth
+    row is named by the slope it recorded: `depth` when that is the target's default slope, else
+    depth-slope=X (rows made before the default depended on the target recorded 0.3 at every target)."""
+    base, *levers = row["method"].split("+")
+    used = (row.get("allocation") or {}).get("depth_slope")
+    if used is not None and ":" not in row["target"]:
+        default = Allocation("depth").slope_for(float(row["target"]))
+        levers = [lever for lever in levers if lever.partition("=")[0] not in ("depth", "depth-slope")]
+        levers.append("depth" if abs(used - default) < 1e-9 else f"depth-slope={used:g}")
     rank = {"owl": 0, "depth": 0, "dense": 1, "seq": 2, "block": 3}
     levers.sort(key=lambda lever: (rank.get(lever.partition("=")[0].partition("-")[0], 0), lever))
     return base, "+".join(levers) or "uniform"
@@ -249,7 +246,7 @@ def format_lever_grid(data: dict) -> str:
     targets = [t for t in ("0.6", "0.7", "0.8", "2:4") if any(r["target"] == t for r in runs)]
     rows: dict[tuple[str, str, str], dict[str, float]] = {}
     for r in runs:
-        base, levers = _lever_key(r["method"], r["target"])
+        base, levers = _lever_key(r)
         rows.setdefault((base, levers, r["tool"]), {})[r["target"]] = r["perplexity"]
 
     def order(key):

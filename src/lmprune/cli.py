@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict
 
 from . import __version__
-from .config import ALLOCATIONS, DEFAULT_DEPTH_SLOPE, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern, check_windows, parse_options
+from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern,
+                     check_windows, parse_options)
 from .errors import LmpruneError
 from .report import format_report, library_versions, load_report, plot_layer_errors, summarize_layers
 
