@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from pathlib import Path
@@ -15,6 +16,17 @@ STORIES = SHARED / "models" / "stories260K"
 TINYSTORIES = SHARED / "data" / "tinystories.valid.txt"
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run in-process work on one thread, as the subprocesses do: the same kernels, the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def require_shared(path: Path) -> Path:

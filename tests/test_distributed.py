@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, byte_tokenizer, random_text, snapshot
+from conftest import REPO, byte_tokenizer, one_thread, random_text, snapshot
 from lmprune.cli import main
 from lmprune.distributed import Ranks, solve_cost
 from lmprune.errors import LmpruneError
@@ -170,7 +170,8 @@ def calib_text(tmp_path_factory) -> Path:
     return path
 
 
-def check_same(one: Path, two: Path) -> None:
+def check_same(one: Path, two: Path) -> tuple[int, int, float]:
+    """Two runs agree within the rounding tolerances; returns compare()'s (flips, weights, worst)."""
     flips, total, worst = compare(one, two)
     assert flips <= FLIP_FRACTION * total, (flips, total)
     assert worst <= WEIGHT_ATOL, worst
@@ -179,6 +180,7 @@ def check_same(one: Path, two: Path) -> None:
     assert [(l["name"], l["tokens"], l["sparsity"], l.get("fallback")) for l in r1["layers"]] == \
            [(l["name"], l["tokens"], l["sparsity"], l.get("fallback")) for l in r2["layers"]]
     assert r1["routers"] == r2["routers"] and r1["unpruned"] == r2["unpruned"]
+    return flips, total, worst
 
 
 def test_torchrun_two_processes_match_one_on_stories260k(stories_path, tinystories_path, tmp_path):
@@ -257,17 +259,12 @@ def test_streaming_and_dense_targets_two_processes(stories_path, tinystories_pat
     # windows, one per rank, added once (B0 + B1 either way), on one thread as the ranks: the same bits.
     common = ["--nsamples", 8, "--batch-size", 4, "--seqlen", 64, "--method", "sparsegpt", "--sparsity", "0.6"]
     dense = [lever for lever in levers if lever != "--stream"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert main([str(a) for a in prune_command(stories_path, tinystories_path, tmp_path / "one", *common,
                                                    *dense)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     results = launch(prune_command(stories_path, tinystories_path, tmp_path / "two", *common, *levers), tmp_path)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-    check_same(tmp_path / "one", tmp_path / "two")
-    assert compare(tmp_path / "one", tmp_path / "two") == (0, 259328, 0.0)
+    assert check_same(tmp_path / "one", tmp_path / "two") == (0, 259328, 0.0)
     assert report(tmp_path / "two")["settings"].get("stream", False) == ("--stream" in levers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no partial output, lock or temp left
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, byte_tokenizer, prune_args, random_text, run_cli, snapshot
+from conftest import REPO, byte_tokenizer, one_thread, prune_args, random_text, run_cli, snapshot
 
 WANDA = ("--method", "wanda", "--sparsity", "0.5")
 
@@ -289,16 +289,12 @@ def test_sigkill_after_block_2_then_rerun_is_bit_identical(capsys, tmp_path, sto
     state = json.loads((tmp_path / ".out.partial" / "lmprune_state.json").read_text())
     assert len(state["blocks"]) == 3 and not out.exists()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses: the same kernels, the same bits
-    try:
+    with one_thread():
         changed = [a if a != "0.5" else "0.6" for a in command]
         code, _, err = run_cli(capsys, *changed, "--out", out)
         assert code == 2 and len(err) == 1 and "different settings (pattern)" in err[0], err
         code, _, err = run_cli(capsys, *command, "--out", whole)
         assert code == 0, err
-    finally:
-        torch.set_num_threads(threads)
 
     resumed = subprocess.run([sys.executable, "-m", "lmprune", *command, "--out", str(out)], env=env,
                              capture_output=True, text=True)
