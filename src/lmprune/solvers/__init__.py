@@ -13,7 +13,7 @@ from ..errors import LmpruneError
 from .base import InputStats, Solver, SolverResult
 
 # Modules that define solvers; each exposes SOLVERS, a list of Solver.
-_MODULES = ("magnitude", "wanda", "sparsegpt", "admm", "alps", "dsnot")
+_MODULES = ("magnitude", "wanda", "sparsegpt", "admm", "alps", "dsnot", "reference")
 
 
 def _load() -> dict[str, Solver]:
