@@ -137,8 +137,10 @@ def _factor(Hd: torch.Tensor, rho: float, dampening: float) -> torch.Tensor:
 MaskRule = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
-def _iterate(problem: _Problem, mask: torch.Tensor | None, iterations: int, mask_rule: MaskRule | None = None):
+def _iterate(problem: _Problem, mask: torch.Tensor | None, iterations: int, mask_rule: MaskRule | None = None,
+             observe: Callable[[int, torch.Tensor], None] | None = None):
     """Run ADMM; `mask_rule(it, Ŵ + U)` may return a new mask at an iteration (None: keep it).
+    `observe(it, Z)`, if given, sees each iteration's feasible iterate (Ŵ + U)⊙M (bench/convergence.py).
 
     Returns the feasible iterate (Ŵ + U)⊙M in the preconditioned space and the final mask.
     """
@@ -158,6 +160,8 @@ def _iterate(problem: _Problem, mask: torch.Tensor | None, iterations: int, mask
         # Rows share the system, so one product with its inverse solves it for all rows: on CPUs a
         # GEMM runs about twice as fast as the pair of triangular solves it replaces.
         W_hat = rhs @ problem.inverse
+        if observe is not None:
+            observe(it + 1, torch.where(mask, W_hat + U, zero))
     V = W_hat + U
     return torch.where(mask, V, zero), mask
 
@@ -175,10 +179,13 @@ def _info(problem: _Problem, iterations: int) -> dict:
 # The three entry points
 
 
-def update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings: ADMMSettings):
-    """Fixed-mask ADMM update: `--update admm` after any `--mask` method."""
+def update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings: ADMMSettings,
+           observe: Callable[[int, torch.Tensor], None] | None = None):
+    """Fixed-mask ADMM update: `--update admm` after any `--mask` method. `observe(it, Ŵ)`, if given, sees
+    every iteration's feasible weights in the original space (for convergence measurements)."""
     problem = _prepare(W[None], H[None], settings)
-    Z, _ = _iterate(problem, mask.to(torch.bool)[None], settings.iterations)
+    inner = None if observe is None else (lambda it, Z: observe(it, _finish(problem, Z)[0]))
+    Z, _ = _iterate(problem, mask.to(torch.bool)[None], settings.iterations, observe=inner)
     return _finish(problem, Z)[0], _info(problem, settings.iterations)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -105,8 +106,10 @@ def exact_update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings:
     return out.float(), {"kept_per_row": [int(kept.min()), int(kept.max())]}
 
 
-def gd_update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings: GDSettings):
-    """Adam on the masked least-squares objective, from the masked weights, projected after every step."""
+def gd_update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings: GDSettings,
+              observe: Callable[[int, torch.Tensor], None] | None = None):
+    """Adam on the masked least-squares objective, from the masked weights, projected after every step.
+    `observe(step, Ŵ)`, if given, sees the weights after every step (for convergence measurements)."""
     W32, H32 = fix_dead_inputs(W.float(), H.float())
     Wn, Hn, norms = precondition(W32, H32)
     mask = mask.to(torch.bool)
@@ -122,6 +125,8 @@ def gd_update(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, settings: GD
         m_hat = m / (1 - b1**t)
         v_hat = v / (1 - b2**t)
         x = (x - step * m_hat / (v_hat.sqrt() + eps)) * mask  # projection onto the mask
+        if observe is not None:
+            observe(t, x / norms)
     return (x / norms).contiguous(), {"iterations": settings.iterations, "lr": settings.lr}
 
 
