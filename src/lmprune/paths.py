@@ -161,7 +161,8 @@ def _check_apart(path: str, inputs: list[Input], flag: str) -> None:
             raise LmpruneError(f"{flag} {path!r} contains {item.what} {item.path!r}: choose one that does not")
         for file in _resolved_files(source):
             if file == target or _inside(file, target):
-                raise LmpruneError(f"{flag} {path!r} contains {file!r}, a file of {item.what} {item.path!r}")
+                relation = "is" if file == target else "contains"
+                raise LmpruneError(f"{flag} {path!r} {relation} {file!r}, a file of {item.what} {item.path!r}")
 
 
 def _check_ancestors(path: str, flag: str) -> None:
