@@ -14,7 +14,7 @@ import pytest
 
 from conftest import prune_args, random_text, run_cli, snapshot
 from lmprune.errors import LmpruneError
-from lmprune.paths import Input, atomic_path, check_output_dir, check_output_file, normal_mode
+from lmprune.paths import Input, atomic_path, check_output_dir, check_output_file, normal_mode, normalize_modes
 
 PIQA = {"goal": "The dog is hungry.", "sol1": "It gets some food.", "sol2": "It reads a book.", "label": 0}
 REPORT = {"method": "wanda", "pattern": "50%", "settings": {"model": "m"},
@@ -143,6 +143,26 @@ def test_report_plot_refused_before_any_work(capsys, work, target, overwrite, me
     assert message in error, error
 
 
+def test_report_plot_that_fails_mid_write_leaves_the_old_file_and_no_temporary(capsys, work, monkeypatch):
+    import errno
+
+    import lmprune.cli
+
+    def disk_full(reports, path, image_format):
+        Path(path).write_bytes(b"half a plot")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lmprune.cli, "plot_layer_errors", disk_full)
+    (work / "errors.png").write_bytes(b"the old plot")
+    error = refused(capsys, work, "report", work / "ckpt", "--plot", work / "errors.png", "--overwrite")
+    assert error == f"lmprune: error: cannot write --plot {str(work / 'errors.png')!r}: no space left on device"
+
+
+def test_report_overwrite_needs_plot(capsys, work):
+    error = refused(capsys, work, "report", work / "ckpt", "--overwrite")
+    assert error == "lmprune: error: --overwrite replaces an existing --plot FILE: it needs --plot"
+
+
 def test_report_plot_is_written_atomically_with_the_normal_mode(capsys, work, umask):
     pytest.importorskip("matplotlib")
     umask(0o002)
@@ -190,6 +210,7 @@ def test_task_data_through_a_symlink_inside_the_old_output(capsys, work, no_load
     ("td/out", "is inside the task data directory"),
     ("calib.txt/out", "is inside the data file"),
     ("notes.txt/out", "which is a file, not a directory"),
+    ("notes.txt", "exists and is not a directory"),
 ])
 def test_out_inside_an_input_or_under_a_file(capsys, work, no_loading, out, message):
     error = refused(capsys, work, *prune_args(work / "model", work / "calib.txt", work / out, "--method",
@@ -222,7 +243,7 @@ def test_every_file_of_a_checkpoint_gets_the_same_normal_mode(capsys, work, umas
     code, _, err = run_cli(capsys, *prune_args(work / "model", work / "calib.txt", work / "out", "--method",
                                                "wanda", "--sparsity", 0.5, stream))
     assert code == 0, err
-    assert modes(work / "out") == {0o666 & ~mask}
+    assert modes(work / "out") == {0o666 & ~mask} and stat.S_IMODE((work / "out").stat().st_mode) == 0o777 & ~mask
     assert any(p.suffix == ".safetensors" for p in (work / "out").iterdir())
 
 
@@ -240,6 +261,23 @@ def test_atomic_path_leaves_the_old_file_and_no_temporary_on_failure(tmp_path, u
         Path(tmp).write_text("new")
     assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == normal_mode() == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_normalize_modes_gives_what_mkdir_and_open_give(tmp_path, umask):
+    """As the alias cache's conversion leaves it: a mkdtemp directory (0700) holding a 0600 file."""
+    import tempfile
+
+    umask(0o022)
+    converted = Path(tempfile.mkdtemp(dir=tmp_path))
+    (converted / "sub").mkdir(mode=0o700)
+    (converted / "sub" / "model.safetensors").write_bytes(b"w")
+    (converted / "sub" / "model.safetensors").chmod(0o600)
+    (converted / "outside").symlink_to(tmp_path)
+    tmp_path.chmod(0o750)
+    normalize_modes(str(converted))
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (converted, converted / "sub", converted / "sub" /
+                                                      "model.safetensors")] == [0o755, 0o755, 0o644]
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o750  # a link's target is left alone
 
 
 def test_atomic_path_writes_through_a_symlink(tmp_path):

@@ -515,7 +515,7 @@ def cmd_eval(args) -> int:
 def _json_output(args):
     """`eval --json FILE` checked before the model loads; returns the function that writes it at the end."""
     from .model.loading import local_model_dir
-    from .paths import check_output_file, os_reason, run_inputs
+    from .paths import check_output_file, run_inputs, write_errors
     from .report import write_json
 
     def check() -> None:
@@ -524,17 +524,15 @@ def _json_output(args):
 
     def write(results: dict) -> None:
         check()  # again: whatever appeared there during the evaluation passes the same test
-        try:
+        with write_errors(f"--json {args.json_out!r}"):
             write_json(args.json_out, results)
-        except OSError as exc:
-            raise LmpruneError(f"cannot write --json {args.json_out!r}: {os_reason(exc)}") from None
 
     check()
     return write
 
 
 def cmd_report(args) -> int:
-    from .paths import check_output_file, run_inputs
+    from .paths import atomic_path, check_output_file, run_inputs, write_errors
 
     if args.overwrite and args.plot is None:
         raise LmpruneError("--overwrite replaces an existing --plot FILE: it needs --plot")
@@ -547,13 +545,8 @@ def cmd_report(args) -> int:
             print(f"== {path}")
         print(format_report(report))
     if args.plot is not None:
-        from .paths import atomic_path, os_reason
-
-        try:
-            with atomic_path(args.plot) as tmp:
-                plot_layer_errors({f"{r['method']} {r['pattern']}": r for r in reports.values()}, tmp, image_format)
-        except OSError as exc:
-            raise LmpruneError(f"cannot write --plot {args.plot!r}: {os_reason(exc)}") from None
+        with write_errors(f"--plot {args.plot!r}"), atomic_path(args.plot) as tmp:
+            plot_layer_errors({f"{r['method']} {r['pattern']}": r for r in reports.values()}, tmp, image_format)
         print(f"plot written to {args.plot}")
     return 0
 

@@ -109,19 +109,32 @@ def atomic_path(path: str) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def write_errors(what: str) -> Iterator[None]:
+    """An OSError inside (disk full, permissions) becomes one line: "cannot write WHAT: reason"."""
+    try:
+        yield
+    except OSError as exc:
+        raise LmpruneError(f"cannot write {what}: {os_reason(exc)}") from None
+
+
 def normal_mode() -> int:
     """The mode a plain open() gives a new file: 0666 minus the umask."""
     return 0o666 & ~_umask()
 
 
 def normalize_modes(directory: str) -> None:
-    """Give every regular file under `directory` the normal mode (whatever wrote it)."""
-    mode = normal_mode()
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chmod(path, mode)
+    """Give `directory`, and every directory and regular file under it, the mode mkdir() and open() give
+    (whatever wrote them: mkdtemp makes 0700 directories, safetensors 0600 files)."""
+    mask = _umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    os.chmod(directory, dir_mode)
+    for root, directories, files in os.walk(directory):
+        for names, mode in ((directories, dir_mode), (files, file_mode)):
+            for name in names:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):  # a link's target is not ours to change
+                    os.chmod(path, mode)
 
 
 def os_reason(exc: OSError) -> str:
