@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LmpruneError
+from .paths import normalize_modes
 
 # Leftover temporary directories (from a crashed or killed run) older than this are removed.
 _STALE_TMP_SECONDS = 6 * 3600
@@ -130,6 +131,7 @@ def _materialize(name: str, alias: WheelGGUFAlias, target: Path, progress: bool 
         bar.update()
         if not _is_complete(tmp_out):
             raise LmpruneError(f"conversion of '{name}' produced no complete checkpoint")
+        normalize_modes(str(tmp_out))  # mkdtemp's 0700 and safetensors' 0600: the cache gets open()'s modes
         try:
             os.rename(tmp_out, target)
         except OSError:

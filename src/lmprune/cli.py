@@ -14,7 +14,7 @@ from . import __version__
 from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern,
                      check_windows, parse_options)
 from .errors import LmpruneError
-from .report import format_report, library_versions, load_report, plot_layer_errors, summarize_layers
+from .report import format_report, library_versions, load_report, plot_format, plot_layer_errors, summarize_layers
 
 SELF_CALIB = "self"
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
@@ -104,11 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(ev)
     ev.add_argument("--json", dest="json_out", metavar="FILE",
                     help="write the task results as {task: {metric: value}} (lm-eval's metric names)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE (never an input)")
     _add_runtime_args(ev, auto_batch=True)
 
     rep = sub.add_parser("report", help="summarize a pruning report")
     rep.add_argument("paths", nargs="+", help="output directories or lmprune_report.json files")
-    rep.add_argument("--plot", help="write a per-layer error plot (PNG) of the given reports")
+    rep.add_argument("--plot", metavar="FILE",
+                     help="write a per-layer error plot of the given reports (.png, .pdf, .svg, ...)")
+    rep.add_argument("--overwrite", action="store_true", help="replace an existing --plot FILE (never an input)")
 
     sub.add_parser("methods", help="list pruning methods and weight updates")
     return parser
@@ -189,7 +192,7 @@ def cmd_prune(args) -> int:
     from .methods import build_method
     from .model.loading import local_model_dir
     from .model.saving import Destination, checkpoint_bytes
-    from .safety import check_out_path
+    from .paths import check_output_dir, run_inputs
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
@@ -214,8 +217,7 @@ def cmd_prune(args) -> int:
     if args.eval_data:
         _check_source(args.eval_data, "--eval")
     model_dir = local_model_dir(args.model)
-    data_files = [path for path in (args.calib, args.eval_data) if path and os.path.isfile(path)]
-    check_out_path(args.out, [model_dir or _hub_cache()], data_files)
+    check_output_dir(args.out, run_inputs([model_dir or _hub_cache()], [args.calib, args.eval_data], args.task_data))
     _check_tasks(args.eval_tasks, args, "--eval-tasks")
     args.stream = _decide_streaming(args, model_dir)
     pattern = method.pattern(pattern, args.per_row)
@@ -485,8 +487,11 @@ def cmd_eval(args) -> int:
         raise LmpruneError(f"--limit must be at least 1, got {args.limit}")
     if args.data and args.batch_size == "auto":
         raise LmpruneError("--batch-size auto applies to --tasks; give a number of windows with --data")
-    if args.json_out and not args.tasks:
+    if args.json_out is not None and not args.tasks:
         raise LmpruneError("--json needs --tasks")
+    if args.overwrite and args.json_out is None:
+        raise LmpruneError("--overwrite replaces an existing --json FILE: it needs --json")
+    json_out = _json_output(args) if args.json_out is not None else None
     _check_tasks(args.tasks, args, "--tasks")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, args.dtype)
@@ -502,21 +507,46 @@ def cmd_eval(args) -> int:
         results = run_tasks(model, tokenizer, parse_tasks(args.tasks), device, args.batch_size, args.limit,
                             args.task_data, progress=not args.no_progress)
         print(format_zeroshot(summarize(results, args.limit, args.task_data, args.batch_size)))
-        if args.json_out:
-            from .report import write_json
-
-            write_json(args.json_out, task_metrics(results))
+        if json_out is not None:
+            json_out(task_metrics(results))
     return 0
 
 
+def _json_output(args):
+    """`eval --json FILE` checked before the model loads; returns the function that writes it at the end."""
+    from .model.loading import local_model_dir
+    from .paths import check_output_file, run_inputs, write_errors
+    from .report import write_json
+
+    def check() -> None:
+        inputs = run_inputs([local_model_dir(args.model) or _hub_cache()], [args.data], args.task_data)
+        check_output_file(args.json_out, inputs, args.overwrite, "--json")
+
+    def write(results: dict) -> None:
+        check()  # again: whatever appeared there during the evaluation passes the same test
+        with write_errors(f"--json {args.json_out!r}"):
+            write_json(args.json_out, results)
+
+    check()
+    return write
+
+
 def cmd_report(args) -> int:
+    from .paths import atomic_path, check_output_file, run_inputs, write_errors
+
+    if args.overwrite and args.plot is None:
+        raise LmpruneError("--overwrite replaces an existing --plot FILE: it needs --plot")
+    if args.plot is not None:
+        check_output_file(args.plot, run_inputs(reports=args.paths), args.overwrite, "--plot")
+        image_format = plot_format(args.plot)
     reports = {path: load_report(path) for path in args.paths}
     for path, report in reports.items():
         if len(reports) > 1:
             print(f"== {path}")
         print(format_report(report))
-    if args.plot:
-        plot_layer_errors({f"{r['method']} {r['pattern']}": r for r in reports.values()}, args.plot)
+    if args.plot is not None:
+        with write_errors(f"--plot {args.plot!r}"), atomic_path(args.plot) as tmp:
+            plot_layer_errors({f"{r['method']} {r['pattern']}": r for r in reports.values()}, tmp, image_format)
         print(f"plot written to {args.plot}")
     return 0
 

@@ -11,6 +11,7 @@ from importlib import metadata
 from typing import Any
 
 from .errors import LmpruneError
+from .paths import atomic_path
 
 REPORT_NAME = "lmprune_report.json"
 
@@ -59,11 +60,9 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     Non-finite numbers become the strings "NaN", "Infinity", "-Infinity": still valid JSON (json.dump
     would write bare NaN, which strict readers reject), still readable by `float()`.
     """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(_finite_json(data), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _finite_json(value: Any) -> Any:
@@ -177,15 +176,23 @@ def format_zeroshot(zeroshot: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_layer_errors(reports: dict[str, dict[str, Any]], path: str) -> None:
-    """Per-layer relative reconstruction error, one line per report (method)."""
-    try:
-        import matplotlib
+def plot_format(path: str) -> str:
+    """The image format a plot at `path` is written in, from its extension; one matplotlib cannot write
+    is refused before any work."""
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LmpruneError("plots need matplotlib: pip install 'lmprune[plots]'") from None
+    supported = sorted(FigureCanvasBase.get_supported_filetypes())
+    if extension not in supported:
+        what = f"extension .{extension}" if extension else "no extension"
+        raise LmpruneError(f"--plot {path!r} has {what}: name a format matplotlib writes ({', '.join(supported)})")
+    return extension
+
+
+def plot_layer_errors(reports: dict[str, dict[str, Any]], path: str, image_format: str | None = None) -> None:
+    """Per-layer relative reconstruction error, one line per report (method)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     for label, report in reports.items():
         errors = [_number(r["error"]) for r in report.get("layers", [])]
@@ -195,5 +202,16 @@ def plot_layer_errors(reports: dict[str, dict[str, Any]], path: str) -> None:
     ax.set_ylabel("relative reconstruction error")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=image_format)
     plt.close(fig)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LmpruneError("plots need matplotlib: pip install 'lmprune[plots]'") from None
+    return plt

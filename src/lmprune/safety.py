@@ -1,6 +1,5 @@
-"""Guards that keep a run from harming its inputs or writing a broken model.
+"""Guards that keep a run from writing a broken model (where it may write: paths.py).
 
-- `check_out_path`: `--out` never is, contains or sits inside the model, nor contains the data files.
 - `require_finite_gram`, `finite_layer_weight`: each layer's inputs and result, before it is written back.
 - `verify_sparsity`: after pruning, every layer has the zeros its target asks for, and under a
   non-uniform allocation the targets add up to exactly the model's.
@@ -8,8 +7,7 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -18,40 +16,6 @@ from .errors import LmpruneError
 from .masks import is_nm, prune_count, row_counts
 
 MASKED_FALLBACK = "non-finite update; kept the masked weights"
-
-
-def check_out_path(out: str, model_dirs: Iterable[str], data_files: Iterable[str]) -> None:
-    """Refuse an `--out` whose replacement could touch the inputs (symlinks resolved).
-
-    `model_dirs`: directories holding the model (a local checkpoint, the cache an alias or hub id is
-    read from); their files are resolved too, since a hub snapshot links into a blobs/ directory.
-    """
-    target = os.path.realpath(out)
-    for model_dir in model_dirs:
-        model = os.path.realpath(model_dir)
-        if target == model:
-            raise LmpruneError(f"--out {out!r} is the model directory: the model is an input and is never replaced")
-        if _inside(target, model):
-            raise LmpruneError(f"--out {out!r} is inside the model directory {model_dir!r}: choose a directory outside it")
-        if _inside(model, target):
-            raise LmpruneError(f"--out {out!r} contains the model directory {model_dir!r}: choose a directory outside it")
-        for path in _files(model):
-            if _inside(os.path.realpath(path), target):
-                raise LmpruneError(f"--out {out!r} contains {os.path.realpath(path)!r}, a file of the model")
-    for path in data_files:
-        if _inside(os.path.realpath(path), target):
-            raise LmpruneError(f"--out {out!r} contains the data file {path!r}: choose a directory that does not")
-
-
-def _inside(path: str, directory: str) -> bool:
-    return path != directory and os.path.commonpath([path, directory]) == directory
-
-
-def _files(directory: str) -> list[str]:
-    try:
-        return [entry.path for entry in os.scandir(directory) if not entry.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
 
 
 def require_finite_gram(name: str, H: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ import shutil
 import sys
 
 from ..errors import LmpruneError
+from ..paths import normalize_modes, os_reason
 from ..report import REPORT_NAME, write_json
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -47,12 +48,22 @@ class Destination:
         self.parent, base = os.path.split(self.out)
         self._sibling = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)")
         self.lock_path = os.path.join(self.parent, f".{base}.lock")
+        self.partial = os.path.join(self.parent, f".{base}.partial")
         self.resumable = resumable
-        self.tmp = os.path.join(self.parent, f".{base}.partial" if resumable else f".{base}.tmp-{os.getpid()}")
+        self.tmp = self.partial if resumable else os.path.join(self.parent, f".{base}.tmp-{os.getpid()}")
         self.keep_partial = False  # set once the partial output holds work worth resuming
         self._old = os.path.join(self.parent, f".{base}.old-{os.getpid()}")
         self._lock_fd: int | None = None
         self._made_parents: list[str] = []
+
+    def owns(self, path: str) -> bool:
+        """Whether the resolved `path` is, or lies in, one of the hidden siblings `out` uses (whichever run
+        made them): a run writes, locks or removes those, so none may be an input."""
+        if os.path.commonpath([path, self.parent]) != self.parent or path == self.parent:
+            return False
+        first = os.path.relpath(path, self.parent).split(os.sep)[0]
+        return (os.path.join(self.parent, first) in (self.lock_path, self.partial)
+                or self._sibling.fullmatch(first) is not None)
 
     def __enter__(self) -> "Destination":
         if os.path.exists(self.out) and not os.path.isdir(self.out):
@@ -71,7 +82,7 @@ class Destination:
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             if isinstance(exc, OSError):
-                raise LmpruneError(f"cannot write beside --out {self.out!r}: {_os_reason(exc)}") from None
+                raise LmpruneError(f"cannot write beside --out {self.out!r}: {os_reason(exc)}") from None
             raise
         return self
 
@@ -94,7 +105,7 @@ class Destination:
             tokenizer.save_pretrained(self.tmp)
             write_json(os.path.join(self.tmp, REPORT_NAME), report)  # last: it marks a complete checkpoint
         except OSError as exc:
-            raise LmpruneError(f"cannot write the checkpoint to {self.tmp!r}: {_os_reason(exc)}") from None
+            raise LmpruneError(f"cannot write the checkpoint to {self.tmp!r}: {os_reason(exc)}") from None
         self.commit()
 
     def commit(self) -> None:
@@ -103,9 +114,10 @@ class Destination:
         # must pass the same test again.
         self._check_replaceable()
         try:
+            normalize_modes(self.tmp)  # savers differ (safetensors writes 0600): every file gets open()'s mode
             self._swap()
         except OSError as exc:
-            raise LmpruneError(f"cannot move the checkpoint into {self.out!r}: {_os_reason(exc)}") from None
+            raise LmpruneError(f"cannot move the checkpoint into {self.out!r}: {os_reason(exc)}") from None
 
     def _swap(self) -> None:
         if not os.path.isdir(self.out) or not os.listdir(self.out):
@@ -283,10 +295,6 @@ def _make_dirs(path: str, made: list[str]) -> None:
     for directory in reversed(missing):
         os.mkdir(directory)
         made.append(directory)
-
-
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror.lower() if exc.strerror else str(exc)
 
 
 def _size(n: float) -> str:
