@@ -127,6 +127,37 @@ def test_per_expert_checkpoint_streams_as_in_memory(capsys, tmp_path, calib, mon
     assert layer_records(tmp_path / "mem") == layer_records(tmp_path / "str")
 
 
+@pytest.mark.parametrize("model_type, converted", [
+    ("qwen3_moe", "model.layers.0.mlp.experts.11.up_proj.weight"),  # 12 experts: stacked 0, 1, ..., 11, not 0, 1, 10
+    ("gpt_neox", "embed_out.weight"),  # a renamed weight outside the blocks
+])
+def test_layout_converts_as_from_pretrained(tmp_path, model_type, converted):
+    """CheckpointLayout makes every model tensor from_pretrained makes, and gives back the checkpoint's own."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lmprune.model.layout import CheckpointLayout
+    from zoo import tiny_config
+
+    config = tiny_config(model_type)
+    config.num_experts = 12
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert converted in on_disk
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    layout = CheckpointLayout(meta, on_disk)
+    made = layout.to_model(list(layout.groups), lambda keys: {k: on_disk[k] for k in keys})
+    assert made.keys() == loaded.keys()
+    for k in made:
+        assert torch.equal(made[k], loaded[k]), k
+    back = layout.to_checkpoint(made)
+    assert back.keys() == on_disk.keys() and all(torch.equal(back[k], on_disk[k]) for k in back)
+
+
 def test_fused_expert_checkpoint_streams_as_in_memory(capsys, tmp_path, calib):
     """A checkpoint already in the model's fused layout streams as any, and stays fused, as save_pretrained keeps it."""
     from safetensors.torch import save_file
