@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, byte_tokenizer, one_thread, prune_args, random_text, run_cli, snapshot
+from zoo import MODEL_TYPES
 
 WANDA = ("--method", "wanda", "--sparsity", "0.5")
 
@@ -274,6 +275,20 @@ def test_eval_stream_equals_eval(capsys, tmp_path, calib, monkeypatch, model_typ
     meta, tokenizer, shards = load_streamed_model(str(model), "tiny")
     assert evaluate_perplexity(meta, tokenizer, *args, store=StreamedReader(meta, shards))["perplexity"] == reference
     assert blocks_held(meta) == 0
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_block_by_block_perplexity_is_the_models_own(model_type):
+    """Every architecture of the zoo: windows through block 0, then block 1, ..., then the model's own head
+    (final norm, lm_head, soft-capping) give perplexity()'s number exactly (here without disk: BlockStore)."""
+    from lmprune.evaluate import perplexity, streamed_perplexity
+    from lmprune.model.streaming import BlockStore
+    from zoo import SEQLEN, tiny_model
+
+    model = tiny_model(model_type)
+    windows = torch.randint(0, 256, (5, SEQLEN), generator=torch.Generator().manual_seed(0))
+    reference = perplexity(model, windows, torch.device("cpu"), 2, progress=False)
+    assert streamed_perplexity(model, BlockStore(), windows, torch.device("cpu"), 2, progress=False) == reference
 
 
 # -- faults: one line, exit code 2, no output directory ------------------------------------------------
