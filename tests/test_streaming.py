@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, byte_tokenizer, one_thread, prune_args, random_text, run_cli, snapshot
+from zoo import MODEL_TYPES
 
 WANDA = ("--method", "wanda", "--sparsity", "0.5")
 
@@ -88,21 +89,88 @@ def test_streamed_equals_in_memory(capsys, tmp_path, calib, dtype, tied, method)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial, no lock left
 
 
-def test_streamed_moe_equals_in_memory(capsys, tmp_path, calib):
-    """Fused expert tensors (ExpertSlice views) stream as any weight, from a checkpoint in the model's layout."""
+def checkpoint_keys(path):
+    """The tensor names a checkpoint directory stores, over all its shards."""
+    from safetensors import safe_open
+
+    keys = set()
+    for shard in path.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+@pytest.mark.parametrize("model_type, expert_key", [
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+    ("qwen3_moe", "model.layers.1.mlp.experts.3.down_proj.weight"),
+])
+def test_per_expert_checkpoint_streams_as_in_memory(capsys, tmp_path, calib, monkeypatch, model_type, expert_key):
+    """transformers saves MoE experts one tensor each and fuses them while loading: --stream applies the same
+    conversion block by block and writes the same per-expert layout back, tensor for tensor; a resumed run
+    reads its finished blocks back through the same conversion."""
+    model = save_tiny(tmp_path / "model", model_type=model_type, shard_size="60KB")
+    on_disk = checkpoint_keys(model)
+    assert expert_key in on_disk and not [k for k in on_disk if "gate_up_proj" in k], sorted(on_disk)
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "mem", *WANDA))
+    assert code == 0, err
+    # Streamed, killed by a full disk at block 2, then resumed: the finished blocks are read back per expert.
+    disk_full_at(monkeypatch, 2)
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "str", *WANDA, "--stream"))
+    assert code == 2 and "2 finished block(s) are kept" in err[0], err
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "str", *WANDA, "--stream"))
+    assert code == 0 and any("pruning from block 2" in line for line in err), err
+    assert checkpoint_keys(tmp_path / "str") == checkpoint_keys(tmp_path / "mem") == on_disk
+    mem, streamed = reload(tmp_path / "mem"), reload(tmp_path / "str")
+    assert_same_weights(mem, streamed)
+    fused = [k for k in mem.state_dict() if k.endswith("experts.down_proj")]
+    assert fused and all((mem.state_dict()[k] == 0).float().mean() == 0.5 for k in fused)  # the experts were pruned
+    assert layer_records(tmp_path / "mem") == layer_records(tmp_path / "str")
+
+
+@pytest.mark.parametrize("model_type, converted", [
+    ("qwen3_moe", "model.layers.0.mlp.experts.11.up_proj.weight"),  # 12 experts: stacked 0, 1, ..., 11, not 0, 1, 10
+    ("gpt_neox", "embed_out.weight"),  # a renamed weight outside the blocks
+])
+def test_layout_converts_as_from_pretrained(tmp_path, model_type, converted):
+    """CheckpointLayout makes every model tensor from_pretrained makes, and gives back the checkpoint's own."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lmprune.model.layout import CheckpointLayout
+    from zoo import tiny_config
+
+    config = tiny_config(model_type)
+    config.num_experts = 12
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert converted in on_disk
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    layout = CheckpointLayout(meta, on_disk)
+    made = layout.to_model(list(layout.groups), lambda keys: {k: on_disk[k] for k in keys})
+    assert made.keys() == loaded.keys()
+    for k in made:
+        assert torch.equal(made[k], loaded[k]), k
+    back = layout.to_checkpoint(made)
+    assert back.keys() == on_disk.keys() and all(torch.equal(back[k], on_disk[k]) for k in back)
+
+
+def test_fused_expert_checkpoint_streams_as_in_memory(capsys, tmp_path, calib):
+    """A checkpoint already in the model's fused layout streams as any, and stays fused, as save_pretrained keeps it."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     model = save_tiny(tmp_path / "model", model_type="mixtral")
-    before = snapshot(tmp_path)
-    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--stream"))
-    assert code == 2 and len(err) == 1 and "under other names" in err[0] and "use --no-stream" in err[0], err
-    assert snapshot(tmp_path) == before
     weights = AutoModelForCausalLM.from_pretrained(model).state_dict()  # the per-expert tensors, fused
     save_file({k: v.contiguous() for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
     for out, extra in (("mem", ()), ("str", ("--stream",))):
         code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / out, *WANDA, *extra))
         assert code == 0, err
+    assert checkpoint_keys(tmp_path / "str") == checkpoint_keys(tmp_path / "mem") == set(weights)
     assert_same_weights(reload(tmp_path / "mem"), reload(tmp_path / "str"))
     assert layer_records(tmp_path / "mem") == layer_records(tmp_path / "str")
 
@@ -112,26 +180,115 @@ def test_large_checkpoint_streams_by_default(capsys, tmp_path, calib, monkeypatc
 
     model = save_tiny(tmp_path / "model")
     monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
-    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA))
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--eval", calib))
     assert code == 0 and any("streaming blocks from disk: the checkpoint's weights" in line for line in err), err
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     # Options that need the whole model load it into memory, with a warning.
-    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out2", *WANDA, "--eval", calib))
-    assert code == 0 and any("warning: not streaming" in line for line in err), err
+    code, _, err = run_cli(capsys, "prune", model, "--nsamples", 2, "--seqlen", 32, "--out", tmp_path / "out2",
+                           "--no-progress", *WANDA)
+    assert code == 0 and any("warning: not streaming" in line and "self-generated calibration" in line
+                             for line in err), err
 
 
 def test_options_needing_the_whole_model_are_refused(capsys, tmp_path, calib):
     model = save_tiny(tmp_path / "model")
     capsys.readouterr()  # transformers' own saving bar, when no earlier test has turned its bars off
     before = snapshot(tmp_path)
-    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--stream", "--eval", calib))
-    assert code == 2 and len(err) == 1 and "--stream keeps one block in memory: --eval need(s)" in err[0], err
     code, _, err = run_cli(capsys, "prune", model, "--out", tmp_path / "out", *WANDA, "--stream", "--no-progress")
-    assert code == 2 and len(err) == 1 and "self-generated calibration" in err[0], err
+    assert err == ["lmprune: error: --stream keeps one block in memory: self-generated calibration (each generated "
+                   "token passes through every block, so streaming would read the whole checkpoint once per token; "
+                   "give --calib FILE) need(s) the whole model"] and code == 2
+    code, _, err = run_cli(capsys, "eval", model, "--data", calib, "--tasks", "piqa", "--stream")
+    assert err == ["lmprune: error: --stream evaluates perplexity (--data) one block at a time; --tasks needs the "
+                   "whole model"] and code == 2
     code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", "--method", "sparsegpt",
                                                "--sparsity", "0.5", "--allocation", "owl", "--stream"))
     assert code == 2 and len(err) == 1 and "--allocation owl does not combine with --stream" in err[0], err
     assert snapshot(tmp_path) == before
+
+
+# -- perplexity, one block at a time ----------------------------------------------------------------------
+
+def blocks_held(model):
+    """How many decoder blocks hold real (not meta) weights."""
+    from lmprune.model import find_blocks
+
+    return sum(any(not p.is_meta for p in block.parameters()) for block in find_blocks(model)[1])
+
+
+def spy_on_loads(monkeypatch):
+    """The number of blocks in memory each time a streamed block is loaded."""
+    import lmprune.model.streaming as streaming
+
+    held, real = [], streaming.StreamedBlocks.load
+
+    def load(self, index, block):
+        real(self, index, block)
+        held.append(blocks_held(self.model))
+
+    monkeypatch.setattr(streaming.StreamedBlocks, "load", load)
+    return held
+
+
+EVAL = ("--seqlen", 32, "--max-windows", 3, "--batch-size", 2, "--no-progress")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_prune_stream_eval_equals_eval_of_the_saved_checkpoint(capsys, tmp_path, calib, monkeypatch, model_type):
+    from lmprune.evaluate import evaluate_perplexity
+    from lmprune.model import load_model
+
+    model = save_tiny(tmp_path / "model", model_type=model_type, shard_size="60KB")
+    held = spy_on_loads(monkeypatch)
+    code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--stream", "--eval", calib,
+                                               "--eval-max-windows", 3, "--batch-size", 2))
+    assert code == 0, err
+    assert held and max(held) == 1  # pruning and evaluating: one block in memory at a time
+    streamed = report(tmp_path / "out")["evaluation"][0]
+    assert streamed["windows"] == 3 and streamed["seqlen"] == 32
+    assert err[-1].startswith(f"lmprune: saved to {tmp_path / 'out'}: ") and \
+        f"perplexity {streamed['perplexity']:.2f} on {calib}" in err[-1]
+    code, out, err = run_cli(capsys, "eval", tmp_path / "out", "--data", calib, *EVAL)
+    assert code == 0 and out == f"perplexity {streamed['perplexity']:.4f} (3 windows × 32 tokens of {calib})\n", err
+    # Exactly: the same operations on the same batches as the saved checkpoint evaluated in memory.
+    pruned, tokenizer = load_model(str(tmp_path / "out"))
+    in_memory = evaluate_perplexity(pruned, tokenizer, str(calib), 32, 3, torch.device("cpu"), 2, progress=False)
+    assert in_memory["perplexity"] == streamed["perplexity"]
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen3_moe"])  # logit soft-capping after the blocks; experts
+def test_eval_stream_equals_eval(capsys, tmp_path, calib, monkeypatch, model_type):
+    from lmprune.evaluate import evaluate_perplexity
+    from lmprune.model import load_model
+    from lmprune.model.streaming import StreamedReader, load_streamed_model
+
+    model = save_tiny(tmp_path / "model", model_type=model_type, shard_size="60KB")
+    code, whole, err = run_cli(capsys, "eval", model, "--data", calib, *EVAL)
+    assert code == 0 and whole.startswith("perplexity "), err
+    held = spy_on_loads(monkeypatch)
+    code, streamed, err = run_cli(capsys, "eval", model, "--data", calib, *EVAL, "--stream")
+    assert code == 0 and streamed == whole, err
+    assert len(held) == 4 + 1 and max(held) == 1  # block 0 to record the calls, then each block once
+    loaded, tokenizer = load_model(str(model))
+    args = (str(calib), 32, 3, torch.device("cpu"), 2, False)
+    reference = evaluate_perplexity(loaded, tokenizer, *args)["perplexity"]
+    meta, tokenizer, shards = load_streamed_model(str(model), "tiny")
+    assert evaluate_perplexity(meta, tokenizer, *args, store=StreamedReader(meta, shards))["perplexity"] == reference
+    assert blocks_held(meta) == 0
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_block_by_block_perplexity_is_the_models_own(model_type):
+    """Every architecture of the zoo: windows through block 0, then block 1, ..., then the model's own head
+    (final norm, lm_head, soft-capping) give perplexity()'s number exactly (here without disk: BlockStore)."""
+    from lmprune.evaluate import perplexity, streamed_perplexity
+    from lmprune.model.streaming import BlockStore
+    from zoo import SEQLEN, tiny_model
+
+    model = tiny_model(model_type)
+    windows = torch.randint(0, 256, (5, SEQLEN), generator=torch.Generator().manual_seed(0))
+    reference = perplexity(model, windows, torch.device("cpu"), 2, progress=False)
+    assert streamed_perplexity(model, BlockStore(), windows, torch.device("cpu"), 2, progress=False) == reference
 
 
 # -- faults: one line, exit code 2, no output directory ------------------------------------------------

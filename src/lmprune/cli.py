@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the task results as {task: {metric: value}} (lm-eval's metric names)")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE (never an input)")
     _add_runtime_args(ev, auto_batch=True)
+    ev.add_argument("--stream", action="store_true",
+                    help="with --data: read one block at a time from a local checkpoint (models larger than memory)")
 
     rep = sub.add_parser("report", help="summarize a pruning report")
     rep.add_argument("paths", nargs="+", help="output directories or lmprune_report.json files")
@@ -257,8 +259,9 @@ def _decide_streaming(args, model_dir: str | None) -> bool:
     from .model.saving import Destination
     from .model.streaming import stream_by_default
 
-    needs_memory = [flag for flag, value in (("--eval", args.eval_data), ("--eval-tasks", args.eval_tasks))
-                    if value] + (["self-generated calibration (give --calib FILE)"] if args.calib == SELF_CALIB else [])
+    needs_memory = (["--eval-tasks"] if args.eval_tasks else []) + (
+        ["self-generated calibration (each generated token passes through every block, so streaming would "
+         "read the whole checkpoint once per token; give --calib FILE)"] if args.calib == SELF_CALIB else [])
     if args.stream is None:
         stream, why = stream_by_default(model_dir)
         partial = Destination(args.out, resumable=True).tmp
@@ -273,13 +276,17 @@ def _decide_streaming(args, model_dir: str | None) -> bool:
     elif args.stream:
         if needs_memory:
             raise LmpruneError(f"--stream keeps one block in memory: {', '.join(needs_memory)} need(s) the whole "
-                               "model (evaluate the saved checkpoint with `lmprune eval`)")
-        if not model_dir:
-            raise LmpruneError(f"--stream reads a local checkpoint directory; {args.model!r} is not one "
-                               "(download it first)")
+                               "model")
+        _require_local(model_dir, args.model)
     if args.fresh and not args.stream:
         raise LmpruneError("--fresh discards a streamed run's partial output: it needs --stream")
     return bool(args.stream)
+
+
+def _require_local(model_dir: str | None, model: str) -> str:
+    if not model_dir:
+        raise LmpruneError(f"--stream reads a local checkpoint directory; {model!r} is not one (download it first)")
+    return model_dir
 
 
 def _hub_cache() -> str:
@@ -308,7 +315,7 @@ def _terminate_as_interrupt():
 def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args, destination, ranks,
                device) -> int:
     from .data import calibration_windows, evaluation_windows, load_text, tokenize
-    from .evaluate import perplexity
+    from .evaluate import perplexity, streamed_perplexity
     import torch
 
     from .model import describe_device, load_model
@@ -363,7 +370,11 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     evaluation = []
     if eval_windows is not None:
         tick = time.perf_counter()
-        ppl = perplexity(model, eval_windows, device, config.batch_size, progress=not args.no_progress)
+        if blocks is None:
+            ppl = perplexity(model, eval_windows, device, config.batch_size, progress=not args.no_progress)
+        else:  # the pruned blocks, read back from the partial output one at a time
+            ppl = streamed_perplexity(model, blocks, eval_windows, device, config.batch_size,
+                                      progress=not args.no_progress)
         result.timings["evaluation"] = time.perf_counter() - tick
         evaluation.append({"data": config.eval_data, "seqlen": int(eval_windows.shape[1]),
                            "windows": int(eval_windows.shape[0]), "perplexity": ppl})
@@ -489,16 +500,27 @@ def cmd_eval(args) -> int:
         raise LmpruneError("--batch-size auto applies to --tasks; give a number of windows with --data")
     if args.json_out is not None and not args.tasks:
         raise LmpruneError("--json needs --tasks")
+    if args.stream and args.tasks:
+        raise LmpruneError("--stream evaluates perplexity (--data) one block at a time; --tasks needs the whole model")
     if args.overwrite and args.json_out is None:
         raise LmpruneError("--overwrite replaces an existing --json FILE: it needs --json")
     json_out = _json_output(args) if args.json_out is not None else None
     _check_tasks(args.tasks, args, "--tasks")
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, args.dtype)
+    store = None
+    if args.stream:
+        from .model.loading import local_model_dir
+        from .model.streaming import StreamedReader, load_streamed_model
+
+        path = _require_local(local_model_dir(args.model), args.model)
+        model, tokenizer, shards = load_streamed_model(path, args.model, args.dtype)
+        store = StreamedReader(model, shards)
+    else:
+        model, tokenizer = load_model(args.model, args.dtype)
     if args.data:
         seqlen = _seqlen(args.seqlen, model, "--seqlen")
         result = evaluate_perplexity(model, tokenizer, args.data, seqlen, args.max_windows, device, args.batch_size,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, store=store)
         print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows × {seqlen} tokens of {args.data})")
     if args.tasks:
         from .report import format_zeroshot

@@ -10,8 +10,9 @@ the input through is enough. Arguments equal across blocks or batches are stored
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ class BlockCalls:
     call_args: list[tuple[tuple, dict]]  # distinct (args without the hidden states, kwargs)
     call_index: list[list[int]]  # [block][batch] -> index into call_args
     returns_tuple: dict[type, int]  # block class -> length of the tuple it returns (absent: a tensor)
+    extras: dict[type, tuple] = field(default_factory=dict)  # block class -> what it returns after the states
 
     def distinct_calls(self, block: int) -> int:
         return len(set(self.call_index[block]))
@@ -162,10 +164,7 @@ def record_block_calls(
         return recorder
 
     home = next(blocks.parameters()).device
-    own = [block.__dict__.get("forward") for block in blocks]  # e.g. an accelerate hook's wrapper
-    for i, block in enumerate(blocks):
-        block.forward = make_recorder(i, block)
-    try:
+    with _forwards_replaced(blocks, make_recorder):
         with torch.no_grad():
             for ids in batches:
                 seen = [len(c) for c in call_index]
@@ -178,10 +177,35 @@ def record_block_calls(
                     raise LmpruneError(
                         f"the model did not call decoder block(s) {missing[:5]} exactly once per forward pass: "
                         "cannot record their inputs")
+    return BlockCalls(hidden, call_args, call_index, returns_tuple,
+                      {kind: extra for kind, extra in learnt.items() if extra is not None})
+
+
+def run_after_blocks(model: nn.Module, blocks: nn.ModuleList, calls: BlockCalls, ids: torch.Tensor,
+                     final: torch.Tensor) -> Any:
+    """The model's own forward on `ids` with `final` as its last block's output: what it computes after the
+    blocks (final norm, lm_head, logit soft-capping, ...) without computing any block. Every block hands
+    `final` back, in the form the recorder learnt, so the model's code between blocks sees what it expects."""
+    def make_constant(index: int, block: nn.Module):
+        extra = calls.extras.get(type(block))
+        return lambda *args, **kwargs: final if extra is None else (final, *extra)
+
+    with _forwards_replaced(blocks, make_constant):
+        return model(input_ids=ids, use_cache=False)
+
+
+@contextlib.contextmanager
+def _forwards_replaced(blocks: nn.ModuleList, make: Callable[[int, nn.Module], Callable]):
+    """Each block's forward replaced by `make(index, block)`; its own forward (an accelerate hook's wrapper
+    included) restored after."""
+    own = [block.__dict__.get("forward") for block in blocks]
+    for i, block in enumerate(blocks):
+        block.forward = make(i, block)
+    try:
+        yield
     finally:
         for block, forward in zip(blocks, own):
             if forward is None:
-                del block.forward  # the recorder shadowed the class's forward
+                del block.forward  # the replacement shadowed the class's forward
             else:
                 block.forward = forward
-    return BlockCalls(hidden, call_args, call_index, returns_tuple)

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import LmpruneError
 from ..report import write_json
 from .blocks import find_blocks
+from .layout import CheckpointLayout
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -190,34 +191,23 @@ def load_streamed_model(path: str, name: str, dtype: str = "auto"):
     blocks_name, _ = find_blocks(model)
     expected = model.state_dict(keep_vars=True)
     tied = _tied_targets(model)
-    missing = [k for k in expected if k not in shards.weight_map and k not in tied and _persistent(model, k)]
-    if missing and _converted_on_load(config):
-        raise LmpruneError(
-            f"{name}: its checkpoint stores {type(model).__name__} weights under other names (e.g. "
-            f"{missing[0]} is not there), which transformers converts while loading the whole model (e.g. "
-            "per-expert tensors it fuses): --stream reads checkpoints in the model's own layout; use --no-stream")
+    layout = CheckpointLayout(model, shards.weight_map)  # names as from_pretrained converts them
+    provided = set(layout.targets(list(layout.groups)))
+    missing = [k for k in expected if k not in provided and k not in tied and _persistent(model, k)]
     if missing:
         where = "in its index" if os.path.isfile(os.path.join(path, INDEX_NAME)) else f"in {SINGLE_NAME}"
         raise LmpruneError(
-            f"{name}: {len(missing)} weight(s) of {type(model).__name__} are not {where} (e.g. {missing[0]}): "
-            "a damaged index, or weights stored under other names that only loading without --stream converts")
+            f"{name}: {len(missing)} weight(s) of {type(model).__name__} are not {where} (e.g. {missing[0]}), "
+            "under their own names or any that transformers converts while loading: a damaged index?")
     inside = blocks_name + "."
-    outside = [k for k in expected if not k.startswith(inside) and k in shards.weight_map]
-    _assign(model, shards.read(outside))
+    outside = [g for g in layout.groups if not g.startswith(inside)]
+    _assign(model, layout.to_model(outside, shards.read))
     for target, source in tied.items():
-        if target not in shards.weight_map:  # tied as from_pretrained ties it: one tensor, two names
+        if target not in provided:  # tied as from_pretrained ties it: one tensor, two names
             owner, attr = _owner(model, target)
             owner._parameters[attr] = model.get_parameter(source)
     require_finite_weights(_OutsideBlocks(model, inside), f"model {name!r}")
     return model, tokenizer, shards
-
-
-def _converted_on_load(config) -> bool:
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:
-        return False
-    return get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) is not None
 
 
 class _OutsideBlocks:
@@ -284,8 +274,11 @@ class StreamedBlocks(BlockStore):
         self.resume_from = 0
         self.streams = True
         self.count = len(self.blocks)
-        self._keys = {i: [k for k in shards.weight_map if k.startswith(f"{self.blocks_name}.{i}.")]
-                      for i in range(self.count)}
+        self.layout = CheckpointLayout(model, shards.weight_map)
+        # Block i's model tensors (groups) and the checkpoint tensors they are made of (also the names its
+        # output shard holds: written in the checkpoint's layout, as save_pretrained writes it).
+        self._groups = {i: self.layout.groups_under(f"{self.blocks_name}.{i}.") for i in range(self.count)}
+        self._keys = {i: self.layout.sources(self._groups[i]) for i in range(self.count)}
         self._written: dict[str, str] = {}  # tensor name -> output shard
 
     # -- the partial output -------------------------------------------------------------------------
@@ -343,17 +336,22 @@ class StreamedBlocks(BlockStore):
 
     # -- the pipeline's view ------------------------------------------------------------------------
     def load(self, index: int, block: nn.Module) -> None:
-        if index < self.resume_from:  # finished before the kill: its pruned weights, from the partial output
-            tensors = _read_file(os.path.join(self.out, self.shard_name(index)), self._keys[index])
+        """Block `index`: its pruned weights from the partial output once finished (by this run or a killed
+        one: what --eval reads back), else the checkpoint's own."""
+        if index < len(self.done):
+            shard = os.path.join(self.out, self.shard_name(index))
+            self._assign_block(index, block, lambda keys: _read_file(shard, keys))
         else:
-            tensors = self.shards.read(self._keys[index])
-        prefix = f"{self.blocks_name}.{index}."
-        _assign(block, {k[len(prefix):]: v for k, v in tensors.items()})
+            self.load_original(index, block)
 
     def load_original(self, index: int, block: nn.Module) -> None:
         """Block `index` with the checkpoint's own (dense) weights, even where a killed run finished it."""
+        self._assign_block(index, block, self.shards.read)
+
+    def _assign_block(self, index: int, block: nn.Module, read) -> None:
         prefix = f"{self.blocks_name}.{index}."
-        _assign(block, {k[len(prefix):]: v for k, v in self.shards.read(self._keys[index]).items()})
+        tensors = self.layout.to_model(self._groups[index], read)
+        _assign(block, {k[len(prefix):]: v for k, v in tensors.items()})
 
     def release(self, index: int, block: nn.Module) -> None:
         for module in block.modules():
@@ -381,15 +379,25 @@ class StreamedBlocks(BlockStore):
         from .loading import require_finite_weights
 
         require_finite_weights(block, f"the pruned block {index}")
-        prefix = f"{self.blocks_name}.{index}."
-        state = block.state_dict()
-        tensors = {k: state[k[len(prefix):]].contiguous() for k in self._keys[index]}
+        tensors = self._checkpoint_tensors(index, block)
         shard = self.shard_name(index)
         self._write_shard(shard, tensors, f"block {index}")
         self._written.update(dict.fromkeys(tensors, shard))
         self.done.append(records)
         self._write_state()
         self.release(index, block)
+
+    def _checkpoint_tensors(self, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Block `index`'s tensors under the checkpoint's names and in its layout (per-expert tensors split
+        back), as save_pretrained writes them: the names `load` reads back when a killed run resumes."""
+        prefix = f"{self.blocks_name}.{index}."
+        state = {prefix + k: v for k, v in block.state_dict().items()}
+        tensors = self.layout.to_checkpoint({k: state[k] for k in self.layout.targets(self._groups[index])})
+        if sorted(tensors) != sorted(self._keys[index]):
+            raise LmpruneError(f"block {index}: transformers' saving conversion names its tensors otherwise than "
+                               f"the checkpoint does (e.g. {sorted(set(tensors) ^ set(self._keys[index]))[0]}): "
+                               "use --no-stream")
+        return {k: v.contiguous() for k, v in tensors.items()}
 
     def _write_shard(self, shard: str, tensors: dict[str, torch.Tensor], what: str) -> None:
         path = os.path.join(self.out, shard)
@@ -407,7 +415,9 @@ class StreamedBlocks(BlockStore):
 
         state = self.model.state_dict()
         inside = self.blocks_name + "."
-        outside = {k: state[k].contiguous() for k in self.shards.weight_map if not k.startswith(inside) and k in state}
+        groups = [g for g in self.layout.groups if not g.startswith(inside)]
+        outside = self.layout.to_checkpoint({k: state[k] for k in self.layout.targets(groups)})
+        outside = {k: v.contiguous() for k, v in outside.items()}
         shard = self.shard_name(self.count)
         self._write_shard(shard, outside, "the weights outside the blocks")
         self._written.update(dict.fromkeys(outside, shard))
