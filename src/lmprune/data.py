@@ -7,12 +7,12 @@ datasets (wikitext2, ptb, c4) loaded through `datasets` when the hub is reachabl
 from __future__ import annotations
 
 import codecs
-import json
 import os
 
 import torch
 
 from .errors import LmpruneError
+from .jsonl import json_type, jsonl_records
 
 # name -> (dataset path, config, split for calibration, split for evaluation, text field, data_files)
 NAMED_DATASETS = {
@@ -76,31 +76,6 @@ def _jsonl_text(lines, source: str) -> str:
             raise LmpruneError(f"{source}:{number}: \"text\" must be a string, not {json_type(text)}")
         texts.append(text)
     return "\n\n".join(texts)
-
-
-def jsonl_records(lines, source: str) -> list[tuple[int, dict]]:
-    """(line number, object) of each non-blank line; a line that is not a JSON object is named by its number
-    in the file (json's own "line 1 column 5" counts within the line alone)."""
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmpruneError(f"{source}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise LmpruneError(f"{source}:{number}: expected a JSON object, not {json_type(record)}")
-        records.append((number, record))
-    return records
-
-
-def json_type(value) -> str:
-    """What a JSON value is, in words (for messages)."""
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}[type(value)]
 
 
 def _load_named(name: str, role: str) -> str:

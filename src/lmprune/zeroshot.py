@@ -101,7 +101,8 @@ def task_file(root: str, task: str, split: str) -> str:
 
 def read_jsonl(path: str, task: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of each document in a --task-data file."""
-    from .data import decode_text, jsonl_records
+    from .data import decode_text
+    from .jsonl import jsonl_records
 
     try:
         with open(path, "rb") as f:
