@@ -308,3 +308,14 @@ def test_every_record_of_the_shared_sets_passes_the_check(tmp_path):
 
     tasks = build_tasks(["piqa", "arc_easy", "copa", "sglue_rte", "openbookqa"], str(ZEROSHOT))
     assert set(tasks.values()) and all(len(t.eval_docs) > 0 for t in tasks.values())
+
+
+def test_no_git_message_outside_a_repository(capfd, monkeypatch, tmp_path, stories_path):
+    # lm-eval runs `git describe` in the working directory; git writes to the process's stderr itself
+    write_jsonl(tmp_path / "data" / "piqa" / "validation.jsonl", PIQA[:2])
+    monkeypatch.chdir(tmp_path)  # not inside a repository: /tmp
+    code = main([str(a) for a in ("eval", stories_path, "--tasks", "piqa", "--task-data", tmp_path / "data",
+                                  "--device", "cpu", "--no-progress")])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert "fatal" not in err and "git" not in err, err

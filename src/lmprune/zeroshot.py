@@ -391,12 +391,27 @@ def run_tasks(model, tokenizer, tasks: list[str], device, batch_size: int | str 
     lm = make_lm(model, tokenizer, device, batch_size, progress)
     try:
         # lm-eval print()s notices (e.g. "bootstrapping for stddev"): stdout is kept for lmprune's table
-        with quiet(), task_documents(task_data), contextlib.redirect_stdout(sys.stderr):
+        with quiet(), task_documents(task_data), no_git_probe(), contextlib.redirect_stdout(sys.stderr):
             results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=0, log_samples=False,
                                               bootstrap_iters=bootstrap_iters, task_manager=task_manager())
     finally:
         model.to(home)
     return results
+
+
+@contextlib.contextmanager
+def no_git_probe():
+    """lm-eval runs `git describe` in the working directory to record a commit hash in its results; outside a
+    repository git prints "fatal: not a git repository" on stderr. lmprune keeps no such hash (its report
+    records the versions of the code that ran), so lm-eval is given none; nothing else is silenced."""
+    import lm_eval.evaluator as evaluator
+
+    probe = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
 
 
 def task_metrics(results: dict) -> dict[str, dict[str, float]]:
