@@ -206,9 +206,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model:    {settings.get('model')}",
         f"method:   {report.get('method')}  pattern: {report.get('pattern')}",
-        f"layers:   {summary.get('layers')}  sparsity: {_number(summary.get('sparsity', 0)):.4f}  "
-        f"mean rel. error: {_number(summary.get('mean_error', 0)):.4g} "
-        f"(mask only: {_number(summary.get('mean_error_masked', 0)):.4g})",
+        f"layers:   {summary.get('layers')}  sparsity: {_number(summary.get('sparsity')):.4f}  "
+        f"mean rel. error: {_number(summary.get('mean_error')):.4g} "
+        f"(mask only: {_number(summary.get('mean_error_masked')):.4g})",
     ]
     timings = report.get("timings", {})
     if timings:
