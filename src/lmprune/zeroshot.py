@@ -121,31 +121,26 @@ def documents(path: str, records: list[tuple[int, dict[str, Any]]]):
     (which Arrow cannot store in one column) is named by its line and field."""
     import datasets
 
-    def table(rows):
-        return datasets.Dataset.from_list(rows)
-
     rows = [record for _, record in records]
     try:
-        return table(rows)
+        return datasets.Dataset.from_list(rows)
     except (TypeError, ValueError) as exc:  # pyarrow's ArrowTypeError / ArrowInvalid
-        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        failure = _first_line(exc)
     good, bad = 0, len(rows)  # the shortest failing prefix, by bisection: its last record is the culprit
     while bad - good > 1:
         middle = (good + bad) // 2
-        try:
-            table(rows[:middle])
-            good = middle
-        except (TypeError, ValueError):
-            bad = middle
+        good, bad = (good, middle) if _not_one_table(rows[:middle]) else (middle, bad)
     line, record = records[bad - 1]
-    fields = [key for key in record if _fails(table, [{key: r.get(key)} for r in rows[:bad]])]
+    fields = [key for key in record if _not_one_table([{key: r.get(key)} for r in rows[:bad]])]
     what = f"field {fields[0]!r}" if fields else "a field"
     raise LmpruneError(f"{path}:{line}: {what} has another type than in the lines before it ({failure})")
 
 
-def _fails(build, rows) -> bool:
+def _not_one_table(rows: list[dict]) -> bool:
+    import datasets
+
     try:
-        build(rows)
+        datasets.Dataset.from_list(rows)
     except (TypeError, ValueError):
         return True
     return False
