@@ -146,3 +146,122 @@ def test_best_quality_is_sequential_layer_with_dense_and_block_targets(capsys, t
     weights = {n: load_file(o / "model.safetensors") for n, o in outs.items()}
     assert all(torch.equal(weights["best"][k], weights["both"][k]) for k in weights["both"])
     assert not all(torch.equal(weights["best"][k], weights["plain"][k]) for k in weights["plain"])
+
+
+@pytest.fixture(scope="module")
+def real_report(tiny_llama, tmp_path_factory) -> dict:
+    """The report of a real run (with an evaluation), to spoil field by field."""
+    root = tmp_path_factory.mktemp("report")
+    (root / "calib.txt").write_text(random_text(800))
+    assert main([str(a) for a in prune_args(tiny_llama, root / "calib.txt", root / "out", "--method", "wanda",
+                                            "--sparsity", "0.5", "--eval", root / "calib.txt")]) == 0
+    return json.loads((root / "out" / "lmprune_report.json").read_text())
+
+
+def spoil(report: dict, path: str, value=KeyError) -> dict:
+    """A copy of `report` with the field at `path` ("summary.sparsity", "layers.2.shape") set to `value`,
+    or deleted (KeyError)."""
+    import copy
+
+    report = copy.deepcopy(report)
+    *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+    holder = report
+    for key in parents:
+        holder = holder[key]
+    if value is KeyError:
+        del holder[last]
+    else:
+        holder[last] = value
+    return report
+
+
+@pytest.mark.parametrize("path, value, problem", [
+    ("summary", [1, 2], "summary is an array, not an object"),
+    ("summary", "0.5", "summary is a string, not an object"),
+    ("summary", KeyError, "summary is missing"),
+    ("summary.sparsity", KeyError, "summary.sparsity is missing"),  # never printed as "sparsity 0.0000"
+    ("summary.sparsity", "half", "summary.sparsity is a string, not a number"),
+    ("summary.layers", True, "summary.layers is a boolean, not an integer"),
+    ("layers", {"a": 1}, "layers is an object, not an array"),
+    ("layers", KeyError, "layers is missing"),
+    ("layers.2", "q_proj", "layers[2] is a string, not an object"),
+    ("layers.2.shape", "64x64", "layers[2].shape is a string, not an array"),
+    ("layers.2.shape", ["64", 64], "layers[2].shape holds a string, not only integers"),
+    ("layers.2.error", KeyError, "layers[2].error is missing"),
+    ("layers.2.sparsity", None, "layers[2].sparsity is null, not a number"),
+    ("method", 3, "method is a number, not a string"),
+    ("settings", None, "settings is null, not an object"),
+    ("timings.total", "slow", "timings holds a string, not only numbers"),
+    ("evaluation.0.perplexity", [1.0], "evaluation[0].perplexity is an array, not a number"),
+    ("evaluation.0.windows", KeyError, "evaluation[0].windows is missing"),
+    ("allocation", "owl", "allocation is a string, not an object or null"),
+    ("unpruned", [{"name": "lm_head"}], "unpruned[0].shape is missing"),
+])
+def test_a_report_that_is_not_one_is_refused_in_one_line(capsys, tmp_path, real_report, path, value, problem):
+    report = tmp_path / "lmprune_report.json"
+    report.write_text(json.dumps(spoil(real_report, path, value)))
+    before = snapshot(tmp_path)
+    code, out, err = run(capsys, "report", tmp_path)
+    assert (code, out) == (2, "")
+    assert err == [f"lmprune: error: {report} is not an lmprune report: {problem}"]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "is not an lmprune report: its top level is an array, not an object"),
+    (b"null", "is not an lmprune report: its top level is null, not an object"),
+    (b'{"method": ', "is not a valid JSON report: Expecting value: line 1 column 12 (char 11)"),
+    (b"", "is not a valid JSON report: Expecting value: line 1 column 1 (char 0)"),
+    (b"\xff\xfe{}", "is not a valid JSON report: it is not UTF-8 text"),
+])
+def test_a_file_that_is_not_a_json_report_is_refused_in_one_line(capsys, tmp_path, content, message):
+    report = tmp_path / "report.json"
+    report.write_bytes(content)
+    code, out, err = run(capsys, "report", report)
+    assert (code, out) == (2, "")
+    assert err == [f"lmprune: error: {report} {message}"]
+    assert report.read_bytes() == content
+
+
+def test_a_real_report_and_its_non_finite_numbers_still_print(capsys, tmp_path, real_report):
+    # write_json stores non-finite numbers as "NaN"/"Infinity": a report holding them is still a report
+    report = spoil(spoil(real_report, "summary.mean_error", "NaN"), "timings.total", "Infinity")
+    (tmp_path / "lmprune_report.json").write_text(json.dumps(report))
+    code, text, err = run(capsys, "report", tmp_path)
+    assert code == 0 and err == []
+    assert f"sparsity: {real_report['summary']['sparsity']:.4f}  mean rel. error: nan" in text
+    assert "total inf" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune"], "the following arguments are required: model, --out (see `lmprune prune --help`)"),
+    (["prune", "m", "--out", "o", "--sparsity", "half"],
+     "argument --sparsity: invalid float value: 'half' (see `lmprune prune --help`)"),
+    (["prune", "m", "--out", "o", "--sparsity", "0.5", "--pattern", "2:4"],
+     "argument --pattern: not allowed with argument --sparsity (see `lmprune prune --help`)"),
+    (["frob"], "argument command: invalid choice: 'frob' (choose from 'prune', 'eval', 'report', 'methods') "
+               "(see `lmprune --help`)"),
+    ([], "the following arguments are required: command (see `lmprune --help`)"),
+    (["report"], "the following arguments are required: paths (see `lmprune report --help`)"),
+    (["eval", "m", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0 (see `lmprune eval --help`)"),
+])
+def test_a_command_line_argparse_refuses_is_one_line(capsys, monkeypatch, argv, message):
+    for variable in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err.splitlines() == [f"lmprune: error: {message}"]
+    monkeypatch.setenv("RANK", "1")  # torchrun's other processes: rank 0 says it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_help_still_prints_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--help"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0 and captured.out.startswith("usage: lmprune prune ") and captured.err == ""

@@ -65,3 +65,22 @@ def test_tokenize_whole_text_without_truncation():
     tokenizer = byte_tokenizer()
     ids = tokenize(tokenizer, "ab" * 5000)
     assert ids.dtype == torch.long and ids.numel() == 10000
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": broken', "not valid JSON (Expecting value at column 10)"),
+    ('["a", "b"]', "expected a JSON object, not an array"),
+    ('"just text"', "expected a JSON object, not a string"),
+    ('{"text": 5}', "\"text\" must be a string, not a number"),
+    ('{"text": ["a"]}', "\"text\" must be a string, not an array"),
+    ('{"body": "x"}', "expected a JSON object with a \"text\" field"),
+])
+def test_a_bad_jsonl_line_is_named_by_its_number_in_the_file(tmp_path, line, message):
+    # json.loads counts lines within the one line it is given: the message must count them in the file
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "one"}) + "\n\n" + line + "\n" + json.dumps({"text": "four"}) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(LmpruneError) as error:
+        load_text(str(path))
+    assert str(error.value) == f"{path}:3: {message}"
+    assert path.read_bytes() == before

@@ -57,6 +57,8 @@ def _rank_main(rank: int, world: int, port: str, argv: list[str], stderr: str, f
         inject_failure(fail)
     try:
         code = main(argv)
+    except SystemExit as exc:  # argparse's exit: its code, as the interpreter would make it
+        code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # an uncaught error: print it as Python would, exit 1
         import traceback
 
@@ -343,3 +345,52 @@ def test_assignment_balances_cost_and_is_deterministic():
     assert owners == Ranks(rank=2, world=3).assign(experts)  # every rank computes the same assignment
     assert owners == [0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 2, 2]
     assert len({sum(c for c, o in zip(experts, owners) if o == r) for r in range(3)}) == 1  # equal loads
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.0"], "lmprune: error: sparsity must be in [0, 1), got 1.0"),  # lmprune's own check
+    (["--sparsity", "half"], "lmprune: error: argument --sparsity: invalid float value: 'half' "
+                             "(see `lmprune prune --help`)"),  # argparse's
+])
+def test_a_bad_input_under_torchrun_is_said_once_by_rank_0(tiny_llama, calib_text, tmp_path, extra, message):
+    before, model = snapshot(tmp_path), snapshot(tiny_llama)
+    command = prune_command(tiny_llama, calib_text, tmp_path / "out", "--nsamples", 2, "--seqlen", 32,
+                            "--method", "wanda", *extra)
+    (code0, err0), (code1, err1) = launch(command, tmp_path)
+    assert (code0, code1) == (2, 2)
+    assert err0.splitlines() == [message] and err1 == ""
+    assert snapshot(tmp_path) == before and snapshot(tiny_llama) == model
+
+
+class FakeGroup:
+    """torch.distributed's calls that Ranks.close makes, recorded in order."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "barrier", lambda group=None: self.calls.append(("barrier", group)))
+        monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: self.calls.append(("destroy",)))
+
+
+@pytest.mark.parametrize("done, failed, calls", [
+    (True, False, [("barrier", "farewell"), ("destroy",)]),  # a finished run: wait for every rank, then leave
+    (False, False, [("destroy",)]),  # stopped before the end (Ctrl-C): the others are not at the barrier
+    (True, True, []),  # a peer is gone: nothing that could wait on it
+    (False, True, []),
+])
+def test_close_waits_for_every_rank_then_destroys_the_group(monkeypatch, done, failed, calls):
+    group = FakeGroup(monkeypatch)
+    ranks = Ranks(rank=1, world=2, backend="gloo", failed=failed, done=done, farewell="farewell")
+    ranks.close()
+    assert group.calls == calls
+
+
+def test_a_peer_lost_at_the_farewell_barrier_leaves_the_result_alone(monkeypatch):
+    group = FakeGroup(monkeypatch)
+
+    def lost(group=None):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(torch.distributed, "barrier", lost)
+    Ranks(rank=0, world=2, backend="gloo", done=True, farewell="farewell").close()  # no exception
+    assert group.calls == []

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED, require_shared
+from conftest import REPO, SHARED, require_shared, snapshot
 from lmprune.cli import main
 
 pytest.importorskip("lm_eval")
@@ -198,3 +198,124 @@ def test_summary_means_leaf_tasks_and_table():
     assert table[3].split() == ["a", "10", "0.2500", "±", "0.1000", "0.7500"]
     assert table[4].split()[-2:] == ["perplexity", "12.5"]
     assert table[-1] == "mean: acc over 2 tasks, acc_norm over 1 task"
+
+
+COPA = [{"premise": "The man turned on the faucet.", "choice1": "The toilet filled with water.",
+         "choice2": "Water flowed from the spout.", "question": "effect", "idx": i, "label": 1} for i in range(4)]
+HELLASWAG = [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man stands in a kitchen.", "ctx_b": "he",
+              "ctx": "A man stands in a kitchen. he", "endings": ["cooks.", "flies.", "sings.", "sleeps."],
+              "source_id": "x", "split": "val", "split_type": "indomain", "label": "0"} for i in range(3)]
+
+
+def without(records, index, field):
+    records = [dict(r) for r in records]
+    del records[index][field]
+    return records
+
+
+def with_value(records, index, field, value):
+    records = [dict(r) for r in records]
+    records[index][field] = value
+    return records
+
+
+# (task, its file, records, the message after "FILE:LINE: "); lines count from 1
+BAD_RECORDS = {
+    # copa's prompt is Python (utils.doc_to_text): a KeyError inside it
+    "copa lacks premise": ("copa", "validation", without(COPA, 2, "premise"), 3,
+                           "lm-eval task 'copa' reads field 'premise', which this record lacks"),
+    "copa's first lacks premise": ("copa", "validation", without(COPA, 0, "premise"), 1,
+                                   "lm-eval task 'copa' reads field 'premise', which this record lacks"),
+    "copa, none has premise": ("copa", "validation", [without(COPA, i, "premise")[i] for i in range(4)], 1,
+                               "lm-eval task 'copa' reads field 'premise', which this record lacks"),
+    "copa null premise": ("copa", "validation", with_value(COPA, 1, "premise", None), 2,
+                          "lm-eval task 'copa' cannot read this record "
+                          "(AttributeError: 'NoneType' object has no attribute 'strip')"),
+    # piqa's prompt is Jinja: a missing field would otherwise render as "None"
+    "piqa lacks goal": ("piqa", "validation", without(PIQA, 3, "goal"), 4,
+                        "lm-eval task 'piqa' reads field 'goal', which this record lacks"),
+    "piqa lacks label": ("piqa", "validation", without(PIQA, 1, "label"), 2,
+                         "lm-eval task 'piqa' reads field 'label', which this record lacks"),
+    "arc choices not an object": ("arc_easy", "test", [with_value(ARC, i, "choices", "abc")[i] for i in range(3)], 1,
+                                  "lm-eval task 'arc_easy' cannot read this record "
+                                  "(UndefinedError: 'str object' has no attribute 'label')"),
+    # hellaswag has process_docs, which reads the fields before any prompt does
+    "hellaswag lacks ctx_a": ("hellaswag", "validation", without(HELLASWAG, 1, "ctx_a"), 2,
+                              "lm-eval task 'hellaswag' reads field 'ctx_a', which this record lacks"),
+    # a field of another JSON type than in the lines before: Arrow cannot hold both in one column
+    "piqa goal a number": ("piqa", "validation", with_value(PIQA, 2, "goal", 5), 3,
+                           "field 'goal' has another type than in the lines before it "
+                           "(ArrowTypeError: Expected bytes, got a 'int' object)"),
+    "arc choices a list": ("arc_easy", "test", with_value(ARC, 1, "choices", ["moo"]), 2,
+                           "field 'choices' has another type than in the lines before it "
+                           "(ArrowInvalid: cannot mix list and non-list, non-null values)"),
+    "copa empty record": ("copa", "validation", COPA[:1] + [{}], 2,  # copa's prompt reads 'question' first
+                          "lm-eval task 'copa' reads field 'question', which this record lacks"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_a_record_lacking_what_its_task_reads_is_named_by_file_and_line(capsys, tmp_path, stories_path, case):
+    task, split, records, line, message = BAD_RECORDS[case]
+    path = tmp_path / "data" / task / f"{split}.jsonl"
+    write_jsonl(path, records)
+    before, model = snapshot(tmp_path), snapshot(stories_path)
+    code, out, err = run(capsys, "eval", stories_path, "--tasks", task, "--task-data", tmp_path / "data",
+                         "--device", "cpu", "--no-progress")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [f"lmprune: error: {path}:{line}: {message}"]
+    assert snapshot(tmp_path) == before and snapshot(stories_path) == model
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ('{"goal": broken\n', 3, "not valid JSON (Expecting value at column 10)"),
+    ('[1, 2]\n', 3, "expected a JSON object, not an array"),
+])
+def test_a_broken_task_data_line_is_named_by_its_number(capsys, tmp_path, stories_path, tinystories_path, text,
+                                                        line, message):
+    path = tmp_path / "data" / "piqa" / "validation.jsonl"
+    write_jsonl(path, PIQA[:2])
+    with open(path, "a") as f:
+        f.write(text)
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    # prune's check up front, before the model is loaded or pruned
+    code, _, err = run(capsys, "prune", stories_path, "--method", "magnitude", "--sparsity", 0.5, "--calib",
+                       tinystories_path, "--out", out, "--no-progress", "--eval-tasks", "piqa",
+                       "--task-data", tmp_path / "data")
+    assert code == 2
+    assert [l for l in err.splitlines() if not l.startswith("lmprune: plan:")] == \
+           [f"lmprune: error: {path}:{line}: {message}"]
+    assert snapshot(tmp_path) == before
+
+
+def test_prune_checks_every_record_up_front(capsys, tmp_path, stories_path, tinystories_path):
+    path = tmp_path / "data" / "copa" / "validation.jsonl"
+    write_jsonl(path, without(COPA, 2, "premise"))
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "prune", stories_path, "--method", "magnitude", "--sparsity", 0.5, "--calib",
+                       tinystories_path, "--out", tmp_path / "out", "--no-progress", "--eval-tasks", "copa",
+                       "--task-data", tmp_path / "data")
+    assert code == 2
+    assert err.splitlines() == [f"lmprune: error: {path}:3: lm-eval task 'copa' reads field 'premise', "
+                                "which this record lacks"]  # before the plan line: nothing was loaded
+    assert snapshot(tmp_path) == before
+
+
+def test_every_record_of_the_shared_sets_passes_the_check(tmp_path):
+    require_shared(ZEROSHOT)
+    from lmprune.zeroshot import build_tasks
+
+    tasks = build_tasks(["piqa", "arc_easy", "copa", "sglue_rte", "openbookqa"], str(ZEROSHOT))
+    assert set(tasks.values()) and all(len(t.eval_docs) > 0 for t in tasks.values())
+
+
+def test_no_git_message_outside_a_repository(capfd, monkeypatch, tmp_path, stories_path):
+    # lm-eval runs `git describe` in the working directory; git writes to the process's stderr itself
+    write_jsonl(tmp_path / "data" / "piqa" / "validation.jsonl", PIQA[:2])
+    monkeypatch.chdir(tmp_path)  # not inside a repository: /tmp
+    code = main([str(a) for a in ("eval", stories_path, "--tasks", "piqa", "--task-data", tmp_path / "data",
+                                  "--device", "cpu", "--no-progress")])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert "fatal" not in err and "git" not in err, err

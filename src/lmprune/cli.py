@@ -21,8 +21,18 @@ DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's c
 DEFAULT_GENERATION_BATCH = 16  # as selfcalib's; a literal here so `--help` does not import torch
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lmprune's error form: one `lmprune: error: ...` line and exit code 2, no usage block (the
+    subcommands' parsers are of this class too: add_subparsers makes them of the parent's class)."""
+
+    def error(self, message: str):
+        if speaks_for_run():
+            print(f"lmprune: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmprune", description="One-shot pruning of Hugging Face causal LMs.")
+    parser = Parser(prog="lmprune", description="One-shot pruning of Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "methods": cmd_methods}[args.command](args)
     except LmpruneError as exc:
-        if not getattr(exc, "quiet", False):  # another process's failure: rank 0 says it once
+        if not getattr(exc, "quiet", False):  # another process's failure, or one every process found: rank 0's
             print(f"lmprune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -191,9 +201,26 @@ def _seqlen(requested: int | None, model, flag: str) -> int:
 
 
 def cmd_prune(args) -> int:
+    with _found_by_every_process():
+        config, pattern, method, model_dir = _checked_prune(args)
+    return _distributed_prune(args, config, pattern, method, model_dir)
+
+
+@contextlib.contextmanager
+def _found_by_every_process():
+    """Under torchrun every process checks the same command line and files before they join: a bad input is
+    found by each, and said once, by rank 0."""
+    try:
+        yield
+    except LmpruneError as exc:
+        exc.quiet = getattr(exc, "quiet", False) or not speaks_for_run()
+        raise
+
+
+def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | None]:
+    """The prune command's inputs, checked before any process joins the group or loads the model."""
     from .methods import build_method
     from .model.loading import local_model_dir
-    from .model.saving import Destination, checkpoint_bytes
     from .paths import check_output_dir, run_inputs
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
@@ -224,15 +251,19 @@ def cmd_prune(args) -> int:
     args.stream = _decide_streaming(args, model_dir)
     pattern = method.pattern(pattern, args.per_row)
     config.allocation.check(pattern)
-    layer_solver, refiner = method.layer_solver, method.refiner
     seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
     source = (f"{args.calib} ({args.nsamples} × {seqlen} tokens)" if calib_given and args.calib != SELF_CALIB
               else f"self-generated ({args.nsamples} × {seqlen} tokens sampled from the model"
                    f"{'' if calib_given else '; no --calib given'})")
     _log(f"plan: prune {args.model} with {method.name} to {pattern.describe()} on "
          f"{_describe(args.device)}; calibration {source}")
+    return config, pattern, method, model_dir
+
+
+def _distributed_prune(args, config: PruneConfig, pattern: SparsityPattern, method, model_dir: str | None) -> int:
     from .distributed import from_environment
     from .model import resolve_device
+    from .model.saving import Destination, checkpoint_bytes
 
     # Under torchrun, every process joins the group; rank 0 alone owns the output and shows progress.
     ranks, device = from_environment(resolve_device(config.device))
@@ -245,7 +276,7 @@ def cmd_prune(args) -> int:
         with _terminate_as_interrupt(), (Destination(args.out, args.overwrite, checkpoint_bytes(model_dir, args.dtype),
                                                      resumable=args.stream)
                                          if ranks.is_main else contextlib.nullcontext()) as destination:
-            return _run_prune(config, pattern, layer_solver, refiner, args, destination, ranks, device)
+            return _run_prune(config, pattern, method.layer_solver, method.refiner, args, destination, ranks, device)
     except BaseException as exc:
         ranks.report_failure(exc)  # the other processes stop at their next exchange, with this message
         raise
@@ -602,8 +633,13 @@ def _describe(device: str) -> str:
     return "cuda (auto)" if torch.cuda.is_available() else "cpu (auto)"
 
 
+def speaks_for_run() -> bool:
+    """Whether this process prints the run's messages: yes, unless it is one of torchrun's other ranks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _log(message: str) -> None:
-    if os.environ.get("RANK", "0") != "0":  # torchrun's other processes: rank 0 speaks for the run
+    if not speaks_for_run():
         return
     print(f"lmprune: {message}", file=sys.stderr)
 

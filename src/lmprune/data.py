@@ -7,12 +7,12 @@ datasets (wikitext2, ptb, c4) loaded through `datasets` when the hub is reachabl
 from __future__ import annotations
 
 import codecs
-import json
 import os
 
 import torch
 
 from .errors import LmpruneError
+from .jsonl import json_type, jsonl_records
 
 # name -> (dataset path, config, split for calibration, split for evaluation, text field, data_files)
 NAMED_DATASETS = {
@@ -68,23 +68,14 @@ def decode_text(raw: bytes, what: str) -> str:
 
 def _jsonl_text(lines, source: str) -> str:
     texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LmpruneError(f"{source}:{number}: expected a JSON object with a \"text\" field") from None
+    for number, record in jsonl_records(lines, source):
+        if "text" not in record:
+            raise LmpruneError(f"{source}:{number}: expected a JSON object with a \"text\" field")
+        text = record["text"]
         if not isinstance(text, str):
-            raise LmpruneError(f"{source}:{number}: \"text\" must be a string, not {_json_type(text)}")
+            raise LmpruneError(f"{source}:{number}: \"text\" must be a string, not {json_type(text)}")
         texts.append(text)
     return "\n\n".join(texts)
-
-
-def _json_type(value) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}[type(value)]
 
 
 def _load_named(name: str, role: str) -> str:

@@ -32,6 +32,9 @@ from .errors import LmpruneError
 
 TIMEOUT_ENV = "LMPRUNE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait: rank 0 may generate calibration text meanwhile
+# The other ranks wait at the end while rank 0 saves, evaluates and runs zero-shot tasks: that may take longer
+# than any collective, so that last barrier has a group of its own (gloo, any device) with a longer timeout.
+FAREWELL_TIMEOUT = timedelta(days=7)
 
 
 class PeerFailure(LmpruneError):
@@ -53,6 +56,7 @@ class Ranks:
     timeout: float = DEFAULT_TIMEOUT
     failed: bool = field(default=False, repr=False)
     done: bool = field(default=False, repr=False)  # the collective part is over: no more status rounds
+    farewell: Any = field(default=None, repr=False)  # the group of close()'s barrier (FAREWELL_TIMEOUT)
 
     @property
     def active(self) -> bool:
@@ -217,8 +221,19 @@ class Ranks:
         return owner
 
     def close(self) -> None:
-        if self.active and torch.distributed.is_initialized() and not self.failed:
-            torch.distributed.destroy_process_group()
+        """Leave the group in order: after a run every rank finished (`done`), each waits at a barrier until
+        all are here (rank 0 after saving), then every rank destroys the group. A rank that tore down its
+        connections and exited while another still used them could abort at interpreter exit ("terminate
+        called without an active exception", SIGABRT), turning a saved, correct run into a failed one.
+        After a failure the peers may be gone: no barrier, and no teardown that could wait on them."""
+        if not (self.active and torch.distributed.is_initialized()) or self.failed:
+            return
+        if self.done and self.farewell is not None:
+            try:
+                torch.distributed.barrier(group=self.farewell)
+            except Exception:  # noqa: BLE001 - a peer died after the work: this rank's result stands
+                return
+        torch.distributed.destroy_process_group()
 
 
 SINGLE = Ranks()
@@ -282,6 +297,7 @@ def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
     try:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
+        ranks.farewell = torch.distributed.new_group(backend="gloo", timeout=FAREWELL_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - rendezvous failures come in many types
         ranks.failed = True
         raise ranks._lost(exc, "joining the process group") from None

@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import LmpruneError
 from .paths import atomic_path
+from .jsonl import json_type
 
 REPORT_NAME = "lmprune_report.json"
 
@@ -84,15 +85,118 @@ def _number(value: Any) -> float:
 
 
 def load_report(path: str) -> dict[str, Any]:
+    """A report as written by `lmprune prune`, checked against what `lmprune report` reads: a file that is not
+    one (not JSON, a list, a summary that is not an object, a layer without its numbers) is refused in one
+    line rather than printed as zeros."""
     if os.path.isdir(path):
         path = os.path.join(path, REPORT_NAME)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            report = json.load(f)
     except FileNotFoundError:
         raise LmpruneError(f"no report at {path}") from None
     except json.JSONDecodeError as exc:
         raise LmpruneError(f"{path} is not a valid JSON report: {exc}") from None
+    except UnicodeDecodeError:
+        raise LmpruneError(f"{path} is not a valid JSON report: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise LmpruneError(f"cannot read {path}: {exc.strerror or exc}") from None
+    problem = report_problem(report)
+    if problem:
+        raise LmpruneError(f"{path} is not an lmprune report: {problem}")
+    return report
+
+
+# What `lmprune report` reads, field by field: (kind, required). Kinds: a JSON type, "number" (finite, or
+# the strings write_json stores non-finite numbers as), "integer"; a list of kinds accepts any of them.
+REPORT_FIELDS = {"method": ("string", True), "pattern": ("string", True), "settings": ("object", True),
+                 "summary": ("object", True), "layers": ("array", True), "timings": ("object", False),
+                 "evaluation": ("array", False), "allocation": (["object", "null"], False),
+                 "unpruned": ("array", False), "routers": ("array", False), "zeroshot": (["object", "null"], False),
+                 "block_targets": ("object", False)}
+SUMMARY_FIELDS = {"layers": ("integer", True), "expert_slices": ("integer", False),
+                  "layers_with_fallback": ("array", False)}
+SUMMARY_NUMBERS = ("sparsity", "mean_error", "mean_error_masked")  # present whenever a layer was pruned
+LAYER_FIELDS = {"name": ("string", True), "shape": ("array", True), "sparsity": ("number", True),
+                "error": ("number", True), "error_masked": ("number", True), "tokens": (["integer", "null"], False)}
+EVALUATION_FIELDS = {"data": ("string", True), "windows": ("integer", True), "seqlen": ("integer", True),
+                     "perplexity": ("number", True)}
+UNPRUNED_FIELDS = {"name": ("string", True), "shape": ("array", True), "reason": ("string", True)}
+FALLBACK_FIELDS = {"name": ("string", True)}
+ALLOCATION_FIELDS = {"kind": ("string", False), "block_sparsities": ("array", False)}
+BLOCK_TARGETS_FIELDS = {"layers": ("array", False), "not_applied": ("object", False)}
+ZEROSHOT_FIELDS = {"tasks": ("object", False), "mean": ("object", False), "mean_over": ("object", False)}
+NON_FINITE = ("NaN", "Infinity", "-Infinity")
+
+
+def report_problem(report: Any) -> str | None:
+    """What makes `report` unreadable as an lmprune report (a path to the field and what is wrong), or None."""
+    checks = [(report, "", REPORT_FIELDS)]
+    if isinstance(report, dict):
+        checks.append((report.get("summary"), "summary.", SUMMARY_FIELDS))
+        summary = report.get("summary")
+        if isinstance(summary, dict) and isinstance(summary.get("layers"), int) and summary["layers"] > 0:
+            checks.append((summary, "summary.", {key: ("number", True) for key in SUMMARY_NUMBERS}))
+        for key, fields in (("layers", LAYER_FIELDS), ("evaluation", EVALUATION_FIELDS),
+                            ("unpruned", UNPRUNED_FIELDS)):
+            items = report.get(key)
+            checks += [(item, f"{key}[{i}].", fields) for i, item in enumerate(items if isinstance(items, list) else [])]
+        fallbacks = summary.get("layers_with_fallback") if isinstance(summary, dict) else None
+        checks += [(item, f"summary.layers_with_fallback[{i}].", FALLBACK_FIELDS)
+                   for i, item in enumerate(fallbacks if isinstance(fallbacks, list) else [])]
+        for key, fields in (("allocation", ALLOCATION_FIELDS), ("block_targets", BLOCK_TARGETS_FIELDS),
+                            ("zeroshot", ZEROSHOT_FIELDS)):
+            if isinstance(report.get(key), dict):
+                checks.append((report[key], f"{key}.", fields))
+    for value, where, fields in checks:
+        problem = _fields_problem(value, where, fields)
+        if problem:
+            return problem
+    return _numbers_problem(report)
+
+
+def _numbers_problem(report: dict) -> str | None:
+    """The arrays and maps of numbers: layer shapes, timings, block sparsities, zero-shot metrics."""
+    groups = [(f"layers[{i}].shape", layer["shape"], "integer") for i, layer in enumerate(report["layers"])]
+    groups.append(("timings", list(report.get("timings", {}).values()), "number"))
+    allocation = report.get("allocation") or {}
+    groups.append(("allocation.block_sparsities", allocation.get("block_sparsities", []), "number"))
+    zeroshot = report.get("zeroshot") or {}
+    for task, metrics in zeroshot.get("tasks", {}).items():
+        if not isinstance(metrics, dict):
+            return f"zeroshot.tasks.{task} is {json_type(metrics)}, not an object"
+        groups.append((f"zeroshot.tasks.{task}", [v for k, v in metrics.items() if "," in k or k == "n"], "number"))
+    groups.append(("zeroshot.mean", list(zeroshot.get("mean", {}).values()), "number"))
+    for where, values, kind in groups:
+        for value in values:
+            if not _is_kind(value, kind):
+                return f"{where} holds {json_type(value)}, not only {kind}s"
+    return None
+
+
+def _fields_problem(value: Any, where: str, fields: dict[str, tuple]) -> str | None:
+    if not isinstance(value, dict):
+        return f"{where.rstrip('.') or 'its top level'} is {json_type(value)}, not an object"
+    for key, (kinds, required) in fields.items():
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if key not in value:
+            if required:
+                return f"{where}{key} is missing"
+        elif not any(_is_kind(value[key], kind) for kind in kinds):
+            return f"{where}{key} is {json_type(value[key])}, not {' or '.join(_article(k) for k in kinds)}"
+    return None
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "number":
+        return value in NON_FINITE or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return json_type(value) == _article(kind)
+
+
+def _article(kind: str) -> str:
+    return "null" if kind == "null" else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -101,13 +205,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model:    {settings.get('model')}",
         f"method:   {report.get('method')}  pattern: {report.get('pattern')}",
-        f"layers:   {summary.get('layers')}  sparsity: {_number(summary.get('sparsity', 0)):.4f}  "
-        f"mean rel. error: {_number(summary.get('mean_error', 0)):.4g} "
-        f"(mask only: {_number(summary.get('mean_error_masked', 0)):.4g})",
+        f"layers:   {summary.get('layers')}  sparsity: {_number(summary.get('sparsity')):.4f}  "
+        f"mean rel. error: {_number(summary.get('mean_error')):.4g} "
+        f"(mask only: {_number(summary.get('mean_error_masked')):.4g})",
     ]
     timings = report.get("timings", {})
     if timings:
-        lines.append("time (s): " + "  ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        lines.append("time (s): " + "  ".join(f"{k} {_number(v):.1f}" for k, v in timings.items()))
     for result in report.get("evaluation", []):
         lines.append(f"perplexity on {result['data']} ({result['windows']}×{result['seqlen']}): "
                      f"{_number(result['perplexity']):.3f}")
@@ -161,12 +265,12 @@ def format_zeroshot(zeroshot: dict[str, Any]) -> str:
         if key not in values:
             return f"{'-':>{width}}"
         stderr = values.get(f"{metric}_stderr,none")
-        text = f"{values[key]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+        text = f"{_number(values[key]):.4f}" + (f" ± {_number(stderr):.4f}" if stderr is not None else "")
         return f"{text:>{width}}"
 
     for task, values in zeroshot.get("tasks", {}).items():
         others = [k for k in values if "," in k and "_stderr," not in k and k.split(",")[0] not in MAIN_METRICS]
-        other = "  ".join(f"{k.split(',')[0]} {values[k]:.4g}" for k in others)
+        other = "  ".join(f"{k.split(',')[0]} {_number(values[k]):.4g}" for k in others)
         lines.append(f"{task:<20} {values.get('n', ''):>6} {cell(values, 'acc')} {cell(values, 'acc_norm')}  {other}")
     mean = zeroshot.get("mean", {})
     if mean:

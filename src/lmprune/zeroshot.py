@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import json
 import logging
 import math
 import os
+import re
 import sys
 from functools import lru_cache
 from typing import Any
@@ -99,22 +99,55 @@ def task_file(root: str, task: str, split: str) -> str:
     return os.path.join(root, task, f"{split}.jsonl")
 
 
-def read_jsonl(path: str, task: str) -> list[dict[str, Any]]:
+def read_jsonl(path: str, task: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each document in a --task-data file."""
+    from .data import decode_text
+    from .jsonl import jsonl_records
+
     try:
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise LmpruneError(f"lm-eval task {task!r}: no documents at {path} (expected --task-data DIR/{task}/"
                            f"{os.path.basename(path)}, one JSON object per line)") from None
-    except json.JSONDecodeError as exc:
-        raise LmpruneError(f"{path}: not JSON lines ({exc})") from None
+    records = jsonl_records(decode_text(raw, path).split("\n"), path)
     if not records:
         raise LmpruneError(f"{path} holds no documents")
     return records
 
 
+def documents(path: str, records: list[tuple[int, dict[str, Any]]]):
+    """The records as a datasets.Dataset; a record whose field has another type than in the records before it
+    (which Arrow cannot store in one column) is named by its line and field."""
+    import datasets
+
+    rows = [record for _, record in records]
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (TypeError, ValueError) as exc:  # pyarrow's ArrowTypeError / ArrowInvalid
+        failure = _first_line(exc)
+    good, bad = 0, len(rows)  # the shortest failing prefix, by bisection: its last record is the culprit
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (good, middle) if _not_one_table(rows[:middle]) else (middle, bad)
+    line, record = records[bad - 1]
+    fields = [key for key in record if _not_one_table([{key: r.get(key)} for r in rows[:bad]])]
+    what = f"field {fields[0]!r}" if fields else "a field"
+    raise LmpruneError(f"{path}:{line}: {what} has another type than in the lines before it ({failure})")
+
+
+def _not_one_table(rows: list[dict]) -> bool:
+    import datasets
+
+    try:
+        datasets.Dataset.from_list(rows)
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
 def local_dataset(config, root: str):
-    """A DatasetDict with the task's evaluation split read from ``root``.
+    """A DatasetDict with the task's evaluation split read from ``root``, and that split's (path, records).
 
     The other splits the config names (train, validation, few-shot) are read when their file exists; else they
     are empty with the same features: lm-eval builds a few-shot sampler from them at construction even at zero
@@ -123,15 +156,99 @@ def local_dataset(config, root: str):
     import datasets
 
     split = eval_split(config)
-    docs = datasets.Dataset.from_list(read_jsonl(task_file(root, config.task, split), config.task))
+    path = task_file(root, config.task, split)
+    records = read_jsonl(path, config.task)
+    docs = documents(path, records)
     splits = {split: docs}
     fewshot = config.fewshot_config.get("split") if isinstance(config.fewshot_config, dict) else None
     for other in (config.training_split, config.validation_split, config.test_split, fewshot):
         if other and other not in splits:
-            path = task_file(root, config.task, other)
-            splits[other] = (datasets.Dataset.from_list(read_jsonl(path, config.task)) if os.path.isfile(path)
+            other_path = task_file(root, config.task, other)
+            splits[other] = (documents(other_path, read_jsonl(other_path, config.task)) if os.path.isfile(other_path)
                              else docs.select([]))
-    return datasets.DatasetDict(splits)
+    return datasets.DatasetDict(splits), (path, records)
+
+
+# What lm-eval's document functions raise on a record that lacks a field or has one of the wrong kind.
+RECORD_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError, SyntaxError)
+
+
+def check_documents(task, path: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+    """Every record goes through what the task reads (process_docs, doc_to_text, doc_to_target, doc_to_choice),
+    so a missing or ill-typed field is named with its file and line instead of failing deep in lm-eval, or
+    worse, being read as None ("Question: None").
+
+    Arrow fills a field that some records lack with None; such records are checked on their own, as they
+    are in the file, so lm-eval's lookup fails by name (KeyError, or Jinja's "'goal' is undefined").
+    """
+    import datasets
+    from jinja2.exceptions import UndefinedError
+
+    errors = RECORD_ERRORS + (UndefinedError,)
+    fields = set().union(*(record.keys() for _, record in records))
+    process = task.config.process_docs
+    try:
+        docs = list(task.eval_docs)
+    except errors:
+        docs = []  # some record breaks process_docs: the loop below finds which
+    aligned = len(docs) == len(records)  # process_docs kept every record, in order
+    with compiled_templates_cached():
+        for index, (line, record) in enumerate(records):
+            try:
+                if aligned and record.keys() == fields:
+                    own = [docs[index]]
+                elif process is None:
+                    own = [record]
+                elif not record:
+                    raise LmpruneError(f"{path}:{line}: an empty JSON object: lm-eval task {task.config.task!r} "
+                                       "reads fields from each record")
+                else:
+                    own = process(datasets.Dataset.from_list([record]))
+                    if not hasattr(task, "features"):  # lm-eval's constructor stopped before setting them
+                        task.features = list(own.features)
+                for doc in own:
+                    task.doc_to_text(doc)
+                    task.doc_to_target(doc)
+                    if task.config.doc_to_choice is not None:
+                        task.doc_to_choice(doc)
+            except errors as exc:
+                raise LmpruneError(f"{path}:{line}: lm-eval task {task.config.task!r} "
+                                   f"{_record_problem(exc)}") from None
+
+
+@contextlib.contextmanager
+def compiled_templates_cached():
+    """lm-eval compiles a task's Jinja prompt anew for every document (milliseconds each: most of a check's
+    time); the same template compiles to the same thing, so while checking each is compiled once."""
+    from lm_eval import utils
+
+    render = utils.apply_template
+
+    @functools.lru_cache(maxsize=64)
+    def compiled(template: str):
+        return utils.env.from_string(template)
+
+    utils.apply_template = lambda template, doc: compiled(template).render(**doc)
+    try:
+        yield
+    finally:
+        utils.apply_template = render
+
+
+def _record_problem(exc: BaseException) -> str:
+    from jinja2.exceptions import UndefinedError
+
+    if isinstance(exc, KeyError) and exc.args:
+        return f"reads field {exc.args[0]!r}, which this record lacks"
+    missing = re.fullmatch(r"'(.+)' is undefined", str(exc)) if isinstance(exc, UndefinedError) else None
+    if missing:  # a Jinja prompt: lm-eval's templates fail on an undefined name
+        return f"reads field {missing.group(1)!r}, which this record lacks"
+    return f"cannot read this record ({_first_line(exc)})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -143,10 +260,27 @@ def task_documents(root: str | None):
     """
     from lm_eval.api.task import ConfigurableTask
 
-    hub_download = ConfigurableTask.download
+    hub_download, hub_init = ConfigurableTask.download, ConfigurableTask.__init__
 
     def from_files(task, dataset_kwargs=None, **kwargs):
-        task.dataset = local_dataset(task.config, root)
+        task.dataset, task._lmprune_documents = local_dataset(task.config, root)
+
+    def checked_init(task, *args, **kwargs):
+        # lm-eval's constructor reads the first document; the others are read only when requests are built
+        try:
+            hub_init(task, *args, **kwargs)
+        except LmpruneError:
+            raise
+        except Exception as exc:
+            source = getattr(task, "_lmprune_documents", None)
+            if source is None:
+                raise
+            check_documents(task, *source)  # names the record that failed, where it can
+            raise LmpruneError(f"lm-eval task {task.config.task!r} cannot read the documents in {source[0]} "
+                               f"({_first_line(exc)})") from None
+        source = getattr(task, "_lmprune_documents", None)
+        if source is not None:
+            check_documents(task, *source)
 
     def from_hub(task, dataset_kwargs=None, **kwargs):
         try:
@@ -161,11 +295,14 @@ def task_documents(root: str | None):
                 f"--task-data DIR with the documents in DIR/{name}/{split}.jsonl"
             ) from None
 
-    ConfigurableTask.download = from_files if root is not None else from_hub
+    if root is not None:
+        ConfigurableTask.download, ConfigurableTask.__init__ = from_files, checked_init
+    else:
+        ConfigurableTask.download = from_hub
     try:
         yield
     finally:
-        ConfigurableTask.download = hub_download
+        ConfigurableTask.download, ConfigurableTask.__init__ = hub_download, hub_init
 
 
 @contextlib.contextmanager
@@ -249,12 +386,27 @@ def run_tasks(model, tokenizer, tasks: list[str], device, batch_size: int | str 
     lm = make_lm(model, tokenizer, device, batch_size, progress)
     try:
         # lm-eval print()s notices (e.g. "bootstrapping for stddev"): stdout is kept for lmprune's table
-        with quiet(), task_documents(task_data), contextlib.redirect_stdout(sys.stderr):
+        with quiet(), task_documents(task_data), no_git_probe(), contextlib.redirect_stdout(sys.stderr):
             results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=0, log_samples=False,
                                               bootstrap_iters=bootstrap_iters, task_manager=task_manager())
     finally:
         model.to(home)
     return results
+
+
+@contextlib.contextmanager
+def no_git_probe():
+    """lm-eval runs `git describe` in the working directory to record a commit hash in its results; outside a
+    repository git prints "fatal: not a git repository" on stderr. lmprune keeps no such hash (its report
+    records the versions of the code that ran), so lm-eval is given none; nothing else is silenced."""
+    import lm_eval.evaluator as evaluator
+
+    probe = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
 
 
 def task_metrics(results: dict) -> dict[str, dict[str, float]]:
