@@ -13,7 +13,7 @@ Routers and selectors are told apart by what a selection's indices do. A product
 a fresh "logits of W" mark; elementwise steps (softmax, sigmoid, a bias, xIELU's min/max against a
 constant) carry it. A selection (top-k, sort, argmax, max/min over a dim) turns the logits' marks into
 "chosen by W" marks on its indices, which every later non-product step carries (one_hot, where,
-indexing, scatter, split, …). W is a router when such a mark reaches a product by a weight: its indices
+indexing, scatter, split, …); indices nothing uses (a stable softmax's max) make nothing. W is a router when such a mark reaches a product by a weight: its indices
 picked the tokens that weight multiplies or the slice of the weight that is used, i.e. they dispatch
 tokens to experts. A selection whose indices never reach a weight's product (a sparse-attention indexer
 masking or gathering keys, a stable softmax's max) makes its sources selectors, which are kept dense
@@ -75,7 +75,7 @@ class BlockTracer(TorchFunctionMode):
         self.collect_experts = True
         self.trace_routers = False
         self.routers: set[str] = set()  # weights whose selection dispatched tokens to a weight's product
-        self.selections: set[str] = set()  # weights whose logits reached any selection
+        self.selections: set[str] = set()  # weights whose selection's indices were used
         self._params = params
         self._derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> params it is a view/cast of
         self._logits: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> params whose product it carries
@@ -170,9 +170,9 @@ class BlockTracer(TorchFunctionMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         chosen = _union(self._chosen, inputs)
+        self.selections |= chosen  # a selection counts once its indices are used (a stable softmax's max: never)
         if _is_selection(func, args, kwargs):
             sources = self._logits.get(inputs[0], frozenset()) if inputs else frozenset()
-            self.selections |= sources
             # The indices carry the choice; the values (routing weights, a stable softmax's max) do not.
             for t in outputs:
                 if not t.is_floating_point() and (sources or chosen):
