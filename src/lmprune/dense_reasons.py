@@ -45,11 +45,7 @@ def reason_for_module(module: nn.Module) -> DenseReason:
         return DenseReason.CONVOLUTION
     if isinstance(module, nn.Embedding):
         return DenseReason.EMBEDDING
-    if isinstance(module, (nn.Linear,)):
-        return DenseReason.OTHER
-    return DenseReason.STATE if _is_state_owner(module) else DenseReason.OTHER
-
-
-def _is_state_owner(module: nn.Module) -> bool:
     # A state-space mixer (Mamba and its kin) owns its A matrix as a raw parameter next to its convolution.
-    return any(isinstance(child, (nn.Conv1d,)) for child in module.children())
+    if any(isinstance(child, nn.Conv1d) for child in module.children()):
+        return DenseReason.STATE
+    return DenseReason.OTHER

@@ -4,10 +4,11 @@ Only the current block sits on the compute device. Calibration activations stay 
 `store_device` says (CPU by default off-GPU). Each layer's Gram matrix XᵀX is a running float32 sum
 filled while the block runs: activations are never stored per layer. Every block is run with its own
 recorded call (its own mask and rotary table). An expert's Gram matrix sums exactly the tokens the
-model routes to it, read off the block's own products (model/tracing.py); routers are found the same
-way and never pruned. After a block's layers are pruned, the block is re-run so the next block is
-calibrated on the outputs of the pruned model, not the dense one. Any ≥2-D weight of a block that was
-not pruned, not a router and not excluded with --skip is named in a warning and in the result.
+model routes to it, read off the block's own products (model/tracing.py); routers (whose top-k dispatches
+tokens to experts) and selectors (whose top-k chooses tokens) are found the same way and never pruned.
+A layer without calibration signal gets a magnitude mask. After a block's layers are pruned, the block is
+re-run so the next block is calibrated on the outputs of the pruned model, not the dense one. Every ≥2-D
+block weight not pruned is listed with its reason (dense_reasons.py); unexpected ones also in a warning.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ Routers and selectors are told apart by what a selection's indices do. A product
 a fresh "logits of W" mark; elementwise steps (softmax, sigmoid, a bias, xIELU's min/max against a
 constant) carry it. A selection (top-k, sort, argmax, max/min over a dim) turns the logits' marks into
 "chosen by W" marks on its indices, which every later non-product step carries (one_hot, where,
-indexing, scatter, split, …); indices nothing uses (a stable softmax's max) make nothing. W is a router when such a mark reaches a product by a weight: its indices
-picked the tokens that weight multiplies or the slice of the weight that is used, i.e. they dispatch
-tokens to experts. A selection whose indices never reach a weight's product (a sparse-attention indexer
-masking or gathering keys, a stable softmax's max) makes its sources selectors, which are kept dense
-but never called routers. A product of two activations (q·kᵀ) carries no mark at all.
+indexing, scatter, split, …). W is a router when such a mark reaches a product by a weight: its indices
+picked the tokens that weight multiplies or the slice of the weight used, i.e. they dispatch tokens to
+experts. Indices that are used but never reach a weight's product (a sparse-attention indexer masking
+or gathering keys) make W a selector, kept dense but never called a router; indices nothing uses (a
+stable softmax's max) make nothing. A product of two activations (q·kᵀ) carries no mark at all.
 """
 
 from __future__ import annotations
