@@ -123,7 +123,8 @@ def test_cli_without_calib_uses_self(capsys, tmp_path):
     assert code == 0, err
     assert err[0].startswith("lmprune: plan: prune ") and "calibration self-generated (3 × 16 tokens" in err[0]
     assert "no --calib given" in err[0]
-    assert err[-1].startswith(f"lmprune: saved to {out}: 14 layers at sparsity 0.5000") and "wall time" in err[-1]
+    assert err[-1].startswith(f"lmprune: saved to {out}: sparsity 0.5000 of the block weights; none kept dense; "
+                              "14 layers pruned") and "wall time" in err[-1]
     report = json.loads((out / "lmprune_report.json").read_text())
     assert report["settings"]["calib"] == "self"
     generation = report["settings"]["self_calibration"]
@@ -147,6 +148,7 @@ def test_cli_plan_and_headline_with_a_calibration_file(capsys, tmp_path):
     device = "cuda (auto)" if torch.cuda.is_available() else "cpu (auto)"
     assert err[0] == f"lmprune: plan: prune {model_dir} with wanda to 50% per row on {device}; " \
                      f"calibration {calib} (2 × 16 tokens)", err
-    assert err[-1].startswith(f"lmprune: saved to {out}: 14 layers at sparsity ") and "perplexity " in err[-1], err
+    assert err[-1].startswith(f"lmprune: saved to {out}: sparsity ") and "14 layers pruned" in err[-1], err
+    assert "perplexity " in err[-1], err
     report = json.loads((out / "lmprune_report.json").read_text())
     assert report["settings"]["calib"] == str(calib) and "generation" not in report["timings"]

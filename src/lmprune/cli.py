@@ -14,7 +14,8 @@ from . import __version__
 from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern,
                      check_windows, parse_options)
 from .errors import LmpruneError
-from .report import format_report, library_versions, load_report, plot_format, plot_layer_errors, summarize_layers
+from .report import (format_report, headline, library_versions, load_report, plot_format, plot_layer_errors,
+                     summarize_layers)
 
 SELF_CALIB = "self"
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
@@ -352,6 +353,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     from .model import describe_device, load_model
     from .model.loading import local_model_dir, require_finite_weights
     from .pipeline import format_duration, plan_layers, prune_model
+    from .safety import verify_saved_zeros
     from .selfcalib import self_calibration
 
     wall = time.perf_counter()
@@ -433,11 +435,13 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         "device": describe_device(device),
         **({"processes": ranks.world} if ranks.active else {}),
         "settings": settings,
-        "summary": summarize_layers(result.layers),
+        "summary": summarize_layers(result.layers, result.kept_dense, result.block_weights),
         "evaluation": evaluation,
         "timings": result.timings,
         "layers": result.layers,
         "routers": result.routers,
+        "selectors": result.selectors,
+        "kept_dense": result.kept_dense,
         "unpruned": result.unpruned,
         "blocks": result.blocks,
         "allocation": result.allocation,
@@ -446,19 +450,23 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     }
     if zeroshot is not None:
         report["zeroshot"] = zeroshot
+    def check_saved(directory: str) -> None:  # the files as written, before they replace anything
+        verify_saved_zeros(directory, result.layers, pattern)
+
     if blocks is None:
-        destination.save(model, tokenizer, report)
+        destination.save(model, tokenizer, report, check=check_saved)
     else:
         report["settings"]["stream"] = True
         if blocks.resume_from:
             report["resumed"] = {"from_block": blocks.resume_from}
         with _keep_finished_blocks(blocks, destination):
             blocks.finish(tokenizer, report)
+            check_saved(destination.tmp)
             destination.commit()
     summary = report["summary"]
     ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in evaluation)
-    _log(f"saved to {config.out}: {summary['layers']} layers at sparsity {summary['sparsity']:.4f}{ppl}, "
-         f"mean relative error {summary['mean_error']:.4g}; wall time {format_duration(time.perf_counter() - wall)}")
+    _log(f"saved to {config.out}: {headline(summary)}; {summary['layers']} layers pruned, mean relative error "
+         f"{summary['mean_error']:.4g}{ppl}; wall time {format_duration(time.perf_counter() - wall)}")
     return 0
 
 

@@ -318,10 +318,11 @@ def merge_collected(ranks: Ranks, collected, layers: list) -> None:
     from .model import ExpertSlice
 
     experts = {layer.name: layer.transposed for layer in layers if isinstance(layer, ExpertSlice)}
-    seen = ranks.gather_objects((sorted(collected.routers), collected.problems, experts, sorted(collected.inputs)),
-                                "merging routers")
-    for routers, problems, transposed, _ in seen:
+    seen = ranks.gather_objects((sorted(collected.routers), collected.problems, experts, sorted(collected.inputs),
+                                 sorted(collected.selectors)), "merging routers")
+    for routers, problems, transposed, _, selectors in seen:
         collected.routers |= set(routers)
+        collected.selectors |= set(selectors)
         for name, problem in problems.items():
             collected.problems.setdefault(name, problem)
         for name, value in transposed.items():
@@ -333,7 +334,7 @@ def merge_collected(ranks: Ranks, collected, layers: list) -> None:
         if name.rsplit("[", 1)[0] in unreadable:
             del collected.inputs[name]
     names = [layer.name for layer in layers if layer.name in collected.inputs]
-    if any(set(n for n in keys if n.rsplit("[", 1)[0] not in unreadable) != set(names) for *_, keys in seen):
+    if any(set(n for n in keys if n.rsplit("[", 1)[0] not in unreadable) != set(names) for *_, keys, _ in seen):
         raise LmpruneError("internal: processes collected inputs for different layers")
     sums = []
     for name in names:
@@ -342,11 +343,12 @@ def merge_collected(ranks: Ranks, collected, layers: list) -> None:
         if inputs.stats is not None:
             sums.append(inputs.stats.total)
     ranks.all_reduce_sum(sums)
-    counts = torch.tensor([collected.inputs[n].tokens for n in names], dtype=torch.int64, device=ranks.comm_device)
+    counts = torch.tensor([[collected.inputs[n].tokens, collected.inputs[n].signal] for n in names],
+                          dtype=torch.int64, device=ranks.comm_device)
     ranks._collective("summing token counts", torch.distributed.all_reduce, counts)
-    for name, tokens in zip(names, counts.tolist()):
+    for name, (tokens, signal) in zip(names, counts.tolist()):
         inputs = collected.inputs[name]
-        inputs.tokens = tokens
+        inputs.tokens, inputs.signal = tokens, signal
         if inputs.stats is not None:
             inputs.stats = type(inputs.stats)(inputs.stats.total, tokens)
 

@@ -4,10 +4,11 @@ Only the current block sits on the compute device. Calibration activations stay 
 `store_device` says (CPU by default off-GPU). Each layer's Gram matrix XᵀX is a running float32 sum
 filled while the block runs: activations are never stored per layer. Every block is run with its own
 recorded call (its own mask and rotary table). An expert's Gram matrix sums exactly the tokens the
-model routes to it, read off the block's own products (model/tracing.py); routers are found the same
-way and never pruned. After a block's layers are pruned, the block is re-run so the next block is
-calibrated on the outputs of the pruned model, not the dense one. Any ≥2-D weight of a block that was
-not pruned, not a router and not excluded with --skip is named in a warning and in the result.
+model routes to it, read off the block's own products (model/tracing.py); routers (whose top-k dispatches
+tokens to experts) and selectors (whose top-k chooses tokens) are found the same way and never pruned.
+A layer without calibration signal gets a magnitude mask. After a block's layers are pruned, the block is
+re-run so the next block is calibrated on the outputs of the pruned model, not the dense one. Every ≥2-D
+block weight not pruned is listed with its reason (dense_reasons.py); unexpected ones also in a warning.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from .model import (
 )
 from .model.streaming import BlockStore, first_of_each_class
 from .model.tracing import BlockTracer
+from .dense_reasons import EXPECTED, NO_SIGNAL, DenseReason, reason_for_module
 from .allocation import Allocation, SparsityBudget, dense_outlier_ratios, depth_sparsities, owl_sparsities
 from .sequential import GroupDone, check_sequential, layer_groups
 from .dense_targets import DenseStream, check_dense_targets, dense_target, output_scale
-from .safety import finite_layer_weight, require_finite_gram, verify_sparsity
+from .masks import topk_mask
+from .safety import finite_layer_weight, pruned_count, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, SolverResult, build_layer_solver
 from .solvers.linalg import relative_errors
 
@@ -91,8 +94,11 @@ class PruneResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    routers: list[str] = field(default_factory=list)  # weights found to compute routing logits: never pruned
-    unpruned: list[dict[str, Any]] = field(default_factory=list)  # ≥2-D block weights left dense, and why
+    routers: list[str] = field(default_factory=list)  # weights whose selection dispatches tokens to experts
+    selectors: list[str] = field(default_factory=list)  # weights whose selection chooses tokens (indexers)
+    kept_dense: list[dict[str, Any]] = field(default_factory=list)  # every ≥2-D block weight not pruned, and why
+    unpruned: list[dict[str, Any]] = field(default_factory=list)  # those kept dense for an unexpected reason
+    block_weights: int = 0  # all ≥2-D block weights but biases: what the headline's sparsity is a share of
     allocation: dict[str, Any] = field(default_factory=lambda: {"kind": "uniform"})  # block sparsities and why
     # --block-targets: which layer took each block's output as its target, and the blocks where none could
     block_targets: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +111,12 @@ class LayerInputs:
     gram: torch.Tensor
     stats: InputStats | None
     tokens: int
+    # Tokens whose input row was not all zero (zero rows add nothing to the Gram): what determines an update.
+    signal: int | None = None
+
+    def __post_init__(self):
+        if self.signal is None:
+            self.signal = self.tokens
 
 
 def prune_model(
@@ -176,7 +188,7 @@ def prune_model(
             move_outside_blocks(model, blocks_name, home)
         hidden = calls.hidden
         timings["capture"] = device_clock(device) - start
-        block_tokens = ranks.total(sum(h[..., 0].numel() for h in hidden))
+        block_tokens = ranks.total(sum(h.shape[:2].numel() for h in hidden))  # batch × sequence positions
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
         budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result, ranks)
@@ -227,14 +239,19 @@ def prune_model(
                                        target)
             merge_collected(ranks, collected, stages[0])
             timings["gram_forward"] += device_clock(device) - tick
-            # A one-output layer is a gate (a score per token, e.g. a shared expert's gate), never a feature map.
-            routers = collected.routers | {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
+            routers = set(collected.routers)
+            if routers:
+                # In a block that routes, a one-output layer is a gate (a shared expert's score per token).
+                routers |= {n for layer in layers if layer.out_features == 1 for n in layer.param_names()}
+            selectors = collected.selectors - routers
             result.routers.extend(sorted(routers))
+            result.selectors.extend(sorted(selectors))
+            kept = routers | selectors  # never pruned
             problems.update(collected.problems)
             first_block_record = len(result.blocks)
             patterns = {}
             if budget is not None:
-                pruned_here = [layer for layer in layers if not _is_router(layer, routers)
+                pruned_here = [layer for layer in layers if not _is_router(layer, kept)
                                and not (isinstance(layer, ExpertSlice) and _fused_name(layer) in problems)]
                 patterns = budget.layer_patterns(index, pruned_here, last=index == max(i for i, p in enumerate(plan) if p))
 
@@ -257,7 +274,7 @@ def prune_model(
                 if crosses:
                     ranks.all_reduce_sum(list(crosses.values()) + list(collected.block_crosses.values()),
                                          "summing dense-target cross products")
-                groups = _solve_groups(stage, collected.inputs, routers, block_tokens, batchable)
+                groups = _solve_groups(stage, collected.inputs, kept, block_tokens, batchable)
                 owners = assign_layers(ranks, stage)
                 groups = own_groups(ranks, owners, groups)  # the solves this process does
                 bar.update(len(stage) - sum(len(group) for group in groups))  # routers, unreadable experts, others'
@@ -302,6 +319,7 @@ def prune_model(
                 verify_sparsity(result.layers[first_record:], pattern, {layer.name: layer for layer in layers},
                                 budget.counts if budget is not None else None, whole_model=False)
             store.save(index, block, {"layers": result.layers[first_record:], "routers": sorted(routers),
+                                      "selectors": sorted(selectors),
                                       "block_target": block_entry,
                                       "problems": collected.problems, "blocks": result.blocks[first_block_record:]})
             if device.type == "cuda":
@@ -319,7 +337,15 @@ def prune_model(
                     {layer.name: layer for layers in plan for layer in layers if not layer.stored().is_meta},
                     budget.counts if budget is not None else None)
     pruned = {r["name"] for r in result.layers}
-    result.unpruned = unpruned_weights(blocks_name, blocks, plan, pruned, set(result.routers), skip or [], problems)
+    result.kept_dense, result.block_weights = kept_dense_weights(blocks_name, blocks, plan, pruned, set(result.routers),
+                                                                 set(result.selectors), skip or [], problems)
+    result.unpruned = [entry for entry in result.kept_dense if DenseReason(entry["kind"]) not in EXPECTED]
+    no_signal = [r for r in result.layers if r.get("fallback", "").startswith(NO_SIGNAL)]
+    if no_signal and ranks.is_main:
+        shown = ", ".join(f"{r['name']} ({r['tokens']} tokens)" for r in no_signal[:6])
+        more = f" and {len(no_signal) - 6} more (see the report)" if len(no_signal) > 6 else ""
+        print(f"lmprune: warning: {len(no_signal)} layer(s) without calibration signal got a magnitude mask, kept "
+              f"weights unchanged: {shown}{more}", file=sys.stderr)
     missed = result.block_targets.get("not_applied", {})
     if missed and ranks.is_main:
         first = next(iter(missed.items()))
@@ -338,6 +364,7 @@ def _replay_block(records: dict[str, Any], result: PruneResult, problems: dict[s
     """A finished block's report records, as the run that pruned it made them."""
     result.layers.extend(records["layers"])
     result.routers.extend(records["routers"])
+    result.selectors.extend(records.get("selectors", []))
     result.blocks.extend(records["blocks"])
     problems.update(records["problems"])
     if records.get("block_target"):
@@ -404,6 +431,7 @@ class CollectedInputs:
     problems: dict[str, str]  # fused tensor name -> why it could not be read (not pruned)
     crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --dense-targets: X_pᵀX_d per hooked layer
     block_crosses: dict[str, torch.Tensor] = field(default_factory=dict)  # --block-targets: X_pᵀ(R_d − R_p)
+    selectors: set[str] = field(default_factory=set)  # weights whose selection chooses tokens, not experts
 
 
 def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
@@ -428,6 +456,7 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in linear}
     totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear} if with_stats else {}
     tokens = dict.fromkeys(grams, 0)
+    signal = dict.fromkeys(grams, 0)  # tokens whose input row is not all zero
     products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count, float32 rows if dense) this call
     fired: set[str] = set()  # hooked layers that read their input this call
     batch = [0]
@@ -448,7 +477,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             if seen is None or seen[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                 total = flat.sum(0) if with_stats else None
-                seen = products[id(x)] = (x, flat.t() @ flat, total, flat.shape[0], flat if dense is not None else None)
+                seen = products[id(x)] = (x, flat.t() @ flat, total, flat.shape[0], flat if dense is not None else None,
+                                          int(flat.ne(0).any(1).sum()))
             grams[name].add_(seen[1])
             if dense is not None:
                 dense_x, dense_flat = dense_inputs[name]
@@ -463,6 +493,7 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             if with_stats:
                 totals[name].add_(seen[2])
             fired.add(name)
+            signal[name] += seen[5]
             if stop_early and batch[0] > 0 and len(fired) == len(grams):
                 raise GroupDone
 
@@ -512,7 +543,8 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
         for handle in handles:
             handle.remove()
 
-    inputs = {name: LayerInputs(H, InputStats(totals[name], tokens[name]) if with_stats else None, tokens[name])
+    inputs = {name: LayerInputs(H, InputStats(totals[name], tokens[name]) if with_stats else None, tokens[name],
+                                signal[name])
               for name, H in grams.items()}
     problems = {}
     for layer in experts:
@@ -533,7 +565,7 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
         else:
             inputs[layer.name] = LayerInputs(sums.gram, InputStats(sums.total, sums.tokens) if with_stats else None,
                                              sums.tokens)
-    return CollectedInputs(inputs, tracer.routers, problems, crosses, block_crosses)
+    return CollectedInputs(inputs, tracer.routers, problems, crosses, block_crosses, tracer.selectors)
 
 
 def _block_target(ranks, block: nn.Module, index: int, stage: list[PrunableLayer], call: BlockCall, hidden,
@@ -597,11 +629,13 @@ def module_experts(module: nn.Module) -> int:
     return count
 
 
-def unpruned_weights(blocks_name: str, blocks: nn.ModuleList, plan: list[list[PrunableLayer]], pruned: set[str],
-                     routers: set[str], skip: list[str], problems: dict[str, str]) -> list[dict[str, Any]]:
-    """Every ≥2-D block weight that no pruned layer covers and that is neither a router nor --skip'ed.
+def kept_dense_weights(blocks_name: str, blocks: nn.ModuleList, plan: list[list[PrunableLayer]], pruned: set[str],
+                       routers: set[str], selectors: set[str], skip: list[str],
+                       problems: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+    """Every ≥2-D block weight (or the experts of one) no pruned layer covers, each with its reason from the
+    closed list (dense_reasons.py); and the number of all ≥2-D block weights.
 
-    Biases (fused ones are 2-D) are never pruned and not listed.
+    Biases (fused ones are 2-D) are never pruned, and counted nowhere.
     """
     patterns = [re.compile(s) for s in skip]
     covered: dict[int, set] = {}
@@ -612,26 +646,38 @@ def unpruned_weights(blocks_name: str, blocks: nn.ModuleList, plan: list[list[Pr
             for param, expert in layer.parameters():
                 target = covered if layer.name in pruned else skipped
                 target.setdefault(id(param), set()).add(expert)
-    out = []
+    out, total = [], 0
     for index, block in enumerate(blocks):
         for name, p in block.named_parameters():
             full = f"{blocks_name}.{index}.{name}"
-            if p.dim() < 2 or "bias" in name.rsplit(".", 1)[-1] or full in routers:
+            if p.dim() < 2 or "bias" in name.rsplit(".", 1)[-1]:
                 continue
+            total += p.numel()
             done = covered.get(id(p), set())
-            if None in done or (p.dim() == 3 and done >= set(range(p.shape[0]))):
+            if None in done:
+                continue
+            kept = p.numel() if p.dim() < 3 or not done else p.numel() // p.shape[0] * (p.shape[0] - len(done))
+            if kept == 0:
                 continue
             owner = full.rsplit(".", 1)[0]
-            if any(pt.search(owner) or pt.search(full) for pt in patterns):
-                continue
-            if full in problems:
-                reason = f"expert tensor {problems[full]}"
+            if full in routers:
+                kind = DenseReason.ROUTER
+                reason = ("a one-output gate in a block that routes (a shared expert's)" if p.shape[0] == 1
+                          else "its top-k chooses the experts tokens go to")
+            elif full in selectors:
+                kind, reason = DenseReason.SELECTOR, "its top-k chooses tokens, not experts"
+            elif any(pt.search(owner) or pt.search(full) for pt in patterns):
+                kind, reason = DenseReason.SKIPPED, "--skip"
+            elif full in problems:
+                kind, reason = DenseReason.UNREADABLE_EXPERTS, f"expert tensor {problems[full]}"
             elif id(p) in skipped or owner in planned:
-                reason = "not pruned"
+                kind, reason = DenseReason.OTHER, "not pruned"
             else:
-                reason = f"a {p.dim()}-D {type(_owner(block, name)).__name__} weight lmprune cannot prune"
-            out.append({"name": full, "shape": list(p.shape), "reason": reason})
-    return out
+                module = _owner(block, name)
+                kind = reason_for_module(module)
+                reason = f"a {p.dim()}-D {type(module).__name__} weight lmprune cannot prune"
+            out.append({"name": full, "shape": list(p.shape), "weights": kept, "kind": kind.value, "reason": reason})
+    return out, total
 
 
 def _owner(block: nn.Module, param_name: str) -> nn.Module:
@@ -661,12 +707,17 @@ def _solve_groups(layers: list[PrunableLayer], inputs: dict[str, LayerInputs], r
         if _is_router(layer, routers) or got is None:
             continue  # routers stay dense; unreadable expert tensors are reported by unpruned_weights
         fallback = None
-        if got.tokens < block_tokens and got.tokens < layer.in_features:
-            # A routed layer (an expert) that saw fewer tokens than it has inputs: its Gram matrix
-            # cannot determine an update, and a zero Gram would let a solver delete it. Magnitude
-            # needs no data and keeps the weights it keeps.
-            fallback = (f"expert saw {got.tokens} calibration tokens for {layer.in_features} inputs: "
-                        "magnitude mask, kept weights unchanged")
+        if got.signal < block_tokens and got.signal < layer.in_features:
+            # Without calibration signal a Gram matrix cannot determine an update, and a zero one would let
+            # a solver delete the layer (its every input looks dead). Signal = the tokens whose input row is
+            # not all zero: an expert's routed tokens, a dense layer's tokens minus those a closed gate or
+            # dead inputs zeroed. Too few = fewer than the layer's inputs (XᵀX then has a null space, so
+            # some directions of the update are free) *and* fewer than the block saw: a layer reached by
+            # every calibration token is determined as well as the calibration set allows (dampening
+            # handles a small --nsamples, as always). Magnitude needs no data and keeps the weights it keeps.
+            what = "expert" if isinstance(layer, ExpertSlice) else "layer"
+            fallback = (f"{NO_SIGNAL}: the {what} saw {got.signal} calibration tokens with a nonzero input, for "
+                        f"{layer.in_features} inputs: magnitude mask, kept weights unchanged")
         solve = _Solve(layer, got, fallback)
         if batchable and fallback is None and isinstance(layer, ExpertSlice):
             fused = _fused_name(layer)
@@ -708,7 +759,8 @@ def _prune_group(group: list[_Solve], layer_solver: LayerSolver, fallback_solver
         cross = crosses.get(solve.layer.name) if solver is layer_solver else None
         if cross is not None:
             W = dense_target(W, solve.inputs.gram, cross, (block_crosses or {}).get(solve.layer.name))
-        record = _write_back(solve.layer, W, solve.inputs, solver(W, solve.inputs.gram, pattern, solve.inputs.stats))
+        record = _write_back(solve.layer, W, solve.inputs, solver(W, solve.inputs.gram, pattern, solve.inputs.stats),
+                             pattern)
         if solve.fallback:
             record["fallback"] = solve.fallback
         return [record]
@@ -725,16 +777,29 @@ def _prune_group(group: list[_Solve], layer_solver: LayerSolver, fallback_solver
         H = torch.stack([solve.inputs.gram for solve in batch])
         solved = layer_solver.solve_batch(W, H, pattern)
         del H
-        records += [_write_back(solve.layer, W[j], solve.inputs, solved[j]) for j, solve in enumerate(batch)]
+        records += [_write_back(solve.layer, W[j], solve.inputs, solved[j], pattern) for j, solve in enumerate(batch)]
     return records
 
 
-def _write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solved: SolverResult) -> dict[str, Any]:
+def _write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solved: SolverResult,
+                pattern: SparsityPattern) -> dict[str, Any]:
     """Check a layer's solved weights, write them into the model and describe the layer for the report."""
     H = inputs.gram
     weight, mask = solved.weight, solved.mask
-    record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features]}
+    dense_zeros = layer.zeros()
+    record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features],
+                              "dense_zeros": dense_zeros}
     weight, fallback = finite_layer_weight(layer.name, W, weight, mask)  # never NaN/Inf into a model
+    allowed = pruned_count(layer.out_features, layer.in_features, pattern) + dense_zeros
+    extra = int((weight.to(layer.stored().dtype) == 0).sum()) - allowed  # zeros as the layer will store them
+    if extra > 0:
+        # More zeros than the target prunes and the dense layer had: inputs never active in calibration
+        # (their weights zeroed) or kept weights rounded to zero. Those weights may matter on other text.
+        W = layer.get_weight(W.device)
+        mask = topk_mask(W.abs(), pattern)
+        weight = W * mask
+        fallback = (f"the method left {extra} more zeros than the target and the dense zeros (inputs never "
+                    "active in calibration): magnitude mask, kept weights unchanged")
     if fallback:
         record["fallback"] = fallback
     error_masked, error = relative_errors(W, [W * mask, weight], H)

@@ -10,6 +10,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
+from .dense_reasons import NO_SIGNAL, DenseReason
 from .errors import LmpruneError
 from .paths import atomic_path
 from .jsonl import json_type
@@ -35,24 +36,56 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Overall sparsity (weighted by size) and mean relative errors of the pruned layers."""
-    if not layers:
-        return {"layers": 0}
-    numel = [r["shape"][0] * r["shape"][1] for r in layers]
-    zeros = sum(r["sparsity"] * n for r, n in zip(layers, numel))
-    experts = [r for r in layers if "[" in r["name"]]
-    fallbacks = [{"name": r["name"], "tokens": r.get("tokens")} for r in layers if r.get("tokens") is not None
-                 and "fallback" in r]
-    return {
-        "layers": len(layers),
-        "expert_slices": len(experts),
-        "layers_with_fallback": fallbacks,  # e.g. experts that saw too few calibration tokens
-        "pruned_parameters": sum(numel),
-        "sparsity": zeros / sum(numel),
-        "mean_error": sum(r["error"] for r in layers) / len(layers),
-        "mean_error_masked": sum(r["error_masked"] for r in layers) / len(layers),
-    }
+def summarize_layers(layers: list[dict[str, Any]], kept_dense: list[dict[str, Any]] | None = None,
+                     block_weights: int | None = None) -> dict[str, Any]:
+    """Overall sparsity (weighted by size) and mean relative errors of the pruned layers; with `kept_dense`
+    and `block_weights` (pipeline.PruneResult), the share of all block weights pruned and what was kept
+    dense, by reason: what the headline says."""
+    summary: dict[str, Any] = {"layers": 0}
+    if layers:
+        numel = [r["shape"][0] * r["shape"][1] for r in layers]
+        zeros = sum(r["sparsity"] * n for r, n in zip(layers, numel))
+        experts = [r for r in layers if "[" in r["name"]]
+        fallbacks = [{"name": r["name"], "tokens": r.get("tokens"), "why": r["fallback"]} for r in layers
+                     if r.get("tokens") is not None and "fallback" in r]
+        summary = {
+            "layers": len(layers),
+            "expert_slices": len(experts),
+            "layers_with_fallback": fallbacks,  # e.g. layers without calibration signal: magnitude mask
+            "pruned_parameters": sum(numel),
+            "sparsity": zeros / sum(numel),
+            "mean_error": sum(r["error"] for r in layers) / len(layers),
+            "mean_error_masked": sum(r["error_masked"] for r in layers) / len(layers),
+        }
+    if block_weights:
+        zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
+        by_reason: dict[str, dict[str, int]] = {}
+        for entry in kept_dense or []:
+            seen = by_reason.setdefault(entry["kind"], {"tensors": 0, "weights": 0})
+            seen["tensors"] += 1
+            seen["weights"] += entry["weights"]
+        kept = sum(seen["weights"] for seen in by_reason.values())
+        summary.update(block_weights=block_weights, block_sparsity=zeros / block_weights,
+                       kept_dense={"weights": kept, "share": kept / block_weights, "by_reason": by_reason})
+    return summary
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """What share of all block weights was pruned, and what was kept dense and why, e.g.
+    "sparsity 0.4943 of the block weights; 16,384 weights (1.2%) kept dense: 4 routers"."""
+    if "block_sparsity" not in summary:  # a report from before block totals were kept
+        return f"{summary.get('layers', 0)} layers at sparsity {_number(summary.get('sparsity', 0)):.4f}"
+    text = f"sparsity {_number(summary['block_sparsity']):.4f} of the block weights"
+    kept = summary["kept_dense"]
+    if kept["weights"]:
+        reasons = ", ".join(DenseReason(kind).plural(seen["tensors"]) for kind, seen in kept["by_reason"].items())
+        text += f"; {kept['weights']:,} weights ({kept['share']:.1%}) kept dense: {reasons}"
+    else:
+        text += "; none kept dense"
+    no_signal = [r for r in summary.get("layers_with_fallback", []) if r.get("why", "").startswith(NO_SIGNAL)]
+    if no_signal:
+        text += f"; {len(no_signal)} layer(s) without calibration signal under a magnitude mask"
+    return text
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
@@ -205,6 +238,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model:    {settings.get('model')}",
         f"method:   {report.get('method')}  pattern: {report.get('pattern')}",
+        f"summary:  {headline(summary)}",
         f"layers:   {summary.get('layers')}  sparsity: {_number(summary.get('sparsity')):.4f}  "
         f"mean rel. error: {_number(summary.get('mean_error')):.4g} "
         f"(mask only: {_number(summary.get('mean_error_masked')):.4g})",
@@ -231,9 +265,11 @@ def format_report(report: dict[str, Any]) -> str:
     if summary.get("expert_slices"):
         lines.append(f"experts:  {summary['expert_slices']} expert slices pruned")
     for r in summary.get("layers_with_fallback", []):
-        lines.append(f"fallback: {r['name']} ({r['tokens']} calibration tokens)")
+        lines.append(f"fallback: {r['name']} ({r['tokens']} calibration tokens)" + (f": {r['why']}" if r.get("why") else ""))
     if report.get("routers"):
         lines.append(f"routers (never pruned): {len(report['routers'])}")
+    if report.get("selectors"):
+        lines.append(f"selectors (never pruned): {len(report['selectors'])}")
     for u in report.get("unpruned", []):
         lines.append(f"left dense: {u['name']} {tuple(u['shape'])}: {u['reason']}")
     if report.get("zeroshot"):

@@ -1,8 +1,9 @@
 """Guards that keep a run from writing a broken model (where it may write: paths.py).
 
 - `require_finite_gram`, `finite_layer_weight`: each layer's inputs and result, before it is written back.
-- `verify_sparsity`: after pruning, every layer has the zeros its target asks for, and under a
-  non-uniform allocation the targets add up to exactly the model's.
+- `verify_sparsity`: after pruning, every layer has the zeros its target asks for, no more than that plus the
+  zeros the dense layer had, and under a non-uniform allocation the targets add up to exactly the model's.
+- `verify_saved_zeros`: the same zero counts, read back from the tensors written to disk.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
 
     Each record gives "name", "shape" [out, in] and "sparsity". `layers`, when given, maps names to the
     pruned layers (anything with `get_weight(device)` returning the current [out, in] weight): a layer
-    found there is measured instead of trusting its record, row by row and group by group. More zeros
-    than the target are allowed: weights of inputs never active are zeroed, an already sparse model
-    keeps its zeros, and tiny kept weights can round to zero in half precision. Fewer are never right.
+    found there is measured instead of trusting its record, row by row and group by group. Fewer zeros than
+    the target are never right; more are allowed only up to the zeros the dense layer already had (the
+    record's "dense_zeros"): a layer whose kept weights were zeroed (inputs never active in calibration) has
+    lost weights the model may need (the pipeline gives such layers a magnitude mask instead).
 
     `counts` (a non-uniform allocation): each layer's own number of weights to prune, replacing the
     pattern's; they must add up to exactly the pattern's share of all the pruned layers' weights
@@ -91,6 +93,7 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
                 broken_groups = bool((zero.sum(1) < row_need).any())
             else:
                 broken_groups = False
+        _check_extra_zeros(record, zeros, need)
         if zeros < need or broken_groups:
             where = "" if zeros < need else (" (not in every group)" if pattern.is_nm else " (not in every row)")
             target = f"{need / (rows * cols):.2%}" if counts is not None else pattern.describe()
@@ -98,3 +101,50 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
                 f"layer {name} is off its target {target}: {zeros} of {rows * cols} weights are zero, "
                 f"{need} should be{where}"
             )
+
+
+def _check_extra_zeros(record: dict[str, Any], zeros: int, need: int) -> None:
+    dense_zeros = record.get("dense_zeros")
+    if dense_zeros is not None and zeros > need + dense_zeros:
+        rows, cols = record["shape"]
+        raise LmpruneError(f"layer {record['name']} has {zeros} of {rows * cols} weights zero, more than the {need} "
+                           f"its target prunes plus the {dense_zeros} the dense layer had: kept weights were zeroed")
+
+
+def verify_saved_zeros(directory: str, records: list[dict[str, Any]], pattern: SparsityPattern) -> int:
+    """Count each pruned layer's zeros in the safetensors files written to `directory`: at least its target,
+    at most its target plus the dense layer's zeros. Returns how many layers were found and checked.
+
+    A layer is found under its own name (`….weight`, or one expert's slice of a fused tensor); a checkpoint
+    written in another layout (transformers converts some fused experts back to one tensor per expert on
+    save) leaves those layers to `verify_sparsity`'s in-memory check. Zero counts do not depend on the
+    storage order, so transposed storage needs no care here.
+    """
+    from safetensors import safe_open
+
+    wanted: dict[str, list[tuple[dict[str, Any], int | None]]] = {}
+    for record in records:
+        name = record["name"]
+        if name.endswith("]"):
+            base, expert = name[:-1].rsplit("[", 1)
+            wanted.setdefault(base, []).append((record, int(expert)))
+        else:
+            wanted.setdefault(f"{name}.weight", []).append((record, None))
+    checked = 0
+    for file in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(directory, file), framework="pt") as f:
+            for key in f.keys():
+                for record, expert in wanted.get(key, []):
+                    tensor = f.get_tensor(key) if expert is None else f.get_slice(key)[expert:expert + 1]
+                    rows, cols = record["shape"]
+                    if tensor.numel() != rows * cols:
+                        continue  # a same-named tensor of another shape: not this layer's storage
+                    need = (round(record["target"] * rows * cols) if "target" in record
+                            else pruned_count(rows, cols, pattern))
+                    zeros = int((tensor == 0).sum())
+                    if zeros < need:
+                        raise LmpruneError(f"layer {record['name']} as saved has {zeros} of {rows * cols} weights "
+                                           f"zero, {need} should be")
+                    _check_extra_zeros(record, zeros, need)
+                    checked += 1
+    return checked

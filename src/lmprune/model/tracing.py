@@ -9,10 +9,15 @@ tokens, in]). Each such product tells which expert's slice it uses (from the vie
 the slice is stored ([out, in] or [in, out]) and exactly which tokens reached it: the expert's Gram
 matrix sums those, in the same pass as every other layer's.
 
-Routers. A router is a weight whose product with the hidden states is, perhaps through elementwise
-steps (softmax, sigmoid, a bias), the input of a selection (top-k, sort, argmax). Tracking that is a
-small taint analysis over one batch: a product by a parameter-derived operand starts a fresh "logits
-of W" mark, elementwise steps carry it, and a selection names its sources routers.
+Routers and selectors are told apart by what a selection's indices do. A product by a weight starts
+a fresh "logits of W" mark; elementwise steps (softmax, sigmoid, a bias, xIELU's min/max against a
+constant) carry it. A selection (top-k, sort, argmax, max/min over a dim) turns the logits' marks into
+"chosen by W" marks on its indices, which every later non-product step carries (one_hot, where,
+indexing, scatter, split, …). W is a router when such a mark reaches a product by a weight: its indices
+picked the tokens that weight multiplies or the slice of the weight used, i.e. they dispatch tokens to
+experts. Indices that are used but never reach a weight's product (a sparse-attention indexer masking
+or gathering keys) make W a selector, kept dense but never called a router; indices nothing uses (a
+stable softmax's max) make nothing. A product of two activations (q·kᵀ) carries no mark at all.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ _PRODUCTS = {
 _OTHER_PRODUCTS = {torch.addmm, torch.Tensor.addmm, torch.einsum, torch.baddbmm, torch.Tensor.__rmatmul__}
 _SELECTIONS = {torch.topk, torch.Tensor.topk, torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort,
                torch.argmax, torch.Tensor.argmax}
-_MAX_MIN = {torch.max, torch.Tensor.max, torch.min, torch.Tensor.min}  # selections when given a dim (PhiMoE)
+_MAX_MIN = {torch.max, torch.Tensor.max, torch.min, torch.Tensor.min}  # selections only over a dim (PhiMoE)
 
 
 @dataclass
@@ -69,10 +74,12 @@ class BlockTracer(TorchFunctionMode):
         self.with_totals = with_totals
         self.collect_experts = True
         self.trace_routers = False
-        self.routers: set[str] = set()
+        self.routers: set[str] = set()  # weights whose selection dispatched tokens to a weight's product
+        self.selections: set[str] = set()  # weights whose selection's indices were used
         self._params = params
         self._derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> params it is a view/cast of
         self._logits: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> params whose product it carries
+        self._chosen: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> params whose selection chose it
 
     def start_router_trace(self) -> None:
         self.trace_routers = True
@@ -83,6 +90,12 @@ class BlockTracer(TorchFunctionMode):
         self.trace_routers = False
         self._derived = WeakIdKeyDictionary()
         self._logits = WeakIdKeyDictionary()
+        self._chosen = WeakIdKeyDictionary()
+
+    @property
+    def selectors(self) -> set[str]:
+        """Weights whose logits chose something other than experts (tokens, for a sparse-attention indexer)."""
+        return self.selections - self.routers
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -100,6 +113,10 @@ class BlockTracer(TorchFunctionMode):
                 if fused is not None:
                     fused.problem = f"multiplied through {getattr(func, '__name__', func)}, which lmprune cannot read"
         if self.trace_routers:
+            if func is torch.Tensor.__iter__ and args and args[0] in self._chosen:
+                out = list(out)  # a loop over chosen indices (`for e in expert_hit`) hands out chosen rows
+                self._trace(func, layout, args, kwargs, out)
+                return iter(out)
             self._trace(func, layout, args, kwargs, out)
         return out
 
@@ -152,12 +169,20 @@ class BlockTracer(TorchFunctionMode):
     def _trace(self, func, layout, args, kwargs, out) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if func in _SELECTIONS or (func in _MAX_MIN and (len(args) > 1 or "dim" in kwargs)):
-            if inputs and inputs[0] in self._logits:
-                self.routers |= self._logits[inputs[0]]
+        chosen = _union(self._chosen, inputs)
+        self.selections |= chosen  # a selection counts once its indices are used (a stable softmax's max: never)
+        if _is_selection(func, args, kwargs):
+            sources = self._logits.get(inputs[0], frozenset()) if inputs else frozenset()
+            # The indices carry the choice; the values (routing weights, a stable softmax's max) do not.
+            for t in outputs:
+                if not t.is_floating_point() and (sources or chosen):
+                    self._chosen[t] = sources | chosen
             return
         derived = [self._derived[t] for t in inputs if t in self._derived]
         if layout is not None or func in _OTHER_PRODUCTS:
+            if derived and chosen:
+                # Indices picked the tokens this weight multiplies, or the weight's slice: they dispatch.
+                self.routers |= chosen
             # A product by a weight starts a fresh mark: what it computes are that weight's logits. A product
             # of two activations (attention scores q·kᵀ) carries no weight's logits: its max or top-k (a
             # stable softmax, sparse attention) never makes q_proj a router.
@@ -165,6 +190,9 @@ class BlockTracer(TorchFunctionMode):
                 for t in outputs:
                     self._logits[t] = frozenset().union(*derived)
             return
+        if chosen:
+            for t in outputs:
+                self._chosen[t] = chosen | self._chosen.get(t, frozenset())
         activations = [t for t in inputs if t not in self._derived and t.is_floating_point()]
         if derived and not activations:
             # A cast, transpose or slice of weights is still those weights.
@@ -175,6 +203,17 @@ class BlockTracer(TorchFunctionMode):
         if sources:
             for t in outputs:
                 self._logits[t] = sources | self._logits.get(t, frozenset())
+
+
+def _is_selection(func, args: tuple, kwargs: dict) -> bool:
+    """top-k, sort, argmax; max/min only over a dim (PhiMoE): against a tensor or a number they are
+    elementwise (xIELU's min(x, eps)), and carry logits like any other elementwise step."""
+    if func in _SELECTIONS:
+        return True
+    if func not in _MAX_MIN:
+        return False
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    return isinstance(dim, int) and not isinstance(dim, bool)
 
 
 def _union(marks: WeakIdKeyDictionary, tensors: list[torch.Tensor]) -> frozenset:
