@@ -247,8 +247,8 @@ def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | No
     if args.eval_data:
         _check_source(args.eval_data, "--eval")
     model_dir = local_model_dir(args.model)
+    _check_tasks(args.eval_tasks, args, "--eval-tasks")  # first: --task-data without --eval-tasks is the error
     check_output_dir(args.out, run_inputs([model_dir or _hub_cache()], [args.calib, args.eval_data], args.task_data))
-    _check_tasks(args.eval_tasks, args, "--eval-tasks")
     args.stream = _decide_streaming(args, model_dir)
     pattern = method.pattern(pattern, args.per_row)
     config.allocation.check(pattern)
