@@ -26,6 +26,11 @@ LEVERS = {  # (sequential, targets) as the command line says them
 }
 
 
+def inputs(work):
+    """The run's inputs, byte for byte: the model's files and the calibration text."""
+    return snapshot(work / "model"), (work / "calib.txt").read_bytes()
+
+
 def kill_at_block_2(capsys, monkeypatch, args):
     disk_full_at(monkeypatch, 2)
     code, _, err = run_cli(capsys, *args)
@@ -47,9 +52,11 @@ def test_every_lever_combination_resumes_bit_identical(capsys, tmp_path, monkeyp
     work, model, _ = fault_case(tmp_path)
     options = (*METHODS[method], *LEVERS[levers], "--allocation", allocation, "--stream")
     args = prune_args(model, work / "calib.txt", work / "out", *options)
+    before = inputs(work)
     kill_at_block_2(capsys, monkeypatch, args)
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and any("pruning from block 2" in line for line in err), err
+    assert inputs(work) == before
     code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "whole", *options))
     assert code == 0, err
     assert report(work / "out")["resumed"] == {"from_block": 2} and "resumed" not in report(work / "whole")
@@ -129,10 +136,10 @@ def test_changed_values_of_an_unfinished_block_resume(capsys, tmp_path, monkeypa
     """Block 3 was not pruned yet: the resumed run reads its new values, exactly as a whole run on them."""
     work, model, args = killed_case(capsys, tmp_path, monkeypatch, *METHODS["sparsegpt"])
     change_value(model, "model.layers.3.self_attn.q_proj.weight")
-    inputs = snapshot(work / "model"), (work / "calib.txt").read_bytes()
+    before = inputs(work)
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and any("pruning from block 2" in line for line in err), err
-    assert (snapshot(work / "model"), (work / "calib.txt").read_bytes()) == inputs
+    assert inputs(work) == before
     code, _, err = run_cli(capsys, *[a if a != work / "out" else work / "whole" for a in args])
     assert code == 0, err
     assert_same_weights(reload(work / "out"), reload(work / "whole"))
@@ -173,13 +180,13 @@ def test_a_damaged_finished_shard_is_pruned_again(capsys, tmp_path, monkeypatch,
         shard.unlink()
     else:
         shard.write_bytes(data[:-100] if damage == "truncated" else b"\xff" * 8 + data[8:])
-    inputs = snapshot(work / "model"), (work / "calib.txt").read_bytes()
+    before = inputs(work)
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     assert any(line.startswith("lmprune: warning: ") and str(shard) in line
                and "finished block 1 and the later ones are pruned again" in line for line in err), err
     assert any("pruning from block 1" in line for line in err), err
-    assert (snapshot(work / "model"), (work / "calib.txt").read_bytes()) == inputs
+    assert inputs(work) == before
     assert report(work / "out")["resumed"] == {"from_block": 1}
     code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "whole", *options, "--stream"))
     assert code == 0, err

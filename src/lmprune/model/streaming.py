@@ -577,7 +577,8 @@ def _read_state(path: str, out: str) -> dict[str, Any]:
             saved = json.load(f)
     except OSError as exc:
         reason = exc.strerror.lower() if exc.strerror else str(exc)
-        raise LmpruneError(f"cannot read {path}: {reason}") from None
+        raise LmpruneError(f"cannot read the state file {path}: {reason}: add --fresh to discard the partial run "
+                           "and start afresh") from None
     except ValueError:
         saved, problem = None, "not JSON"
     else:
