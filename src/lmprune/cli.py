@@ -481,6 +481,8 @@ def _open_streamed_blocks(model, shards, config, args, device, calibration, dest
     blocks = StreamedBlocks(model, shards, destination.tmp, run_identity(settings, calibration, shards))
     blocks.open_partial(args.fresh)
     destination.keep_partial = bool(blocks.done)
+    if blocks.redone:
+        _log(f"warning: {blocks.redone}")
     if blocks.resume_from:
         _log(f"resuming {destination.tmp}: block(s) 0–{blocks.resume_from - 1} of {blocks.count} were finished "
              f"by an earlier run; pruning from block {blocks.resume_from}")
@@ -490,7 +492,10 @@ def _open_streamed_blocks(model, shards, config, args, device, calibration, dest
 @contextlib.contextmanager
 def _keep_finished_blocks(blocks, destination):
     """A streamed run that stops keeps the blocks it finished (a rerun continues from there); a run that
-    finished none leaves nothing."""
+    finished none leaves nothing. A partial run that cannot be continued is kept for the user to discard
+    (--fresh), without advice to rerun that would only meet the same error."""
+    from .model.streaming import CannotResume
+
     if blocks is None:
         yield
         return
@@ -498,7 +503,7 @@ def _keep_finished_blocks(blocks, destination):
         yield
     except BaseException as exc:
         destination.keep_partial = bool(blocks.done)
-        if blocks.done:
+        if blocks.done and not isinstance(exc, CannotResume):
             note = (f"{len(blocks.done)} finished block(s) are kept in {destination.tmp}: run the same command "
                     "again to continue")
             if isinstance(exc, LmpruneError):

@@ -209,8 +209,13 @@ def prune_model(
                     dense_stream.finish_block(block_call, device)
                     block.to(home)
                 store.load(index, block)
-                records = store.records(index) if ranks.is_main else None
-                _replay_block(ranks.broadcast_object(records, "sharing a finished block's records"), result, problems)
+                records = ranks.broadcast_object(store.records(index) if ranks.is_main else None,
+                                                 "sharing a finished block's records")
+                _replay_block(records, result, problems)
+                # The allocation's budget carries its rounding from block to block: it takes this block's
+                # share again, as the run that pruned it did, so the later blocks get the very same counts.
+                kept = set(records["routers"]) | set(records.get("selectors", []))
+                _block_patterns(budget, index, layers, kept, problems, plan)
                 # The other ranks read the dense block: the pruned one is in rank 0's partial output.
                 ranks.broadcast_tensors(list(block.parameters()) + list(block.buffers()), 0,
                                         "sharing a finished block")
@@ -249,11 +254,7 @@ def prune_model(
             kept = routers | selectors  # never pruned
             problems.update(collected.problems)
             first_block_record = len(result.blocks)
-            patterns = {}
-            if budget is not None:
-                pruned_here = [layer for layer in layers if not _is_router(layer, kept)
-                               and not (isinstance(layer, ExpertSlice) and _fused_name(layer) in problems)]
-                patterns = budget.layer_patterns(index, pruned_here, last=index == max(i for i, p in enumerate(plan) if p))
+            patterns = _block_patterns(budget, index, layers, kept, problems, plan)
 
             dense = {layer.name: layer.get_weight(torch.device("cpu")) for layer in layers} if refiner else {}
             first_record = len(result.layers)
@@ -369,6 +370,18 @@ def _replay_block(records: dict[str, Any], result: PruneResult, problems: dict[s
     problems.update(records["problems"])
     if records.get("block_target"):
         _note_block_target(result, records["block_target"])
+
+
+def _block_patterns(budget: SparsityBudget | None, index: int, layers: list[PrunableLayer], kept: set[str],
+                    problems: dict[str, str], plan: list[list[PrunableLayer]]) -> dict[str, SparsityPattern]:
+    """Each pruned layer's own pattern in block `index` under a non-uniform allocation (none: uniform).
+
+    Routers, selectors (`kept`) and unreadable expert tensors are not pruned and take no share."""
+    if budget is None:
+        return {}
+    pruned_here = [layer for layer in layers if not _is_router(layer, kept)
+                   and not (isinstance(layer, ExpertSlice) and _fused_name(layer) in problems)]
+    return budget.layer_patterns(index, pruned_here, last=index == max(i for i, p in enumerate(plan) if p))
 
 
 def _allocate(allocation: Allocation, pattern: SparsityPattern, blocks, plan, calls, hidden, device,

@@ -7,12 +7,20 @@ before pruning it (`load`: that block's tensors read from the safetensors shards
 when done (`save`: written to its own shard in the partial output, made durable, then freed).
 
 The partial output `.OUT.partial` is a stable path, so a killed run can be continued: it holds one shard
-per finished block and `lmprune_state.json` (settings, calibration and model fingerprints, and the
-report records of each finished block). A shard is fsync'ed before the state names it. A run with the
-same fingerprints skips the finished blocks: it reads each back from the partial output and runs the
-calibration windows through it, which rebuilds the next block's inputs bit for bit. Recomputing costs
-one forward pass per finished block; saving the activations instead would cost a nsamples × seqlen ×
-hidden float tensor of disk per block (8.6 GB per block for 128 × 2048 tokens of a 8192-wide model).
+per finished block and `lmprune_state.json` (settings, calibration and model fingerprints, the report
+records of each finished block, and digests of the weight values). A shard is fsync'ed before the state
+names it. A run with the same fingerprints skips the finished blocks: it reads each back from the partial
+output and runs the calibration windows through it, which rebuilds the next block's inputs bit for bit.
+Recomputing costs one forward pass per finished block; saving the activations instead would cost a
+nsamples × seqlen × hidden float tensor of disk per block (8.6 GB per block for 128 × 2048 tokens of a
+8192-wide model).
+
+Every tensor read from the checkpoint is hashed as it is read (`CheckpointShards.digests`), so the state
+records the values each finished block was pruned from and those outside the blocks, at no extra read.
+A resume compares them when it opens the partial output, before any work: the parts outside the blocks
+(read anyway), and each finished block's checkpoint weights and its shard in the partial output (both
+read once more: the pruned copy alone cannot tell whether the checkpoint changed). Changed weights never
+give a mixed checkpoint, and the refusal is one line.
 
 Without streaming the same pipeline loop runs with `BlockStore`, whose every method does nothing.
 """
@@ -39,7 +47,12 @@ from .layout import CheckpointLayout
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 STATE_NAME = "lmprune_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: digests of the weight values ("weights")
+
+
+class CannotResume(LmpruneError):
+    """The partial output cannot be continued (other weights, a damaged shard): only --fresh gets out, so
+    no "run the same command again" is ever added to this error."""
 
 
 class BlockStore:
@@ -96,10 +109,14 @@ class CheckpointShards:
                 raise LmpruneError(f"{path}: shard {shard} named in {INDEX_NAME} is missing")
         check_safetensors_files(path)  # truncated shards are named before any work
         self.weight_map: dict[str, str] = weight_map
+        self.digests: dict[str, str] = {}  # tensor name -> tensor_digest of its values, as last read
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each shard opened once and closed after (its pages leave the process)."""
+        """The named tensors, each shard opened once and closed after (its pages leave the process); each
+        tensor's digest is noted as it is read."""
         from safetensors import safe_open
+
+        from .loading import _first_line
 
         by_shard: dict[str, list[str]] = {}
         for name in names:
@@ -111,8 +128,9 @@ class CheckpointShards:
                 with safe_open(file, "pt") as f:
                     for key in keys:
                         tensors[key] = f.get_tensor(key)
+                        self.digests[key] = tensor_digest(tensors[key])
             except Exception as exc:  # safetensors raises its own error types for damaged files
-                raise LmpruneError(f"cannot read {file}: {str(exc).strip().splitlines()[0] if str(exc) else exc}") from None
+                raise LmpruneError(f"cannot read {file}: {_first_line(exc)}") from None
         return tensors
 
     def fingerprint(self) -> str:
@@ -130,6 +148,18 @@ class CheckpointShards:
                 header_len = int.from_bytes(f.read(8), "little")
                 digest.update(shard.encode() + f.read(header_len) + str(os.path.getsize(file)).encode())
         return digest.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes as they are (no conversion)."""
+    digest = hashlib.sha256(f"{tensor.dtype} {list(tensor.shape)} ".encode())
+    digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def combined_digest(digests: dict[str, str]) -> str:
+    """One digest for named tensors' digests, independent of their order."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
 
 
 def checkpoint_weight_bytes(path: str) -> int:
@@ -280,6 +310,12 @@ class StreamedBlocks(BlockStore):
         self._groups = {i: self.layout.groups_under(f"{self.blocks_name}.{i}.") for i in range(self.count)}
         self._keys = {i: self.layout.sources(self._groups[i]) for i in range(self.count)}
         self._written: dict[str, str] = {}  # tensor name -> output shard
+        # What the values were: outside the blocks (all read by now), and per finished block the
+        # checkpoint's ("read") and the pruned shard's ("written").
+        inside = self.blocks_name + "."
+        self.outside_weights = combined_digest({k: d for k, d in shards.digests.items() if not k.startswith(inside)})
+        self.weights: list[dict[str, str]] = []
+        self.redone: str | None = None  # why finished blocks are pruned again (a damaged shard)
 
     # -- the partial output -------------------------------------------------------------------------
     def shard_name(self, position: int) -> str:
@@ -293,29 +329,64 @@ class StreamedBlocks(BlockStore):
             if os.listdir(self.out):
                 _clear(self.out)
             return
-        try:
-            with open(state_file, encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            saved = {}
-        mine = {**self.state, "version": STATE_VERSION}
+        saved = _read_state(state_file, self.out)
+        mine = self.state
         theirs = {k: saved.get(k) for k in mine}
         if theirs != mine:
             differ = [k for k in mine if theirs.get(k) != mine[k]]
             detail = ""
-            if "settings" in differ and isinstance(theirs.get("settings"), dict):
+            if "settings" in differ:
                 keys = sorted(k for k in set(mine["settings"]) | set(theirs["settings"])
                               if mine["settings"].get(k) != theirs["settings"].get(k))
                 detail = f" ({', '.join(keys)})"
             raise LmpruneError(
                 f"{self.out} holds a partial run with a different {', '.join(differ)}{detail}: run the same "
                 "command to resume it, or add --fresh to discard it and start afresh")
-        self.done = list(saved.get("blocks", []))[: self.count]
-        self.resume_from = len(self.done)
+        if saved["weights"]["outside"] != self.outside_weights:
+            raise self._changed("the weights outside the blocks (embeddings, norms, lm_head) differ")
+        done, weights = saved["blocks"][: self.count], saved["weights"]["blocks"][: self.count]
+        for i in range(len(done)):
+            damage = self._shard_damage(i)
+            if damage:  # redone from there: its state entry (and the later ones) are dropped below
+                self.redone = f"{damage}: finished block {i} and the later ones are pruned again"
+                done, weights = done[:i], weights[:i]
+                break
+        self.done, self.weights = done, weights
+        self.resume_from = len(done)
         for i in range(self.resume_from):
-            if not os.path.isfile(os.path.join(self.out, self.shard_name(i))):
-                raise LmpruneError(f"{self.out}: the shard of finished block {i} is missing: add --fresh to start afresh")
+            self._check_finished(i)
             self._written.update(dict.fromkeys(self._keys[i], self.shard_name(i)))
+        if self.redone:
+            self._write_state()
+
+    def _shard_damage(self, index: int) -> str | None:
+        """Why finished block `index`'s shard cannot be read back (missing, truncated, no header), or None."""
+        from .loading import check_safetensors_file
+
+        path = os.path.join(self.out, self.shard_name(index))
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        try:
+            check_safetensors_file(path)
+        except LmpruneError as exc:
+            return str(exc)
+        return None
+
+    def _changed(self, what: str) -> CannotResume:
+        return CannotResume(f"the model's weights changed since the partial run in {self.out} was started ({what}): "
+                            "add --fresh to discard it and start afresh")
+
+    def _check_finished(self, index: int) -> None:
+        """Finished block `index`'s checkpoint weights are those it was pruned from, and its shard holds what
+        was written. Both are read here, once more, so that a resume fails in one line before any work."""
+        self.shards.read(self._keys[index])  # for its digests only
+        if combined_digest({k: self.shards.digests[k] for k in self._keys[index]}) != self.weights[index]["read"]:
+            raise self._changed(f"block {index} differs")
+        path = os.path.join(self.out, self.shard_name(index))
+        written = _read_file(path, self._keys[index])
+        if combined_digest({k: tensor_digest(v) for k, v in written.items()}) != self.weights[index]["written"]:
+            raise CannotResume(f"{path} (finished block {index}) changed since it was written: add --fresh to "
+                               "discard the partial run and start afresh")
 
     def _write_state(self) -> None:
         """Replace the state file atomically, durable when this returns (the shards it names already are)."""
@@ -323,7 +394,8 @@ class StreamedBlocks(BlockStore):
         tmp = f"{path}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({**self.state, "version": STATE_VERSION, "blocks": self.done}, f, default=str)
+                json.dump({**self.state, "version": STATE_VERSION, "blocks": self.done,
+                           "weights": {"outside": self.outside_weights, "blocks": self.weights}}, f, default=str)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -384,6 +456,8 @@ class StreamedBlocks(BlockStore):
         self._write_shard(shard, tensors, f"block {index}")
         self._written.update(dict.fromkeys(tensors, shard))
         self.done.append(records)
+        self.weights.append({"read": combined_digest({k: self.shards.digests[k] for k in self._keys[index]}),
+                             "written": combined_digest({k: tensor_digest(v) for k, v in tensors.items()})})
         self._write_state()
         self.release(index, block)
 
@@ -496,11 +570,63 @@ def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
 def _read_file(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
+    from .loading import _first_line
+
     try:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in keys}
     except Exception as exc:
-        raise LmpruneError(f"cannot read the finished block in {path}: {exc}; add --fresh to start afresh") from None
+        raise CannotResume(f"cannot read the finished block in {path}: {_first_line(exc)}; add --fresh to discard "
+                           "the partial run and start afresh") from None
+
+
+def _read_state(path: str, out: str) -> dict[str, Any]:
+    """A partial run's state file, checked for every field a resume reads."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except OSError as exc:
+        reason = exc.strerror.lower() if exc.strerror else str(exc)
+        raise LmpruneError(f"cannot read the state file {path}: {reason}: add --fresh to discard the partial run "
+                           "and start afresh") from None
+    except ValueError:
+        saved, problem = None, "not JSON"
+    else:
+        problem = _state_problem(saved)
+    if problem is None and saved["version"] != STATE_VERSION:
+        raise LmpruneError(f"{out} holds a partial run of another lmprune version (state version {saved['version']}, "
+                           f"this one writes {STATE_VERSION}): add --fresh to discard it and start afresh")
+    if problem is not None:
+        raise LmpruneError(f"the state file {path} is corrupt ({problem}): add --fresh to discard the partial run "
+                           "and start afresh")
+    return saved
+
+
+def _state_problem(saved: Any) -> str | None:
+    """What is wrong with a parsed state file's structure, or None (an older version: only its version)."""
+    if not isinstance(saved, dict):
+        return "not a JSON object"
+    if not isinstance(saved.get("version"), int) or isinstance(saved["version"], bool):
+        return "no version"
+    if saved["version"] != STATE_VERSION:
+        return None
+    for key, kind in (("settings", dict), ("calibration", str), ("model", str), ("blocks", list), ("weights", dict)):
+        if not isinstance(saved.get(key), kind):
+            return f"{key!r} is not a {kind.__name__}"
+    for i, block in enumerate(saved["blocks"]):
+        if not (isinstance(block, dict) and isinstance(block.get("layers"), list)
+                and isinstance(block.get("routers"), list) and isinstance(block.get("problems"), dict)
+                and isinstance(block.get("blocks"), list)
+                and all(isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("shape"), list)
+                        and isinstance(r.get("sparsity"), (int, float)) for r in block["layers"])):
+            return f"the records of block {i} are malformed"
+    weights = saved["weights"]
+    blocks = weights.get("blocks")
+    if not (isinstance(weights.get("outside"), str) and isinstance(blocks, list) and len(blocks) == len(saved["blocks"])
+            and all(isinstance(b, dict) and isinstance(b.get("read"), str) and isinstance(b.get("written"), str)
+                    for b in blocks)):
+        return "the weight digests are malformed"
+    return None
 
 
 def _fsync_dir(path: str) -> None:
