@@ -87,11 +87,14 @@ class Destination:
             except OSError:
                 break
 
-    def save(self, model, tokenizer, report: dict) -> None:
-        """Write the checkpoint into the temporary directory, then swap it into `out`."""
+    def save(self, model, tokenizer, report: dict, finish=None) -> None:
+        """Write the checkpoint into the temporary directory, then swap it into `out`. `finish(tmp)`, if
+        given, rewrites the saved files before the report marks them complete (e.g. packs them)."""
         try:
             model.save_pretrained(self.tmp)
             tokenizer.save_pretrained(self.tmp)
+            if finish is not None:
+                finish(self.tmp)
             write_json(os.path.join(self.tmp, REPORT_NAME), report)  # last: it marks a complete checkpoint
         except OSError as exc:
             raise LmpruneError(f"cannot write the checkpoint to {self.tmp!r}: {_os_reason(exc)}") from None
