@@ -1,8 +1,13 @@
 """SparseLinear: a pruned Linear or Conv1D that keeps its weight packed in memory.
 
-The portable path unpacks the weight for each call and multiplies exactly as the layer it replaces did
-(the same torch op on the same bits), so its outputs are bit-identical to the dense-with-zeros model's.
-It saves memory, not time; a compiled batch-1 kernel (kernel.py) takes the calls it can when present.
+Every layer is held in one form: a bitmask along its inputs, rows = outputs (packing.as_row_bitmask),
+which is what the compiled kernel reads. Two paths compute the product:
+- compiled (kernel.py), for one token at a time (batch-1 decoding, the memory-bound case it is for):
+  reads only the kept values and the mask, fp32 products and sums. It agrees with the dense product up
+  to summation order: fp32 rounding, about 1e-6 of the sum of |terms|, before the output's own rounding.
+- portable, for everything else (prompts, batches, no kernel): the weight is unpacked for the call and
+  multiplied exactly as the replaced layer did (the same torch op on the same values), so its outputs
+  are bit-identical to the dense-with-zeros model's. It saves memory, not time.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.layers import Conv1D
-from .packing import PackedWeight
+from .kernel import gemv_kernel
+from .packing import BITMASK, PackedWeight, as_row_bitmask, row_offsets
 
 
 class SparseLinear(nn.Module):
     """y = x Wᵀ + b (nn.Linear) or x W + b (Conv1D, W stored [in, out]) with W held packed."""
 
-    def __init__(self, module: nn.Module, packed: PackedWeight):
+    def __init__(self, module: nn.Module, packed: PackedWeight, compiled: bool = True):
         super().__init__()
         weight = module.weight
         if tuple(packed.shape) != tuple(weight.shape):
@@ -27,29 +33,39 @@ class SparseLinear(nn.Module):
             packed = PackedWeight(**{**packed.__dict__, "values": packed.values.to(weight.dtype),
                                      "dtype": weight.dtype})
         self.conv1d = bool(Conv1D) and isinstance(module, Conv1D)
-        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.conv1d else weight.shape
-        self.packed = packed
+        rows = as_row_bitmask(packed, transpose=self.conv1d)
+        self.out_features, self.in_features = rows.shape
+        self.dtype = weight.dtype
         # Buffers, so that .to() and state_dict() see the packed tensors.
-        self.register_buffer("values", packed.values)
-        self.register_buffer("positions", packed.positions)
+        self.register_buffer("values", rows.values)
+        self.register_buffer("mask", rows.positions)
+        self.register_buffer("offsets", row_offsets(rows))
         self.bias = module.bias
+        self.compiled = compiled
 
-    def _weight(self) -> torch.Tensor:
-        self.packed.values, self.packed.positions = self.values, self.positions  # after a .to()
-        return self.packed.dense().to(self.values.device)
+    def dense_weight(self) -> torch.Tensor:
+        """[out, in], unpacked."""
+        return PackedWeight(BITMASK, (self.out_features, self.in_features), self.values.dtype, self.values,
+                            self.mask).dense().to(self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight()
-        if self.conv1d:  # Conv1D.forward's own ops, for the same bits
+        kernel = gemv_kernel() if self.compiled and x.numel() == self.in_features and x.device.type == "cpu" \
+            and not (torch.is_grad_enabled() and x.requires_grad) else None
+        if kernel is not None:
+            y = kernel.bitmask_gemv(x.reshape(-1).float().contiguous(), self.mask, self.values, self.offsets,
+                                    self.in_features, 2)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        weight = self.dense_weight()
+        if self.conv1d:  # Conv1D.forward's own ops on its own [in, out] layout, for the same bits
             size_out = x.size()[:-1] + (self.out_features,)
-            return torch.addmm(self.bias, x.view(-1, x.size(-1)), weight).view(size_out)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), weight.t().contiguous()).view(size_out)
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        p = self.packed
-        layout = f"{p.n}:{p.m}" if p.layout == "nm" else "bitmask"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={layout}, "
-                f"kept={p.values.numel()}, bias={self.bias is not None}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kept={self.values.numel()}, "
+                f"bias={self.bias is not None}, compiled={self.compiled}")
 
 
 def replaceable(module: nn.Module) -> bool:
@@ -58,7 +74,7 @@ def replaceable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (bool(Conv1D) and type(module) is Conv1D)
 
 
-def sparsify(model: nn.Module, packed: dict[str, PackedWeight]) -> int:
+def sparsify(model: nn.Module, packed: dict[str, PackedWeight], compiled: bool = True) -> int:
     """Replace every layer whose weight `packed` holds (by parameter name) with a SparseLinear; the number
     replaced. Weights of other layers (fused expert tensors) stay dense."""
     replaced = 0
@@ -67,6 +83,6 @@ def sparsify(model: nn.Module, packed: dict[str, PackedWeight]) -> int:
         if weight is None or not replaceable(module):
             continue
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, SparseLinear(module, weight))
+        setattr(model.get_submodule(parent_name), attr, SparseLinear(module, weight, compiled))
         replaced += 1
     return replaced

@@ -54,9 +54,7 @@ class PackedWeight:
         """The weight as stored, bit for bit."""
         if self.layout == BITMASK:
             kept = unpack_bits(self.positions, 1, self.shape[-1]).bool()
-            out = torch.zeros(self.shape, dtype=self.dtype)
-            out[kept] = self.values
-            return out
+            return torch.zeros(self.shape, dtype=self.dtype).masked_scatter_(kept, self.values)
         rows_shape = _swap_last(self.shape) if self.transposed else self.shape
         cols = rows_shape[-1]
         index = unpack_bits(self.positions, self.bits, cols // self.m * self.n).long()
@@ -225,3 +223,28 @@ def _swap_last(shape) -> tuple[int, ...]:
 
 def _bytes(tensor: torch.Tensor):
     return tensor.contiguous().view(torch.uint8).numpy().data if tensor.numel() else b""
+
+
+def as_row_bitmask(packed: PackedWeight, transpose: bool = False) -> PackedWeight:
+    """The same weight (transposed when asked) as a 2-D bitmask along its last dimension, the one form
+    the GEMV kernel reads. An N:M weight whose groups already run along that dimension keeps its values
+    (in the same order) and trades its indices for the mask: for 2:4 both take one bit per weight."""
+    along_last = packed.transposed == transpose
+    if packed.layout == BITMASK and not transpose:
+        return packed
+    if packed.layout == NM and along_last:
+        rows_shape = _swap_last(packed.shape) if transpose else packed.shape
+        cols = rows_shape[-1]
+        kept = cols // packed.m * packed.n
+        index = unpack_bits(packed.positions, packed.bits, kept).long()
+        index += torch.arange(kept) // packed.n * packed.m  # group start + position in the group
+        mask = torch.zeros(*rows_shape[:-1], cols, dtype=torch.uint8).scatter_(-1, index, 1)
+        return PackedWeight(BITMASK, tuple(rows_shape), packed.dtype, packed.values.reshape(-1), pack_bits(mask, 1))
+    dense = packed.dense()
+    return pack_bitmask(dense.transpose(-1, -2).contiguous() if transpose else dense)
+
+
+def row_offsets(packed: PackedWeight) -> torch.Tensor:
+    """int64 [rows + 1]: where each row's values start in a 2-D bitmask weight's values."""
+    counts = unpack_bits(packed.positions, 1, packed.shape[-1]).sum(-1, dtype=torch.int64)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
