@@ -259,9 +259,9 @@ class PackPlan:
 def pack_checkpoint(src: str, out: str, report: dict[str, Any] | None) -> dict[str, int]:
     """Write src (a dense safetensors checkpoint, with zeros) packed into the empty directory out.
     Returns how many weights took each layout. `report` is src's own, or None."""
-    source = DenseCheckpoint(src)
     if is_sparse_checkpoint(src):
         raise LmpruneError(f"{src} is already a sparse checkpoint")
+    source = DenseCheckpoint(src)
     plan = PackPlan(source.config, report, src)
     counts = {BITMASK: 0, NM: 0}
 
