@@ -215,6 +215,7 @@ def cmd_prune(args) -> int:
     from .model.loading import local_model_dir
     from .model.saving import Destination, checkpoint_bytes
     from .safety import check_out_path
+    from .sparse.format import is_sparse_checkpoint
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
@@ -243,6 +244,9 @@ def cmd_prune(args) -> int:
     check_out_path(args.out, [model_dir or _hub_cache()], data_files)
     _check_tasks(args.eval_tasks, args, "--eval-tasks")
     args.stream = _decide_streaming(args, model_dir)
+    if args.stream and model_dir and is_sparse_checkpoint(model_dir):
+        raise LmpruneError(f"--stream reads dense checkpoints; {args.model} is packed: `lmprune unpack` it first, "
+                           "or prune with --no-stream")
     if args.stream and args.save_format == "sparse":
         raise LmpruneError("--save-format sparse is not written block by block yet: use --no-stream, or "
                            "`lmprune pack` the streamed output")

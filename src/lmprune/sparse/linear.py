@@ -74,15 +74,15 @@ def replaceable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (bool(Conv1D) and type(module) is Conv1D)
 
 
-def sparsify(model: nn.Module, packed: dict[str, PackedWeight], compiled: bool = True) -> int:
-    """Replace every layer whose weight `packed` holds (by parameter name) with a SparseLinear; the number
-    replaced. Weights of other layers (fused expert tensors) stay dense."""
-    replaced = 0
+def sparsify(model: nn.Module, packed: dict[str, PackedWeight], compiled: bool = True) -> set[str]:
+    """Replace every layer whose weight `packed` holds (by parameter name) with a SparseLinear; the names of
+    the weights replaced. Weights of other layers (fused expert tensors) stay dense."""
+    replaced = set()
     for name, module in list(model.named_modules()):
         weight = packed.get(f"{name}.weight")
         if weight is None or not replaceable(module):
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, SparseLinear(module, weight, compiled))
-        replaced += 1
+        replaced.add(f"{name}.weight")
     return replaced
