@@ -72,6 +72,18 @@ def test_pack_then_unpack_gives_back_every_tensor(capsys, tmp_path, stories, tag
 
 
 @pytest.mark.parametrize("tag", PATTERNS)
+def test_pack_without_a_report_finds_the_pruned_weights(capsys, tmp_path, stories, tag):
+    """A checkpoint pruned elsewhere: the block weights with zeros are packed, N:M found from the weights."""
+    dense = copy_of(stories[tag][0], tmp_path)
+    (dense / "lmprune_report.json").unlink()
+    assert run_cli(capsys, "pack", dense, "--out", tmp_path / "packed")[0] == 0
+    layouts = json.loads((tmp_path / "packed" / "lmprune_report.json").read_text())["packed"]["layouts"]
+    assert layouts == ({"bitmask": 35, "nm": 0} if tag == "50%" else {"bitmask": 0, "nm": 35})
+    assert run_cli(capsys, "unpack", tmp_path / "packed", "--out", tmp_path / "unpacked")[0] == 0
+    assert_same_tensors(tensors(dense), tensors(tmp_path / "unpacked"))
+
+
+@pytest.mark.parametrize("tag", PATTERNS)
 def test_packed_weights_take_about_half_the_bytes(stories, tag):
     """float32 at 50%: half the values plus one bit per weight (bitmask), or per kept value two bits (2:4)."""
     dense, packed = stories[tag]

@@ -39,6 +39,8 @@ def _build():
         tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
         build = cache_dir() / f"gemv-{tag}"
         build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            print(f"lmprune: building the sparse GEMV kernel into {build} (once; a minute or two)", file=sys.stderr)
         return cpp_extension.load(name=f"lmprune_sparse_gemv_{tag}", sources=[str(_SOURCE)], build_directory=str(build),
                                   extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no compiler, no headers, a failed build: the portable path gives the same results
