@@ -4,8 +4,11 @@ References are independent of the code under test: the dense-with-zeros checkpoi
 safetensors), and the dense-with-zeros model's own outputs."""
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lmprune
-from conftest import byte_tokenizer, prune_args, random_text, run_cli, snapshot
+from conftest import REPO, byte_tokenizer, prune_args, random_text, run_cli, snapshot
 from lmprune.cli import generate_text, main
 from lmprune.masks import nm_mask
 from lmprune.sparse.format import INDEX, is_sparse_checkpoint
@@ -152,6 +155,30 @@ def test_plain_transformers_refuses_a_packed_checkpoint(stories):
         AutoModelForCausalLM.from_pretrained(packed)
     with pytest.raises(OSError, match="no file named model.safetensors"):
         LlamaForCausalLM.from_pretrained(packed)
+
+
+def test_transformers_loads_a_packed_checkpoint_once_registered(stories):
+    """lmprune.register_transformers(): the public AutoConfig/AutoModel extension point; plain transformers
+    (above) refuses. Run in a subprocess, so the registration does not leak into the other tests."""
+    dense, packed = stories["2:4"]
+    script = f"""
+import torch, lmprune
+from transformers import AutoModelForCausalLM
+lmprune.register_transformers()
+model = AutoModelForCausalLM.from_pretrained({str(packed)!r}, sparse=True)
+dense = AutoModelForCausalLM.from_pretrained({str(dense)!r})
+assert type(model) is type(dense), type(model)
+ids = torch.tensor([[1, 300, 40, 7]])
+with torch.inference_mode():
+    for m in model.modules():
+        if hasattr(m, "compiled"):
+            m.compiled = False  # the portable path: bit-identical
+    assert torch.equal(model(ids).logits, dense(ids).logits)
+print("same")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.stdout.strip() == "same", result.stderr[-2000:]
 
 
 def test_generate_command_prints_text_and_speed(capsys, stories):

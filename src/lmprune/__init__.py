@@ -20,3 +20,11 @@ def load_model(path: str, dtype: str = "auto", sparse: bool = False):
     from .model.loading import load_model as load
 
     return load(path, dtype, progress=False, sparse=sparse)[0]
+
+
+def register_transformers() -> None:
+    """Let transformers' AutoModelForCausalLM.from_pretrained read packed checkpoints (see
+    lmprune.sparse.autoload; opt-in, since importing transformers takes seconds)."""
+    from .sparse.autoload import register_transformers as register
+
+    register()
