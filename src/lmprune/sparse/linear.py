@@ -7,7 +7,9 @@ which is what the compiled kernel reads. Two paths compute the product:
   to summation order: fp32 rounding, about 1e-6 of the sum of |terms|, before the output's own rounding.
 - portable, for everything else (prompts, batches, no kernel): the weight is unpacked for the call and
   multiplied exactly as the replaced layer did (the same torch op on the same values), so its outputs
-  are bit-identical to the dense-with-zeros model's. It saves memory, not time.
+  are the dense-with-zeros model's; at most the last bits can differ, as they do between two copies of
+  one dense model at other memory alignments (torch's kernels pick their summation order by it). It
+  saves memory, not time.
 """
 
 from __future__ import annotations
