@@ -371,6 +371,11 @@ def test_architectures_round_trip_and_run_sparse(capsys, tmp_path, model_type, t
     set_compiled(sparse, True)
     assert_logits_agree(decode_logits(sparse, tokenizer, "the cat sat"), decode_logits(dense, tokenizer, "the cat sat"),
                         1e-4)
+    # Saved from memory, the sparse model is a normal dense checkpoint again, equal to the pruned one.
+    sparse.save_pretrained(tmp_path / "resaved")
+    resaved = tensors(tmp_path / "resaved")
+    assert_same_tensors({k: v for k, v in tensors(pruned).items() if k in resaved}, resaved)
+    assert set(tensors(pruned)) - set(resaved) <= {"lm_head.weight"}  # a tied head is saved once
 
 
 def test_compiled_kernel_matches_the_portable_path():

@@ -38,12 +38,13 @@ class SparseLinear(nn.Module):
         rows = as_row_bitmask(packed, transpose=self.conv1d)
         self.out_features, self.in_features = rows.shape
         self.dtype = weight.dtype
-        # Buffers, so that .to() and state_dict() see the packed tensors.
+        # Buffers, so that .to() moves them; state_dict() shows the dense weight instead (_dense_state).
         self.register_buffer("values", rows.values)
         self.register_buffer("mask", rows.positions)
         self.register_buffer("offsets", row_offsets(rows))
         self.bias = module.bias
         self.compiled = compiled
+        self.register_state_dict_post_hook(_dense_state)
 
     def dense_weight(self) -> torch.Tensor:
         """[out, in], unpacked."""
@@ -68,6 +69,15 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kept={self.values.numel()}, "
                 f"bias={self.bias is not None}, compiled={self.compiled}")
+
+
+def _dense_state(module: SparseLinear, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict() (and so save_pretrained) gives the layer's own dense `weight`, as the layer it replaced
+    stored it: a saved model is a normal checkpoint, never one whose weights a loader would miss."""
+    for key in ("values", "mask", "offsets"):
+        state.pop(prefix + key, None)
+    weight = module.dense_weight()
+    state[prefix + "weight"] = weight.t().contiguous() if module.conv1d else weight
 
 
 def replaceable(module: nn.Module) -> bool:
