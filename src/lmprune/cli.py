@@ -1,4 +1,4 @@
-"""`lmprune prune | eval | report | methods`. Bad input: one line on stderr, exit code 2, nothing written."""
+"""`lmprune prune | eval | report | methods | pack | unpack | generate`. Bad input: one line on stderr, exit code 2, nothing written."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .report import (format_report, headline, library_versions, load_report, plo
 SELF_CALIB = "self"
 DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
 DEFAULT_GENERATION_BATCH = 16  # as selfcalib's; a literal here so `--help` does not import torch
+SAVE_FORMATS = ("dense", "sparse")
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model in memory")
     prune.add_argument("--fresh", action="store_true",
                        help="with --stream: discard a killed run's partial output instead of resuming it")
+    prune.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
+                       help="dense: a normal checkpoint with zeros (default); sparse: each pruned weight packed "
+                            "(kept values + bitmask or N:M indices), read by `lmprune generate` and lmprune.load_model")
 
     ev = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model")
     ev.add_argument("model")
@@ -127,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--overwrite", action="store_true", help="replace an existing --plot FILE (never an input)")
 
     sub.add_parser("methods", help="list pruning methods and weight updates")
+
+    for command, help_text in (("pack", "store a pruned checkpoint's sparse weights compactly"),
+                               ("unpack", "turn a packed checkpoint back into the dense checkpoint it came from")):
+        conversion = sub.add_parser(command, help=help_text)
+        conversion.add_argument("model", metavar="DIR", help="checkpoint directory (never modified)")
+        conversion.add_argument("--out", required=True, help="output directory")
+        conversion.add_argument("--overwrite", action="store_true", help="replace an earlier lmprune output in --out")
+
+    gen = sub.add_parser("generate", help="generate text from a dense or packed checkpoint (prints tokens/s)")
+    gen.add_argument("model", help="checkpoint directory, hub id or alias")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    sampling = gen.add_mutually_exclusive_group()
+    sampling.add_argument("--greedy", action="store_true", help="the most likely token each step (the default)")
+    sampling.add_argument("--temperature", type=float, help="sample at this temperature (> 0)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    gen.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    gen.add_argument("--dense", action="store_true", help="a packed checkpoint: rebuild dense weights instead of "
+                                                         "multiplying with the packed ones")
     return parser
 
 
@@ -153,7 +177,8 @@ def _add_runtime_args(parser: argparse.ArgumentParser, auto_batch: bool = False)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "methods": cmd_methods}[args.command](args)
+        return {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "methods": cmd_methods, "pack": cmd_pack,
+                "unpack": cmd_unpack, "generate": cmd_generate}[args.command](args)
     except LmpruneError as exc:
         if not getattr(exc, "quiet", False):  # another process's failure, or one every process found: rank 0's
             print(f"lmprune: error: {exc}", file=sys.stderr)
@@ -223,6 +248,7 @@ def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | No
     from .methods import build_method
     from .model.loading import local_model_dir
     from .paths import check_output_dir, run_inputs
+    from .sparse.format import is_sparse_checkpoint
 
     # Everything that can be checked without the model is checked first: bad input writes nothing.
     pattern = _pattern(args)
@@ -250,6 +276,12 @@ def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | No
     _check_tasks(args.eval_tasks, args, "--eval-tasks")  # first: --task-data without --eval-tasks is the error
     check_output_dir(args.out, run_inputs([model_dir or _hub_cache()], [args.calib, args.eval_data], args.task_data))
     args.stream = _decide_streaming(args, model_dir)
+    if args.stream and model_dir and is_sparse_checkpoint(model_dir):
+        raise LmpruneError(f"--stream reads dense checkpoints; {args.model} is packed: `lmprune unpack` it first, "
+                           "or prune with --no-stream")
+    if args.stream and args.save_format == "sparse":
+        raise LmpruneError("--save-format sparse is not written block by block yet: use --no-stream, or "
+                           "`lmprune pack` the streamed output")
     pattern = method.pattern(pattern, args.per_row)
     config.allocation.check(pattern)
     seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
@@ -454,7 +486,10 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
         verify_saved_zeros(directory, result.layers, pattern)
 
     if blocks is None:
-        destination.save(model, tokenizer, report, check=check_saved)
+        from .sparse.format import pack_in_place
+
+        destination.save(model, tokenizer, report, check=check_saved,
+                         finish=(lambda tmp: pack_in_place(tmp, report)) if args.save_format == "sparse" else None)
     else:
         report["settings"]["stream"] = True
         if blocks.resume_from:
@@ -636,6 +671,99 @@ def cmd_methods(args) -> int:
         for f in fields(settings):
             print(f"{'':<14}--opt {f.name}={getattr(settings(), f.name)}")
     return 0
+
+
+def cmd_pack(args) -> int:
+    from .sparse.format import pack_checkpoint, packed_record
+
+    def convert(tmp: str, report: dict | None) -> dict:
+        counts = pack_checkpoint(args.model, tmp, report)
+        _log(f"packed {counts['bitmask']} weight(s) as bitmask and {counts['nm']} as N:M")
+        record = packed_record(counts, os.path.abspath(args.model))
+        if report is None:  # a checkpoint pruned elsewhere: the report marks the output as lmprune's
+            return {"method": "unknown", "pattern": "unknown", "settings": {}, "layers": [], "packed": record}
+        return {**report, "packed": record}
+
+    return _convert_checkpoint(args, convert)
+
+
+def cmd_unpack(args) -> int:
+    from .sparse.format import is_sparse_checkpoint, unpack_checkpoint
+
+    if not is_sparse_checkpoint(args.model):
+        raise LmpruneError(f"{args.model} is not a packed checkpoint (its config.json has no lmprune_sparse entry)")
+
+    def convert(tmp: str, report: dict | None) -> dict:
+        unpack_checkpoint(args.model, tmp)
+        report = dict(report or {"method": "unknown", "pattern": "unknown", "settings": {}, "layers": []})
+        report.pop("packed", None)
+        return report
+
+    return _convert_checkpoint(args, convert)
+
+
+def _convert_checkpoint(args, convert) -> int:
+    """pack/unpack: DIR read only, the result written beside --out and swapped in whole."""
+    from .model.saving import Destination, checkpoint_bytes
+    from .paths import check_output_dir, os_reason, run_inputs
+    from .report import REPORT_NAME, write_json
+
+    if not os.path.isdir(args.model):
+        raise LmpruneError(f"{args.model!r} is not a checkpoint directory")
+    check_output_dir(args.out, run_inputs([args.model]))
+    report = load_report(args.model) if os.path.isfile(os.path.join(args.model, REPORT_NAME)) else None
+    with Destination(args.out, args.overwrite, checkpoint_bytes(args.model)) as destination:
+        try:
+            write_json(os.path.join(destination.tmp, REPORT_NAME), convert(destination.tmp, report))
+        except OSError as exc:
+            raise LmpruneError(f"cannot write to {destination.tmp!r}: {os_reason(exc)}") from None
+        destination.commit()
+    _log(f"wrote {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .model import load_model
+    from .sparse.linear import SparseLinear
+
+    if args.max_new_tokens < 1:
+        raise LmpruneError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise LmpruneError(f"--temperature must be above 0, got {args.temperature} (use --greedy)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmpruneError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.dtype, sparse=not args.dense)
+    sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
+    text, new_tokens, seconds = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                              args.seed, stream=True)
+    _log(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.2f} tokens/s on "
+         f"{torch.get_num_threads()} thread(s), {sparse} packed layer(s)")
+    return 0
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float | None = None,
+                  seed: int = 0, stream: bool = False) -> tuple[str, int, float]:
+    """(the prompt and its continuation, new tokens, seconds spent generating); greedy unless a temperature
+    is given. `stream`: print the text to stdout as it comes."""
+    import torch
+    from transformers import TextStreamer
+
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
+        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tick = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling,
+                                streamer=TextStreamer(tokenizer, skip_special_tokens=True) if stream else None)
+    seconds = time.perf_counter() - tick
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    return tokenizer.decode(output[0], skip_special_tokens=True), int(new_tokens), seconds
 
 
 def _describe(device: str) -> str:

@@ -106,3 +106,13 @@ class CheckpointLayout:
         self.model._weight_conversions = self.used  # what from_pretrained leaves on the model it loads
         return revert_weight_conversion(self.model, state)
 
+
+
+def converted_on_load(config) -> bool:
+    """Whether transformers renames or converts this model type's checkpoint tensors while loading (most MoE
+    checkpoints): then only its own loading, or a `CheckpointLayout`, gives the model's tensors."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    return get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) is not None

@@ -23,8 +23,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
                     "sentencepiece.bpe.model", "tokenizer.tiktoken", "tiktoken.model")
 
 
-def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True):
-    """Load a causal LM and its tokenizer on the CPU (blocks move to the device one at a time)."""
+def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True, sparse: bool = False):
+    """Load a causal LM and its tokenizer on the CPU (blocks move to the device one at a time).
+
+    A sparse checkpoint (lmprune pack) is read too: its weights rebuilt dense, or with `sparse` its packed
+    Linear layers kept packed as SparseLinear modules (for inference)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -39,6 +42,13 @@ def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True):
         raise LmpruneError(f"invalid --dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     path = resolve_model(name_or_path, progress)
     local = os.path.isdir(path)
+    if local and os.path.isfile(os.path.join(path, "config.json")):
+        from ..sparse.format import is_sparse_checkpoint
+
+        if is_sparse_checkpoint(path):
+            from ..sparse.model import load_sparse_model
+
+            return load_sparse_model(path, name_or_path, DTYPES[dtype], sparse)
     if local:
         check_safetensors_files(path)
     try:
@@ -54,15 +64,20 @@ def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True):
     # Unreachable hub, unknown repo, damaged weights (safetensors' own error is not an OSError).
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise LmpruneError(f"cannot load model {name_or_path!r}: {_first_line(exc)}") from None
+    require_complete(model, info, name_or_path)
+    model.eval()
+    return model, tokenizer
+
+
+def require_complete(model, info: dict, name: str) -> None:
+    """No weight left at its random initialisation, none non-finite."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise LmpruneError(
-            f"{name_or_path}: the checkpoint lacks {len(missing)} weight(s) of {type(model).__name__} "
+            f"{name}: the checkpoint lacks {len(missing)} weight(s) of {type(model).__name__} "
             f"(e.g. {missing[0]}) that would be initialised at random: is it a causal LM checkpoint?"
         )
-    require_finite_weights(model, f"model {name_or_path!r}")
-    model.eval()
-    return model, tokenizer
+    require_finite_weights(model, f"model {name!r}")
 
 
 def local_model_dir(name_or_path: str) -> str | None:

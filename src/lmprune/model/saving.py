@@ -98,17 +98,20 @@ class Destination:
             except OSError:
                 break
 
-    def save(self, model, tokenizer, report: dict, check=None) -> None:
-        """Write the checkpoint into the temporary directory, then swap it into `out`; `check(directory)`,
-        if given, reads the written files first and raises to keep them from ever reaching `out`."""
+    def save(self, model, tokenizer, report: dict, check=None, finish=None) -> None:
+        """Write the checkpoint into the temporary directory, then swap it into `out`. `check(tmp)`, if given,
+        reads the written files first and raises to keep them from ever reaching `out`; `finish(tmp)`, if
+        given, then rewrites them before the report marks them complete (e.g. packs them)."""
         try:
             model.save_pretrained(self.tmp)
             tokenizer.save_pretrained(self.tmp)
+            if check is not None:
+                check(self.tmp)
+            if finish is not None:
+                finish(self.tmp)
             write_json(os.path.join(self.tmp, REPORT_NAME), report)  # last: it marks a complete checkpoint
         except OSError as exc:
             raise LmpruneError(f"cannot write the checkpoint to {self.tmp!r}: {os_reason(exc)}") from None
-        if check is not None:
-            check(self.tmp)
         self.commit()
 
     def commit(self) -> None:

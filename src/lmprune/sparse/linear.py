@@ -1,0 +1,100 @@
+"""SparseLinear: a pruned Linear or Conv1D that keeps its weight packed in memory.
+
+Every layer is held in one form: a bitmask along its inputs, rows = outputs (packing.as_row_bitmask),
+which is what the compiled kernel reads. Two paths compute the product:
+- compiled (kernel.py), for one token at a time (batch-1 decoding, the memory-bound case it is for):
+  reads only the kept values and the mask, fp32 products and sums. It agrees with the dense product up
+  to summation order: fp32 rounding, about 1e-6 of the sum of |terms|, before the output's own rounding.
+- portable, for everything else (prompts, batches, no kernel): the weight is unpacked for the call and
+  multiplied exactly as the replaced layer did (the same torch op on the same values), so its outputs
+  are the dense-with-zeros model's; at most the last bits can differ, as they do between two copies of
+  one dense model at other memory alignments (torch's kernels pick their summation order by it). It
+  saves memory, not time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.layers import Conv1D
+from .kernel import gemv_kernel
+from .packing import BITMASK, PackedWeight, as_row_bitmask, row_offsets
+
+
+class SparseLinear(nn.Module):
+    """y = x Wᵀ + b (nn.Linear) or x W + b (Conv1D, W stored [in, out]) with W held packed."""
+
+    def __init__(self, module: nn.Module, packed: PackedWeight, compiled: bool = True):
+        super().__init__()
+        weight = module.weight
+        if tuple(packed.shape) != tuple(weight.shape):
+            raise ValueError(f"packed shape {packed.shape} is not the layer's {tuple(weight.shape)}")
+        if packed.dtype != weight.dtype:  # the model was loaded in another dtype: zeros stay zeros
+            packed = PackedWeight(**{**packed.__dict__, "values": packed.values.to(weight.dtype),
+                                     "dtype": weight.dtype})
+        self.conv1d = bool(Conv1D) and isinstance(module, Conv1D)
+        rows = as_row_bitmask(packed, transpose=self.conv1d)
+        self.out_features, self.in_features = rows.shape
+        self.dtype = weight.dtype
+        # Buffers, so that .to() moves them; state_dict() shows the dense weight instead (_dense_state).
+        self.register_buffer("values", rows.values)
+        self.register_buffer("mask", rows.positions)
+        self.register_buffer("offsets", row_offsets(rows))
+        self.bias = module.bias
+        self.compiled = compiled
+        self.register_state_dict_post_hook(_dense_state)
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out, in], unpacked."""
+        return PackedWeight(BITMASK, (self.out_features, self.in_features), self.values.dtype, self.values,
+                            self.mask).dense().to(self.values.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = gemv_kernel() if self.compiled and x.numel() == self.in_features and x.device.type == "cpu" \
+            and not (torch.is_grad_enabled() and x.requires_grad) else None
+        if kernel is not None:
+            y = kernel.bitmask_gemv(x.reshape(-1).float().contiguous(), self.mask, self.values, self.offsets,
+                                    self.in_features, 2)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        weight = self.dense_weight()
+        if self.conv1d:  # Conv1D.forward's own ops on its own [in, out] layout, for the same bits
+            size_out = x.size()[:-1] + (self.out_features,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), weight.t().contiguous()).view(size_out)
+        return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kept={self.values.numel()}, "
+                f"bias={self.bias is not None}, compiled={self.compiled}")
+
+
+def _dense_state(module: SparseLinear, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict() (and so save_pretrained) gives the layer's own dense `weight`, as the layer it replaced
+    stored it: a saved model is a normal checkpoint, never one whose weights a loader would miss."""
+    for key in ("values", "mask", "offsets"):
+        state.pop(prefix + key, None)
+    weight = module.dense_weight()
+    state[prefix + "weight"] = weight.t().contiguous() if module.conv1d else weight
+
+
+def replaceable(module: nn.Module) -> bool:
+    """Layers whose forward SparseLinear reproduces: nn.Linear itself and Conv1D (not subclasses that may
+    multiply differently)."""
+    return type(module) is nn.Linear or (bool(Conv1D) and type(module) is Conv1D)
+
+
+def sparsify(model: nn.Module, packed: dict[str, PackedWeight], compiled: bool = True) -> set[str]:
+    """Replace every layer whose weight `packed` holds (by parameter name) with a SparseLinear; the names of
+    the weights replaced. Weights of other layers (fused expert tensors) stay dense."""
+    replaced = set()
+    for name, module in list(model.named_modules()):
+        weight = packed.get(f"{name}.weight")
+        if weight is None or not replaceable(module):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, SparseLinear(module, weight, compiled))
+        replaced.add(f"{name}.weight")
+    return replaced

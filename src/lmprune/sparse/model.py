@@ -1,0 +1,103 @@
+"""A transformers model from a sparse checkpoint: dense weights rebuilt, or packed layers kept packed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from ..errors import LmpruneError
+from .format import SparseCheckpoint, config_object, dense_config
+from .linear import sparsify
+from .packing import PackedWeight
+
+
+def load_sparse_model(path: str, name: str, dtype: torch.dtype | str = "auto", sparse: bool = False):
+    """(model, tokenizer). Every packed weight is checked (counts, CRC) as it is read.
+
+    Dense (`sparse` False): transformers builds the model from the rebuilt dense weights, so its own
+    loading conversions (fused experts, renamed keys) apply as for the dense checkpoint. With `sparse`,
+    the packed Linear/Conv1D layers are SparseLinear modules; for a model transformers loads without
+    conversions they are made straight from the packed tensors, shard by shard, so no dense copy of them
+    ever exists; otherwise (MoE checkpoints whose experts transformers fuses) they replace the dense
+    layers after a dense load."""
+    from transformers import AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    from ..model.loading import _load_tokenizer, require_finite_weights
+    from ..model.layout import converted_on_load
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    checkpoint = SparseCheckpoint(path)
+    config = config_object(dense_config(checkpoint.config, path), path)
+    tokenizer = _load_tokenizer(AutoTokenizer, path, name, True)
+    if sparse and not converted_on_load(config):
+        model = _packed_model(checkpoint, config, dtype, name)
+    else:
+        model = _dense_model(checkpoint, config, dtype, name, sparse)
+    require_finite_weights(model, f"model {name!r}")
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse: bool):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    from ..model.loading import _first_line, require_complete
+
+    state: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedWeight] = {}
+    for _, weights in checkpoint.weights():
+        for key, weight in weights.items():
+            state[key] = weight.dense() if isinstance(weight, PackedWeight) else weight
+            if sparse and isinstance(weight, PackedWeight):
+                packed[key] = weight
+    model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    try:
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                  output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise LmpruneError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+    del state
+    require_complete(model, info, name)
+    if sparse:
+        sparsify(model, packed)
+    return model
+
+
+def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..model.streaming import _assign, _config_dtype, _owner, _persistent, _tied_targets
+
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else (_config_dtype(config) or torch.float32)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables and masks real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    expected = model.state_dict(keep_vars=True)
+    loaded: set[str] = set()
+    for shard, weights in checkpoint.weights():
+        unknown = [key for key in weights if key not in expected]
+        if unknown:
+            raise LmpruneError(f"{checkpoint.path}: {shard} holds {unknown[0]}, which "
+                               f"{type(model).__name__} has no place for")
+        replaced = sparsify(model, {k: w for k, w in weights.items() if isinstance(w, PackedWeight)})
+        _assign(model, {k: (w.dense() if isinstance(w, PackedWeight) else w)
+                        for k, w in weights.items() if k not in replaced})
+        loaded.update(weights)
+    for target, source in _tied_targets(model).items():
+        if target not in loaded:  # tied as from_pretrained ties it: one tensor, two names
+            owner, attr = _owner(model, target)
+            owner._parameters[attr] = model.get_parameter(source)
+            loaded.add(target)
+    missing = [k for k in expected if k not in loaded and _persistent(model, k)]
+    if missing:
+        raise LmpruneError(f"{name}: the checkpoint lacks {len(missing)} weight(s) of {type(model).__name__} "
+                           f"(e.g. {missing[0]})")
+    return model
