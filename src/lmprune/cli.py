@@ -680,9 +680,8 @@ def cmd_pack(args) -> int:
         counts = pack_checkpoint(args.model, tmp, report)
         _log(f"packed {counts['bitmask']} weight(s) as bitmask and {counts['nm']} as N:M")
         record = packed_record(counts, os.path.abspath(args.model))
-        if report is None:  # a checkpoint pruned elsewhere: the report marks the output as lmprune's
-            return {"method": "unknown", "pattern": "unknown", "settings": {}, "layers": [], "packed": record}
-        return {**report, "packed": record}
+        # A checkpoint pruned elsewhere gets a report all the same: it marks the output as lmprune's.
+        return {**(report or _unknown_report()), "packed": record}
 
     return _convert_checkpoint(args, convert)
 
@@ -695,11 +694,16 @@ def cmd_unpack(args) -> int:
 
     def convert(tmp: str, report: dict | None) -> dict:
         unpack_checkpoint(args.model, tmp)
-        report = dict(report or {"method": "unknown", "pattern": "unknown", "settings": {}, "layers": []})
+        report = dict(report or _unknown_report())
         report.pop("packed", None)
         return report
 
     return _convert_checkpoint(args, convert)
+
+
+def _unknown_report() -> dict:
+    """The report of a checkpoint pruned elsewhere: what `lmprune report` reads, with nothing known."""
+    return {"method": "unknown", "pattern": "unknown", "settings": {}, "layers": [], "summary": summarize_layers([])}
 
 
 def _convert_checkpoint(args, convert) -> int:
