@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LmpruneError
+from .own_forward import model_forward
 
 
 class _Recorded(Exception):
@@ -31,6 +32,7 @@ class BlockCalls:
     call_args: list[tuple[tuple, dict]]  # distinct (args without the hidden states, kwargs)
     call_index: list[list[int]]  # [block][batch] -> index into call_args
     returns_tuple: dict[type, int]  # block class -> length of the tuple it returns (absent: a tensor)
+    model_type: str = "unknown"  # names the model when its own forward fails
 
     def distinct_calls(self, block: int) -> int:
         return len(set(self.call_index[block]))
@@ -49,8 +51,13 @@ class BlockCall:
     def call(self, block: nn.Module, batch: int, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Run `block` with batch `batch`'s arguments and `hidden` as its hidden states; return hidden states."""
         args, kwargs = self.calls.call_args[self.calls.call_index[self.index][batch]]
-        out = block(hidden, *_to_device(args, device), **_to_device(kwargs, device))
+        with model_forward(self.calls.model_type, _inside(block)):
+            out = block(hidden, *_to_device(args, device), **_to_device(kwargs, device))
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _inside(block: nn.Module) -> str:
+    return f"inside a {type(block).__name__} block"
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -126,6 +133,7 @@ def record_block_calls(
     returns_tuple: dict[type, int] = {}
     learnt: dict[type, Any] = {}  # block class -> extra outputs after the hidden states (or None: a tensor)
     last = len(blocks) - 1
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
     def intern(call: tuple[tuple, dict]) -> int:
         # Newest first: consecutive blocks of one type usually share the very same objects.
@@ -148,7 +156,8 @@ def record_block_calls(
                 with torch.no_grad():
                     block.to(device)
                     try:
-                        out = original(*args, **kwargs)
+                        with model_forward(model_type, _inside(block)):
+                            out = original(*args, **kwargs)
                     finally:
                         block.to(home)
                 learnt[kind] = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
@@ -170,7 +179,8 @@ def record_block_calls(
             for ids in batches:
                 seen = [len(c) for c in call_index]
                 try:
-                    model(input_ids=ids.to(device), use_cache=False)
+                    with model_forward(model_type, "outside its decoder blocks"):
+                        model(input_ids=ids.to(device), use_cache=False)
                 except _Recorded:
                     pass
                 missing = [i for i, c in enumerate(call_index) if len(c) != seen[i] + 1]
@@ -184,4 +194,4 @@ def record_block_calls(
                 del block.forward  # the recorder shadowed the class's forward
             else:
                 block.forward = forward
-    return BlockCalls(hidden, call_args, call_index, returns_tuple)
+    return BlockCalls(hidden, call_args, call_index, returns_tuple, model_type)
