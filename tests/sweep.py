@@ -49,7 +49,8 @@ SHRINK = dict(
     linear_num_key_heads=2, linear_num_value_heads=4,
     bos_token_id=0, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1,
 )
-# Multi-head latent attention: its rotary part is the head size the model's own rotary table uses.
+# Multi-head latent attention: one key/value head per query head (fewer fail in its own forward), and
+# the rotary part's size as the head size its rotary table uses.
 MLA = dict(head_dim=8, num_key_value_heads=4)
 # Every other integer whose name matches is capped at the value (token ids and flags are never touched).
 CAPS = [
