@@ -2,7 +2,8 @@
 
 For each swept type: the recorded block calls replay the model's own forward, and after a Wanda prune
 every ≥2-D block weight is either at the target or kept dense, unchanged, for a reason from a closed
-list (router, selector, depthwise convolution, state parameter). Every other type is listed in
+list (router, selector, depthwise convolution, state parameter, norm scale). Types lmprune refuses
+(REFUSED in sweep.py) must fail with exactly its one-line error. Every other type is listed in
 tests/sweep_outcomes.md with its reason; the table and the README's model list must be current.
 """
 
@@ -18,22 +19,31 @@ from conftest import REPO, check_replay
 from lmprune.config import SparsityPattern
 from lmprune.model import find_blocks, prunable_layers, text_config
 from lmprune.pipeline import prune_model
-from lmprune.safety import pruned_count
 from lmprune.solvers import build_layer_solver
-from sweep import OUTCOMES, outcomes_table, sample_ids, tiny_model
+from lmprune.errors import LmpruneError
+from sweep import EXPERTS, OUTCOMES, REFUSED, outcomes_table, sample_ids, tiny_model
 
 CPU = torch.device("cpu")
-PATTERN = SparsityPattern(0.5, per_row=True)  # Wanda's own default
+PATTERN = SparsityPattern(0.5, per_row=True)  # Wanda's own default: half of every row
 # Read from the committed table (checked current below), so collecting the tests builds nothing.
-SWEPT = re.findall(r"^\| `([^`]+)` \| swept \|", OUTCOMES.read_text(), re.M)
+SWEPT = re.findall(r"^\| `([^`]+)` \| (?:swept|refused) \|", OUTCOMES.read_text(), re.M)
 # Outcomes wrong today because of the router classification (issue 29 item 1, being fixed separately).
 ITEM_1 = "issue 29 item 1: {} kept dense as a router"
 KNOWN = {
     "apertus": ITEM_1.format("the MLP's up_proj (xIELU's min/max taken for a selection)"),
     "apertus1p5_text": ITEM_1.format("the MLP's up_proj (xIELU's min/max taken for a selection)"),
-    "deepseek_v4": ITEM_1.format("the attention compressor's kv_proj/gate_proj"),
+    "deepseek_v4": ITEM_1.format("the attention compressor's kv_proj/gate_proj") + "; its hash router's gate "
+                   "is neither pruned nor named a router",
     "xlstm": ITEM_1.format("igate_preact/fgate_preact"),
 }
+# Found by the sweep, not fixed yet (listed in the issue's report).
+FOUND = "found by the sweep: "
+KNOWN.update({
+    "zaya": FOUND + "replay differs from the model's own forward after its first block",
+    "dory": FOUND + "a looped stack (every block called twice per forward): lmprune records the first pass only",
+    "xlm": FOUND + "the blocks found are XLM's FFN list: its attention modules between them are neither replayed "
+                   "nor pruned",
+})
 
 
 def _cases():
@@ -52,7 +62,7 @@ def test_outcomes_table_is_current():
 def test_readme_names_every_swept_count():
     """The README's model list states the sweep's counts, as the table has them."""
     summary = re.search(r"(\d+) causal-LM model types, (\d+) swept", OUTCOMES.read_text())
-    readme = (REPO / "README.md").read_text()
+    readme = " ".join((REPO / "README.md").read_text().split())
     assert f"{summary[2]} of the {summary[1]} causal-LM model types" in readme
     assert "tests/sweep_outcomes.md" in readme
 
@@ -60,7 +70,8 @@ def test_readme_names_every_swept_count():
 def kept_dense_reason(model: nn.Module, name: str, result) -> str | None:
     """Why weight `name` may stay dense, from the closed list, or None."""
     if name in result.routers:
-        return "router"
+        # Independently of how lmprune found it: a router scores the experts (or gates one shared expert).
+        return "router" if model.get_parameter(name).shape[0] in (1, EXPERTS) else None
     if name in getattr(result, "selectors", ()):
         return "selector"
     if name not in {item["name"] for item in result.unpruned}:
@@ -71,29 +82,39 @@ def kept_dense_reason(model: nn.Module, name: str, result) -> str | None:
         return "depthwise convolution"
     if attribute != "weight" and not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Embedding)):
         return "state parameter"
+    if type(owner).__name__.endswith("Norm"):  # a normalisation's elementwise scale (one per expert)
+        return "norm scale"
     return None
 
 
 @pytest.mark.parametrize("model_type", _cases())
 def test_swept_type(model_type):
     model = tiny_model(model_type)
-    ids = sample_ids(4)
-    check_replay(model, ids)
+    ids = sample_ids(2)
+    if model_type in REFUSED:
+        with pytest.raises(LmpruneError) as refused:
+            prune_model(model, ids, build_layer_solver("wanda"), PATTERN, CPU, batch_size=2, progress=False)
+        assert str(refused.value) == REFUSED[model_type]
+        return
+    check_replay(model, ids, against_hidden_states=False)
 
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = prune_model(model, ids, build_layer_solver("wanda"), PATTERN, CPU, batch_size=2, progress=False)
     blocks_name, blocks = find_blocks(model)
     config = text_config(model)
+    layers = [layer for i, block in enumerate(blocks)
+              for layer in prunable_layers(block, f"{blocks_name}.{i}", config=config)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dense_row_zeros = {layer.name: (layer.get_weight(CPU) == 0).sum(1) for layer in layers}
+    result = prune_model(model, ids, build_layer_solver("wanda"), PATTERN, CPU, batch_size=2, progress=False)
     pruned = {record["name"] for record in result.layers}
     covered, uncovered = set(), set()  # a fused expert tensor is covered when every expert slice is pruned
-    for i, block in enumerate(blocks):
-        for layer in prunable_layers(block, f"{blocks_name}.{i}", config=config):
-            if layer.name in pruned:
-                covered.update(layer.param_names())
-                expected = pruned_count(layer.out_features, layer.in_features, PATTERN)
-                assert layer.zeros() == expected, (layer.name, layer.zeros(), expected)
-            else:
-                uncovered.update(layer.param_names())
+    for layer in layers:
+        if layer.name in pruned:
+            covered.update(layer.param_names())
+            # Half of every row, or the zeros the dense row already had (an all-zero initialised layer).
+            expected = int(dense_row_zeros[layer.name].clamp(min=layer.in_features // 2).sum())
+            assert layer.zeros() == expected, (layer.name, layer.zeros(), expected)
+        else:
+            uncovered.update(layer.param_names())
     covered -= uncovered
     wrong = []
     for i, block in enumerate(blocks):

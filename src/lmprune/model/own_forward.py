@@ -51,6 +51,8 @@ def raised_by_model(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """`Type: first line of the message`, shortened to one readable line."""
     line = _first_line(exc)
+    if line.endswith(":"):  # a heading (pydantic-style validation errors): the next line says what is wrong
+        line = " ".join(part.strip() for part in str(exc).strip().splitlines()[:2])
     if len(line) > _MESSAGE_CHARS:
         line = line[: _MESSAGE_CHARS - 1] + "…"
     return f"{type(exc).__name__}: {line}"
