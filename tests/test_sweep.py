@@ -2,7 +2,7 @@
 
 For each swept type: the recorded block calls replay the model's own forward, and after a Wanda prune
 every ≥2-D block weight is either at the target or kept dense, unchanged, for a reason from a closed
-list (router, selector, depthwise convolution, state parameter, norm scale). Types lmprune refuses
+list (router, selector, depthwise convolution, state parameter). Types lmprune refuses
 (REFUSED in sweep.py) must fail with exactly its one-line error. Every other type is listed in
 tests/sweep_outcomes.md with its reason; the table and the README's model list must be current.
 """
@@ -13,7 +13,10 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import REPO, check_replay
 from lmprune.config import SparsityPattern
@@ -21,29 +24,12 @@ from lmprune.model import find_blocks, prunable_layers, text_config
 from lmprune.pipeline import prune_model
 from lmprune.solvers import build_layer_solver
 from lmprune.errors import LmpruneError
-from sweep import EXPERTS, OUTCOMES, REFUSED, outcomes_table, sample_ids, tiny_model
+from sweep import EXPERTS, KNOWN, OUTCOMES, REFUSED, outcomes_table, sample_ids, tiny_model
 
 CPU = torch.device("cpu")
 PATTERN = SparsityPattern(0.5, per_row=True)  # Wanda's own default: half of every row
 # Read from the committed table (checked current below), so collecting the tests builds nothing.
-SWEPT = re.findall(r"^\| `([^`]+)` \| (?:swept|refused) \|", OUTCOMES.read_text(), re.M)
-# Outcomes wrong today because of the router classification (issue 29 item 1, being fixed separately).
-ITEM_1 = "issue 29 item 1: {} kept dense as a router"
-KNOWN = {
-    "apertus": ITEM_1.format("the MLP's up_proj (xIELU's min/max taken for a selection)"),
-    "apertus1p5_text": ITEM_1.format("the MLP's up_proj (xIELU's min/max taken for a selection)"),
-    "deepseek_v4": ITEM_1.format("the attention compressor's kv_proj/gate_proj") + "; its hash router's gate "
-                   "is neither pruned nor named a router",
-    "xlstm": ITEM_1.format("igate_preact/fgate_preact"),
-}
-# Found by the sweep, not fixed yet (listed in the issue's report).
-FOUND = "found by the sweep: "
-KNOWN.update({
-    "zaya": FOUND + "replay differs from the model's own forward after its first block",
-    "dory": FOUND + "a looped stack (every block called twice per forward): lmprune records the first pass only",
-    "xlm": FOUND + "the blocks found are XLM's FFN list: its attention modules between them are neither replayed "
-                   "nor pruned",
-})
+SWEPT = re.findall(r"^\| `([^`]+)` \| (?:swept|refused|known failure) \|", OUTCOMES.read_text(), re.M)
 
 
 def _cases():
@@ -67,23 +53,51 @@ def test_readme_names_every_swept_count():
     assert "tests/sweep_outcomes.md" in readme
 
 
-def kept_dense_reason(model: nn.Module, name: str, result) -> str | None:
-    """Why weight `name` may stay dense, from the closed list, or None."""
+_PRODUCTS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+             torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.Tensor.addmm,
+             torch.baddbmm, torch.einsum}
+
+
+class ProductOperands(TorchFunctionMode):
+    """The parameters (or views of them) that the model's forward takes as an operand of a matrix product."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.storages = {}
+        for name, p in model.named_parameters():
+            self.storages.setdefault(p.untyped_storage().data_ptr(), set()).add(name)
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _PRODUCTS:
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor):
+                    self.names |= self.storages.get(t.untyped_storage().data_ptr(), set())
+        return func(*args, **kwargs)
+
+
+def product_operands(model: nn.Module, ids: torch.Tensor) -> set[str]:
+    with torch.no_grad(), ProductOperands(model) as seen:
+        model(input_ids=ids, use_cache=False)
+    return seen.names
+
+
+def kept_dense_reason(model: nn.Module, name: str, result, operands: set[str]) -> str | None:
+    """Why weight `name` may stay dense, from the closed list, or None. Decided from the model itself, not
+    from lmprune's own reasons: what a router's output has one entry for, how a weight is used."""
     if name in result.routers:
-        # Independently of how lmprune found it: a router scores the experts (or gates one shared expert).
-        return "router" if model.get_parameter(name).shape[0] in (1, EXPERTS) else None
+        # One score per expert (plus the shared experts a router may score too), or one gate.
+        return "router" if model.get_parameter(name).shape[0] in (1, *range(EXPERTS, EXPERTS + 3)) else None
     if name in getattr(result, "selectors", ()):
         return "selector"
     if name not in {item["name"] for item in result.unpruned}:
         return None
-    owner_name, _, attribute = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
+    owner = model.get_submodule(name.rpartition(".")[0])
     if isinstance(owner, nn.Conv1d) and owner.groups == owner.in_channels and owner.groups > 1:
         return "depthwise convolution"
-    if attribute != "weight" and not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Embedding)):
+    if name not in operands:  # used elementwise only (an SSM's A_log, a norm's scale), or through exp(...)
         return "state parameter"
-    if type(owner).__name__.endswith("Norm"):  # a normalisation's elementwise scale (one per expert)
-        return "norm scale"
     return None
 
 
@@ -103,6 +117,7 @@ def test_swept_type(model_type):
     layers = [layer for i, block in enumerate(blocks)
               for layer in prunable_layers(block, f"{blocks_name}.{i}", config=config)]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    operands = product_operands(model, ids)
     dense_row_zeros = {layer.name: (layer.get_weight(CPU) == 0).sum(1) for layer in layers}
     result = prune_model(model, ids, build_layer_solver("wanda"), PATTERN, CPU, batch_size=2, progress=False)
     pruned = {record["name"] for record in result.layers}
@@ -122,7 +137,7 @@ def test_swept_type(model_type):
             name = f"{blocks_name}.{i}.{local}"
             if p.dim() < 2 or "bias" in local.rsplit(".", 1)[-1] or name in covered:
                 continue
-            reason = kept_dense_reason(model, name, result)
+            reason = kept_dense_reason(model, name, result, operands)
             if reason is None:
                 wrong.append(name)
             elif not torch.equal(p, before[name]):
