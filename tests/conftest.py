@@ -144,3 +144,39 @@ def correlated_problem(rows: int = 96, cols: int = 192, tokens: int = 2048, seed
 
         return W, X.T @ X, InputStats(X.sum(0), tokens)
     return W, X.T @ X
+
+
+def block_outputs(model, blocks, ids):
+    """What each block really returns inside the model's own forward pass, and the model's hidden states."""
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, (tuple, list)) else out))
+             for b in blocks]
+    try:
+        with torch.no_grad():
+            hidden_states = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, hidden_states
+
+
+def check_replay(model, ids, against_hidden_states: bool = True):
+    """The pipeline's recorded block calls, replayed block by block on batches of 2, reproduce every block's
+    output in the model's own forward pass (and, `against_hidden_states`, its hidden states: models differ
+    in what those hold, e.g. Mamba's are taken after each block and CPM-Ant's include its prompt tokens)."""
+    from lmprune.model import find_blocks, record_block_calls, text_config
+
+    cpu = torch.device("cpu")
+    _, blocks = find_blocks(model)
+    expected, hidden_states = block_outputs(model, blocks, ids)
+    assert len(expected) == len(blocks) == text_config(model).num_hidden_layers
+    calls = record_block_calls(model, blocks, list(ids.split(2)), cpu, cpu)
+    hidden = list(calls.hidden)
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            hidden = [calls.for_block(i).call(block, j, h, cpu) for j, h in enumerate(hidden)]
+            got = torch.cat(hidden)
+            scale = expected[i].abs().max()
+            assert float((got - expected[i]).abs().max() / scale) < 1e-5, f"block {i}"
+            if against_hidden_states and i < len(blocks) - 1:  # the last hidden state is taken after the final norm
+                assert torch.allclose(got, hidden_states[i + 1], rtol=0, atol=1e-5 * float(scale)), f"block {i}"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import byte_tokenizer, random_text
+from conftest import byte_tokenizer, check_replay, random_text
 from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, evaluation_windows, tokenize
 from lmprune.evaluate import perplexity
-from lmprune.model import ExpertSlice, find_blocks, prunable_layers, record_block_calls, text_config
+from lmprune.model import ExpertSlice, find_blocks, prunable_layers, text_config
 from lmprune.pipeline import prune_model
 from lmprune.solvers import build_layer_solver
 from zoo import MODEL_TYPES, MOE_TYPES, SEQLEN, WINDOW, tiny_model
@@ -30,38 +30,10 @@ def token_ids():
     return tokenize(byte_tokenizer(), random_text(4000))
 
 
-def block_outputs(model, blocks, ids) -> list[torch.Tensor]:
-    """What each block really returns inside the model's own forward pass."""
-    seen = []
-    hooks = [b.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
-             for b in blocks]
-    try:
-        with torch.no_grad():
-            hidden_states = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen, hidden_states
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_replay_reproduces_every_block(model_type, token_ids):
     assert SEQLEN > WINDOW
-    model = tiny_model(model_type)
-    _, blocks = find_blocks(model)
-    ids = token_ids[: 4 * SEQLEN].reshape(4, SEQLEN)
-    expected, hidden_states = block_outputs(model, blocks, ids)
-    assert len(expected) == len(blocks) == text_config(model).num_hidden_layers
-    calls = record_block_calls(model, blocks, list(ids.split(2)), CPU, CPU)
-    hidden = list(calls.hidden)
-    with torch.no_grad():
-        for i, block in enumerate(blocks):
-            hidden = [calls.for_block(i).call(block, j, h, CPU) for j, h in enumerate(hidden)]
-            got = torch.cat(hidden)
-            scale = expected[i].abs().max()
-            assert float((got - expected[i]).abs().max() / scale) < 1e-5, f"block {i}"
-            if i < len(blocks) - 1:  # the last hidden state is taken after the final norm
-                assert torch.allclose(got, hidden_states[i + 1], rtol=0, atol=1e-5 * float(scale)), f"block {i}"
+    check_replay(tiny_model(model_type), token_ids[: 4 * SEQLEN].reshape(4, SEQLEN))
 
 
 def _check_pruned(model, result, before, sparsity):

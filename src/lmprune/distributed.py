@@ -401,7 +401,7 @@ def refine_on_main(ranks: Ranks, refiner, context, batch_indices: list[int]) -> 
     if ranks.is_main:
         batches = sorted((b for part in gathered for b in part), key=lambda b: b[0])
         merged = BlockCalls([h for _, h, _ in batches], [c for _, _, c in batches], [list(range(len(batches)))],
-                            calls.returns_tuple)
+                            calls.returns_tuple, calls.model_type)
         record = refiner(replace(context, inputs=BlockCall(merged, 0), hidden=merged.hidden))
     state = list(context.block.parameters()) + list(context.block.buffers())
     ranks.broadcast_tensors(state, 0, "sharing the refined block")

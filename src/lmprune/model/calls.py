@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LmpruneError
+from .own_forward import model_forward
 
 
 class _Recorded(Exception):
@@ -33,6 +34,7 @@ class BlockCalls:
     call_index: list[list[int]]  # [block][batch] -> index into call_args
     returns_tuple: dict[type, int]  # block class -> length of the tuple it returns (absent: a tensor)
     extras: dict[type, tuple] = field(default_factory=dict)  # block class -> what it returns after the states
+    model_type: str = "unknown"  # names the model when its own forward fails
 
     def distinct_calls(self, block: int) -> int:
         return len(set(self.call_index[block]))
@@ -51,8 +53,13 @@ class BlockCall:
     def call(self, block: nn.Module, batch: int, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Run `block` with batch `batch`'s arguments and `hidden` as its hidden states; return hidden states."""
         args, kwargs = self.calls.call_args[self.calls.call_index[self.index][batch]]
-        out = block(hidden, *_to_device(args, device), **_to_device(kwargs, device))
+        with model_forward(self.calls.model_type, _inside(block)):
+            out = block(hidden, *_to_device(args, device), **_to_device(kwargs, device))
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _inside(block: nn.Module) -> str:
+    return f"inside a {type(block).__name__} block"
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -128,6 +135,7 @@ def record_block_calls(
     returns_tuple: dict[type, int] = {}
     learnt: dict[type, Any] = {}  # block class -> extra outputs after the hidden states (or None: a tensor)
     last = len(blocks) - 1
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
     def intern(call: tuple[tuple, dict]) -> int:
         # Newest first: consecutive blocks of one type usually share the very same objects.
@@ -150,7 +158,8 @@ def record_block_calls(
                 with torch.no_grad():
                     block.to(device)
                     try:
-                        out = original(*args, **kwargs)
+                        with model_forward(model_type, _inside(block)):
+                            out = original(*args, **kwargs)
                     finally:
                         block.to(home)
                 learnt[kind] = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
@@ -169,7 +178,8 @@ def record_block_calls(
             for ids in batches:
                 seen = [len(c) for c in call_index]
                 try:
-                    model(input_ids=ids.to(device), use_cache=False)
+                    with model_forward(model_type, "outside its decoder blocks"):
+                        model(input_ids=ids.to(device), use_cache=False)
                 except _Recorded:
                     pass
                 missing = [i for i, c in enumerate(call_index) if len(c) != seen[i] + 1]
@@ -178,7 +188,7 @@ def record_block_calls(
                         f"the model did not call decoder block(s) {missing[:5]} exactly once per forward pass: "
                         "cannot record their inputs")
     return BlockCalls(hidden, call_args, call_index, returns_tuple,
-                      {kind: extra for kind, extra in learnt.items() if extra is not None})
+                      {kind: extra for kind, extra in learnt.items() if extra is not None}, model_type)
 
 
 def run_after_blocks(model: nn.Module, blocks: nn.ModuleList, calls: BlockCalls, ids: torch.Tensor,

@@ -30,6 +30,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .own_forward import run_op
+
 # name -> operand layout: "linear" takes (x, w [out, in]); "matmul" takes (x, w [in, out])
 _PRODUCTS = {
     F.linear: "linear",
@@ -99,7 +101,7 @@ class BlockTracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = run_op(func, args, kwargs)
         layout = _PRODUCTS.get(func)
         if layout is not None and self.collect_experts and self._by_storage:
             x, w = _operands(layout, args, kwargs)
