@@ -55,7 +55,10 @@ def one_run(out: Path, timeout: float) -> dict:
     # torchrun's own notices (e.g. the OMP_NUM_THREADS one) are not the run's; anything else is worth reading
     noise = [line for line in stderr.splitlines() if line.strip() and not line.startswith("lmprune: ")
              and "OMP_NUM_THREADS" not in line and not set(line.strip()) <= {"*"}]
-    return {"exit": code, "saved": saved, "seconds": round(time.perf_counter() - tick, 1), "other_stderr": noise[-5:]}
+    result = {"exit": code, "saved": saved, "seconds": round(time.perf_counter() - tick, 1), "other_stderr": noise[-5:]}
+    if code != 0:  # a failure keeps its whole story: lmprune's own lines and the traceback
+        result["stderr"] = stderr.splitlines()[-80:]
+    return result
 
 
 def main() -> None:

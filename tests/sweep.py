@@ -93,18 +93,12 @@ REFUSED = {
     "longcat_flash": "cannot find the decoder blocks of LongcatFlashForCausalLM: no list of 8 layers with weights",
 }
 
-# Swept types whose outcome is wrong today: tests/test_sweep.py marks them xfail(strict). First those
-# wrong because of the router classification (issue 29 item 1, being fixed separately).
-ITEM_1 = "issue 29 item 1: {} kept dense as a router"
+# Swept types whose outcome is wrong today: tests/test_sweep.py marks them xfail(strict), so a fix shows.
 KNOWN = {
-    "apertus": ITEM_1.format("the MLP's up_proj (xIELU's min/max taken for a selection)"),
-    "apertus1p5_text": ITEM_1.format("the MLP's up_proj (xIELU's min/max taken for a selection)"),
-    "deepseek_v4": ITEM_1.format("the attention compressor's kv_proj/gate_proj") + "; its hash router's gate "
-                   "is neither pruned nor named a router",
-    "xlstm": ITEM_1.format("igate_preact/fgate_preact"),
-    "doge": ITEM_1.format("dt_proj, whose output chooses keys (a selector),"),
+    "deepseek_v4": "found by the sweep: its hash router's gate (blocks 0-2) and the hyper-connection mixing weights "
+                   "(attn_hc.fn, ffn_hc.fn) left dense as weights lmprune cannot prune",
+    "doge": "found by the sweep: dt_proj, whose top-k chooses keys (a selector), is named a router",
 }
-# Found by the sweep, not fixed yet (issue 29's report).
 FOUND = "found by the sweep: "
 CANNOT = " left dense as weights lmprune cannot prune"
 INKLING = FOUND + "the relative-position bias projection (and Inkling 1's fused 3-D shared experts)" + CANNOT
