@@ -519,8 +519,10 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     fused_modules = {id(layer.module): layer.module for layer in experts}
     fused = {_fused_name(layer): layer.param for layer in experts}
     params = {f"{prefix}.{name}": p for name, p in block.named_parameters() if p.dim() >= 2}
-    # A router chooses experts: a block without any (no expert tensor, no module counting experts) has none.
-    routes = bool(experts) or any(expert_count(m) for m in block.modules())
+    # A router chooses experts: a block without any (no expert tensor, no module counting experts, no list
+    # of modules such as Linear experts) has none.
+    routes = bool(experts) or any(expert_count(m) or (isinstance(m, nn.ModuleList) and len(m) > 1)
+                                  for m in block.modules())
     tracer = BlockTracer(fused, params, device, with_stats, routes)
     tracer.collect_experts = moe_calibration == "routed"
     handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in linear]
