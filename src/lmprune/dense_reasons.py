@@ -16,7 +16,7 @@ class DenseReason(str, Enum):
     """The kinds of block weights lmprune keeps dense (the value is what the report and summary say)."""
 
     ROUTER = "router"  # its output chooses the experts tokens go to (or it is a shared expert's one-output gate)
-    SELECTOR = "selector"  # its output chooses tokens (a sparse-attention indexer): kept dense, never a router
+    SELECTOR = "selector"  # its output chooses tokens (a sparse-attention indexer, Doge's dynamic mask): never a router
     SKIPPED = "skipped"  # excluded with --skip
     UNREADABLE_EXPERTS = "unreadable experts"  # a fused expert tensor multiplied in a way lmprune cannot read
     CONVOLUTION = "convolution"  # a convolution's kernel (Mamba's depthwise conv1d): not an [out, in] product

@@ -39,6 +39,7 @@ from .model import (
     record_block_calls,
     text_config,
 )
+from .model.replay_guard import check_replay
 from .model.streaming import BlockStore, first_of_each_class
 from .model.tracing import BlockTracer
 from .dense_reasons import EXPECTED, NO_SIGNAL, DenseReason, reason_for_module
@@ -184,16 +185,19 @@ def prune_model(
         try:
             with store.loaded(first_of_each_class(blocks), blocks):
                 calls = record_block_calls(model, blocks, batches, device, store_device)
+            timings["capture"] = device_clock(device) - start
+            if not store.streams:  # every rank checks its own first batch (model/replay_guard.py)
+                check_replay(model, blocks, calls, batches[0], device, store_device)
+                timings["replay_guard"] = device_clock(device) - start - timings["capture"]
         finally:
             move_outside_blocks(model, blocks_name, home)
         hidden = calls.hidden
-        timings["capture"] = device_clock(device) - start
         block_tokens = ranks.total(sum(h.shape[:2].numel() for h in hidden))  # batch × sequence positions
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
         budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result, ranks)
         dense_stream = DenseStream(hidden) if dense_targets else None
-        timings["allocation"] = device_clock(device) - start - timings["capture"]
+        timings["allocation"] = device_clock(device) - start - timings["capture"] - timings.get("replay_guard", 0.0)
 
         # Rank 0 owns a streamed run's partial output: it says where a killed run stopped.
         resume_from = ranks.broadcast_object(store.resume_from, "sharing where the killed run stopped")
@@ -515,7 +519,11 @@ def _collect_grams(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     fused_modules = {id(layer.module): layer.module for layer in experts}
     fused = {_fused_name(layer): layer.param for layer in experts}
     params = {f"{prefix}.{name}": p for name, p in block.named_parameters() if p.dim() >= 2}
-    tracer = BlockTracer(fused, params, device, with_stats)
+    # A router chooses experts: a block without any (no expert tensor, no module counting experts, no list
+    # of modules such as Linear experts) has none.
+    routes = bool(experts) or any(expert_count(m) or (isinstance(m, nn.ModuleList) and len(m) > 1)
+                                  for m in block.modules())
+    tracer = BlockTracer(fused, params, device, with_stats, routes)
     tracer.collect_experts = moe_calibration == "routed"
     handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in linear]
     if moe_calibration == "all":

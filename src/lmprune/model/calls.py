@@ -3,7 +3,8 @@
 Models that mix layer types (`config.layer_types`: sliding, chunked and full attention, Mamba and
 attention blocks) give each block its own mask and, in some, its own rotary table. So the arguments are
 recorded for *every* block, in one pass where each block is replaced by a recorder that hands its input
-back unchanged (no block and no lm_head is computed; the pass stops after the last block). The
+back unchanged (no block and no lm_head is computed: the pass stops where the lm_head would start, so a
+block the model calls again after the last one, a looped stack, is seen and refused). The
 arguments never depend on the hidden states flowing between blocks, only on the token ids, so passing
 the input through is enough. Arguments equal across blocks or batches are stored once.
 """
@@ -22,7 +23,22 @@ from .own_forward import model_forward
 
 
 class _Recorded(Exception):
-    """Raised by the last block's recorder: everything after the blocks is not needed."""
+    """Raised where the lm_head would start: everything after it is not needed."""
+
+
+def replay_unsupported(model_type: str, detail: str) -> LmpruneError:
+    """The one error for a model whose block-by-block replay would not be its own forward."""
+    return LmpruneError(f"model_type '{model_type}': lmprune's block-by-block replay does not reproduce the model's "
+                        f"own forward ({detail}): this architecture is not supported yet")
+
+
+def times_called(counts: list[int]) -> str | None:
+    """What is wrong with per-block call counts of one forward pass (None: every block called exactly once)."""
+    wrong = [(i, n) for i, n in enumerate(counts) if n != 1]
+    if not wrong:
+        return None
+    shown = ", ".join(f"block {i} {n} times" for i, n in wrong[:5])
+    return f"each block must be called exactly once per forward; called: {shown}" + (", ..." if len(wrong) > 5 else "")
 
 
 @dataclass
@@ -134,7 +150,6 @@ def record_block_calls(
     call_index: list[list[int]] = [[] for _ in blocks]
     returns_tuple: dict[type, int] = {}
     learnt: dict[type, Any] = {}  # block class -> extra outputs after the hidden states (or None: a tensor)
-    last = len(blocks) - 1
     model_type = str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
     def intern(call: tuple[tuple, dict]) -> int:
@@ -165,15 +180,18 @@ def record_block_calls(
                 learnt[kind] = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
                 if learnt[kind] is not None:
                     returns_tuple[kind] = 1 + len(learnt[kind])
-            if index == last:
-                raise _Recorded
             extra = learnt[kind]
             return state if extra is None else (state, *extra)
 
         return recorder
 
+    def stop(*_):
+        raise _Recorded
+
     home = next(blocks.parameters()).device
-    with _forwards_replaced(blocks, make_recorder):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    stopper = head.register_forward_pre_hook(stop) if isinstance(head, nn.Module) else None
+    with _forwards_replaced(blocks, make_recorder), _removed_after(stopper):
         with torch.no_grad():
             for ids in batches:
                 seen = [len(c) for c in call_index]
@@ -182,11 +200,9 @@ def record_block_calls(
                         model(input_ids=ids.to(device), use_cache=False)
                 except _Recorded:
                     pass
-                missing = [i for i, c in enumerate(call_index) if len(c) != seen[i] + 1]
-                if missing:
-                    raise LmpruneError(
-                        f"the model did not call decoder block(s) {missing[:5]} exactly once per forward pass: "
-                        "cannot record their inputs")
+                wrong = times_called([len(c) - seen[i] for i, c in enumerate(call_index)])
+                if wrong:
+                    raise replay_unsupported(model_type, wrong)
     return BlockCalls(hidden, call_args, call_index, returns_tuple,
                       {kind: extra for kind, extra in learnt.items() if extra is not None}, model_type)
 
@@ -202,6 +218,15 @@ def run_after_blocks(model: nn.Module, blocks: nn.ModuleList, calls: BlockCalls,
 
     with _forwards_replaced(blocks, make_constant):
         return model(input_ids=ids, use_cache=False)
+
+
+@contextlib.contextmanager
+def _removed_after(handle):
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @contextlib.contextmanager

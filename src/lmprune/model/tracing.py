@@ -17,7 +17,9 @@ indexing, scatter, split, …). W is a router when such a mark reaches a product
 picked the tokens that weight multiplies or the slice of the weight used, i.e. they dispatch tokens to
 experts. Indices that are used but never reach a weight's product (a sparse-attention indexer masking
 or gathering keys) make W a selector, kept dense but never called a router; indices nothing uses (a
-stable softmax's max) make nothing. A product of two activations (q·kᵀ) carries no mark at all.
+stable softmax's max) make nothing. A router chooses experts: in a block without experts (`routes`
+False) no weight is a router, and indices that reach a weight's product (Doge's dynamic mask: its top-k
+keys mask the scores that weigh the values on their way to o_proj) make W a selector. A product of two activations (q·kᵀ) carries no mark at all.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ class BlockTracer(TorchFunctionMode):
     """Collects expert sums (while `collect_experts`) and router marks (while `trace_routers`)."""
 
     def __init__(self, fused: dict[str, torch.nn.Parameter], params: dict[str, torch.Tensor], device: torch.device,
-                 with_totals: bool):
+                 with_totals: bool, routes: bool = True):
         super().__init__()
+        self.routes = routes  # whether the block holds experts: only then can a weight be a router
         self.fused = {name: FusedParam(name, p) for name, p in fused.items()}
         self._by_storage = {_storage(f.param): f for f in self.fused.values()}
         self.device = device
@@ -182,7 +185,7 @@ class BlockTracer(TorchFunctionMode):
             return
         derived = [self._derived[t] for t in inputs if t in self._derived]
         if layout is not None or func in _OTHER_PRODUCTS:
-            if derived and chosen:
+            if derived and chosen and self.routes:
                 # Indices picked the tokens this weight multiplies, or the weight's slice: they dispatch.
                 self.routers |= chosen
             # A product by a weight starts a fresh mark: what it computes are that weight's logits. A product
