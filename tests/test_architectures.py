@@ -87,7 +87,7 @@ def test_embeddings_and_lm_head_never_pruned(token_ids):
 def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
     """Layers fed one tensor share its XᵀX product; every Gram (and input sum) must still be that
     layer's own Σ XᵀX (Σ x, token count)."""
-    from lmprune.pipeline import _collect_grams
+    from lmprune.pipeline import collect_inputs
 
     model = tiny_model(model_type)
     cpu = torch.device("cpu")
@@ -105,7 +105,7 @@ def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
             inputs.call(blocks[0], j, h, cpu)
     for handle in handles:
         handle.remove()
-    grams = _collect_grams(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu, with_stats=True).inputs
+    grams = collect_inputs(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu, with_stats=True).inputs
     for layer in layers:
         X = torch.cat(seen[layer.name])
         H, stats = grams[layer.name].gram, grams[layer.name].stats
@@ -115,7 +115,7 @@ def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
         assert torch.allclose(stats.variance(H), X.var(0, unbiased=False), rtol=1e-3, atol=1e-5), layer.name
     assert len({id(g.gram) for g in grams.values()}) == len(grams)  # no two layers share storage
     assert len({id(g.stats.total) for g in grams.values()}) == len(grams)
-    plain = _collect_grams(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu).inputs
+    plain = collect_inputs(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu).inputs
     assert all(g.stats is None and g.tokens == 96 for g in plain.values())
 
 

@@ -60,15 +60,15 @@ def test_fused_experts_are_refused():
 
 def test_passes_cut_short_change_nothing(monkeypatch):
     """Sequential + dense targets: stopping each pass after the group's last layer gives the same model."""
-    import lmprune.pipeline as pipeline
+    import lmprune.sequential as sequential
 
     calibration = calibration_windows(tokenize(byte_tokenizer(), random_text(3000)), 8, 24, 0)
     solver, pattern = build_layer_solver("sparsegpt"), SparsityPattern(0.6)
     short, whole = tiny_model("llama"), tiny_model("llama")
     prune_model(short, calibration, solver, pattern, CPU, batch_size=4, progress=False, sequential="layer",
                 dense_targets=True)
-    groups = pipeline.layer_groups
-    monkeypatch.setattr(pipeline, "layer_groups", lambda *args: (groups(*args)[0], False))
+    groups = sequential.layer_groups
+    monkeypatch.setattr(sequential, "layer_groups", lambda *args: (groups(*args)[0], False))
     prune_model(whole, calibration, solver, pattern, CPU, batch_size=4, progress=False, sequential="layer",
                 dense_targets=True)
     a, b = short.state_dict(), whole.state_dict()

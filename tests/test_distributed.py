@@ -75,7 +75,7 @@ def inject_failure(how: str) -> None:
     import lmprune.pipeline as pipeline
 
     how, _, at = how.partition("@")
-    solve, calls = pipeline._prune_group, []
+    solve, calls = pipeline.prune_group, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -85,7 +85,7 @@ def inject_failure(how: str) -> None:
             raise RuntimeError("injected failure")
         return solve(*args, **kwargs)
 
-    pipeline._prune_group = failing
+    pipeline.prune_group = failing
 
 
 def launch(args: list, tmp_path: Path, world: int = 2, fail: dict[int, str] | None = None) -> list[tuple[int, str]]:

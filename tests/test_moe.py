@@ -12,7 +12,7 @@ from lmprune.data import calibration_windows, tokenize
 from lmprune.masks import is_nm
 from lmprune.methods import build_method
 from lmprune.model import find_blocks, prunable_layers, record_block_calls, text_config
-from lmprune.pipeline import _collect_grams, prune_model
+from lmprune.pipeline import collect_inputs, prune_model
 from lmprune.report import summarize_layers
 from lmprune.solvers import build_layer_solver
 from zoo import tiny_model
@@ -52,8 +52,8 @@ def test_expert_grams_sum_exactly_their_tokens(mode, token_ids):
     ids = token_ids[:96].reshape(4, 24)
     calls = record_block_calls(model, blocks, list(ids.split(2)), CPU, CPU)
     layers = prunable_layers(blocks[0], f"{name}.0", config=text_config(model))
-    collected = _collect_grams(blocks[0], f"{name}.0", layers, calls.for_block(0), calls.hidden, CPU,
-                               with_stats=True, moe_calibration=mode)
+    collected = collect_inputs(blocks[0], f"{name}.0", layers, calls.for_block(0), calls.hidden, CPU,
+                                with_stats=True, moe_calibration=mode)
     x, top_k = moe_inputs(model, blocks[0], ids)
     experts = blocks[0].mlp.experts
     assert collected.routers == {f"{name}.0.mlp.gate.weight"}

@@ -21,7 +21,7 @@ from lmprune.dense_reasons import NO_SIGNAL, DenseReason
 from lmprune.errors import LmpruneError
 from lmprune.masks import topk_mask
 from lmprune.model import find_blocks, prunable_layers, record_block_calls, text_config
-from lmprune.pipeline import _collect_grams, prune_model
+from lmprune.pipeline import collect_inputs, prune_model
 from lmprune.report import format_report, headline, summarize_layers
 from lmprune.safety import verify_saved_zeros
 from lmprune.solvers import build_layer_solver
@@ -72,7 +72,7 @@ def test_no_linear_of_a_dense_model_is_a_router(model_type, token_ids):
     hidden = calls.hidden
     for i, block in enumerate(blocks):
         layers = prunable_layers(block, f"{name}.{i}", config=text_config(model))
-        collected = _collect_grams(block, f"{name}.{i}", layers, calls.for_block(i), hidden, CPU)
+        collected = collect_inputs(block, f"{name}.{i}", layers, calls.for_block(i), hidden, CPU)
         assert collected.routers == set() and collected.selectors == set(), (model_type, i)
         with torch.no_grad():
             hidden = [calls.for_block(i).call(block, j, h, CPU) for j, h in enumerate(hidden)]

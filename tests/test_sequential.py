@@ -8,7 +8,7 @@ from lmprune.config import SparsityPattern
 from lmprune.data import calibration_windows, tokenize
 from lmprune.errors import LmpruneError
 from lmprune.model import find_blocks, prunable_layers, record_block_calls, text_config
-from lmprune.pipeline import _collect_grams, _prune_group, _Solve, prune_model
+from lmprune.pipeline import LayerSolve, collect_inputs, prune_group, prune_model
 from lmprune.sequential import layer_groups
 from lmprune.solvers import build_layer_solver
 from zoo import tiny_model
@@ -56,10 +56,10 @@ def test_sequential_equals_pruning_group_by_group_on_whole_passes(calibration):
                   for layer in prunable_layers(block, f"{name}.{index}", [], text_config(reference))}
         call = calls.for_block(index)
         for group in order:
-            collected = _collect_grams(block, f"{name}.{index}", list(layers.values()), call, hidden, CPU)
+            collected = collect_inputs(block, f"{name}.{index}", list(layers.values()), call, hidden, CPU)
             for short in group:
-                solve = _Solve(layers[short], collected.inputs[layers[short].name], None)
-                _prune_group([solve], solver, solver, pattern, {}, {}, CPU)
+                solve = LayerSolve(layers[short], collected.inputs[layers[short].name], None)
+                prune_group([solve], solver, solver, pattern, {}, CPU)
         with torch.no_grad():
             hidden = [call.call(block, j, h, CPU) for j, h in enumerate(hidden)]
 

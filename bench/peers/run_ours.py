@@ -29,9 +29,11 @@ def use_peer_norms() -> None:
     """Patch the pipeline's Gram collection so each Gram's diagonal holds llm-compressor's row scalars."""
     import lmprune.pipeline as pipeline
 
-    collect = pipeline._collect_grams
+    from lmprune.hooks import hooked
 
-    def collect_with_peer_norms(block, layers, inputs, hidden, device, with_stats=False):
+    collect = pipeline.collect_inputs
+
+    def collect_with_peer_norms(block, prefix, layers, call, hidden, device, *args, **kwargs):
         scalars = {layer.name: torch.zeros(layer.in_features, device=device) for layer in layers}
         counts = dict.fromkeys(scalars, 0)
 
@@ -47,17 +49,13 @@ def use_peer_norms() -> None:
 
             return hook
 
-        handles = [layer.module.register_forward_pre_hook(make_hook(layer.name)) for layer in layers]
-        try:
-            grams = collect(block, layers, inputs, hidden, device, with_stats)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, (gram, _stats) in grams.items():
-            gram.diagonal().copy_(scalars[name])
-        return grams
+        with hooked(before=[(layer.module, make_hook(layer.name)) for layer in layers]):
+            collected = collect(block, prefix, layers, call, hidden, device, *args, **kwargs)
+        for name, scalar in scalars.items():
+            collected.inputs[name].gram.diagonal().copy_(scalar)
+        return collected
 
-    pipeline._collect_grams = collect_with_peer_norms
+    pipeline.collect_inputs = collect_with_peer_norms
 
 
 def main() -> None:

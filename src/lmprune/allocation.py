@@ -19,12 +19,20 @@ N:M patterns stay uniform (their sparsity is fixed per group) and are refused wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .config import Allocation, SparsityPattern  # noqa: F401  (Allocation: re-exported)
+from .collect import fused_name
 from .errors import LmpruneError
+from .hidden import HiddenStates
+from .hooks import hooked
+from .levers import Lever
 from .masks import prune_count
+from .model import ExpertSlice
+from .solve import is_router
 
 
 def _centred(target: float, offsets: list[float], sizes: list[int]) -> list[float]:
@@ -59,7 +67,7 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     return float((flat > m * flat.mean()).float().mean())
 
 
-def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden: list[torch.Tensor],
+def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden: HiddenStates,
                          device: torch.device, m: float, progress_write=None,
                          all_reduce_sum=None) -> list[float]:
     """One forward of the dense model, block by block, reading only each input column's Σx² (diag XᵀX).
@@ -68,10 +76,8 @@ def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden:
     (as in the OWL paper), not from the pruned one the Grams see. Layers read by forward hooks
     (nn.Linear-like); fused expert slices have no hook and do not count towards their block's ratio.
     """
-    from .model import ExpertSlice
-
     home = next(blocks[0].parameters()).device
-    hidden = list(hidden)  # the pruning pass starts from these same inputs
+    hidden = hidden.copy()  # the pruning pass starts from these same inputs
     ratios = []
     for index, (block, layers) in enumerate(zip(blocks, plan)):
         block.to(device)
@@ -84,15 +90,8 @@ def dense_outlier_ratios(blocks: nn.ModuleList, plan: list, block_calls, hidden:
                 squares[name].add_(x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0))
             return hook
 
-        handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in linear]
-        call = block_calls.for_block(index)
-        try:
-            with torch.no_grad():
-                for j, h in enumerate(hidden):
-                    hidden[j] = call.call(block, j, h.to(device), device).to(h.device)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with hooked([(layer.module, make_hook(layer.name)) for layer in linear]):
+            hidden.advance(block, block_calls.for_block(index), device)
         if all_reduce_sum is not None:  # several processes: each holds its own windows' Σx²
             all_reduce_sum(list(squares.values()))
         scores = [layer.get_weight(device).abs() * squares[layer.name].sqrt() for layer in linear]
@@ -145,3 +144,47 @@ def _split(count: int, sizes: list[int]) -> list[int]:
     for i in order[: count - sum(out)]:
         out[i] += 1
     return out
+
+
+class Allocated(Lever):
+    """A non-uniform --allocation as a lever: block sparsities at the start, each layer's pattern per block."""
+
+    def __init__(self, allocation: Allocation, pattern: SparsityPattern, ranks):
+        self.allocation = allocation
+        self.pattern = pattern
+        self.ranks = ranks
+        self.budget: SparsityBudget | None = None
+
+    def begin(self, run) -> None:
+        """Block sparsities (OWL: one dense forward first), as an exact budget."""
+        allocation, pattern = self.allocation, self.pattern
+        self.plan = run.plan
+        sizes = [sum(layer.numel() for layer in layers) for layers in run.plan]
+        info = allocation.settings()
+        if allocation.kind == "owl":
+            ratios = dense_outlier_ratios(run.blocks, run.plan, run.calls, run.hidden, run.device, allocation.owl_m,
+                                          all_reduce_sum=lambda sums: self.ranks.all_reduce_sum(
+                                              sums, "summing OWL's input norms"))
+            sparsities = owl_sparsities(pattern.sparsity, sizes, ratios, allocation.owl_lambda)
+            info["outlier_ratios"] = ratios
+        else:
+            info["depth_slope"] = allocation.slope_for(pattern.sparsity)
+            sparsities = depth_sparsities(pattern.sparsity, sizes, info["depth_slope"])
+        info["block_sparsities"] = sparsities
+        run.result.allocation = info
+        self.budget = SparsityBudget(pattern.sparsity, sparsities, per_row=pattern.per_row)
+        run.expected_counts = self.budget.counts
+
+    def block_planned(self, step) -> None:
+        """Each pruned layer's own pattern in the block. Routers, selectors and unreadable expert tensors are
+        not pruned and take no share. A resumed block takes its share again, as the run that pruned it did,
+        so that the budget's rounding carries on to the later blocks with the very same counts."""
+        pruned_here = [layer for layer in step.layers if not is_router(layer, step.kept)
+                       and not (isinstance(layer, ExpertSlice) and fused_name(layer) in step.problems)]
+        last = step.index == max(i for i, p in enumerate(self.plan) if p)
+        step.patterns = self.budget.layer_patterns(step.index, pruned_here, last=last)
+
+    def solved(self, step, stage, records):
+        for record in records:
+            record["target"] = self.budget.counts[record["name"]] / math.prod(record["shape"])
+        return records

@@ -300,6 +300,9 @@ def _distributed_prune(args, config: PruneConfig, pattern: SparsityPattern, meth
 
     # Under torchrun, every process joins the group; rank 0 alone owns the output and shows progress.
     ranks, device = from_environment(resolve_device(config.device))
+    from .log import configure
+
+    configure(rank0=ranks.is_main)
     args.no_progress = args.no_progress or not ranks.is_main
     try:
         # Rank 0 decides (it alone sees a killed run's partial output): every process streams, or none does.

@@ -28,10 +28,16 @@ from __future__ import annotations
 
 import copy
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from .collect import BatchReader
 from .errors import LmpruneError
+from .hidden import HiddenStates
+from .hooks import hooked
+from .levers import Lever
 from .model import ExpertSlice, PrunableLayer
 from .sequential import GroupDone
 
@@ -48,9 +54,10 @@ def check_dense_targets(plan: list[list[PrunableLayer]]) -> None:
 class DenseStream:
     """The dense model's hidden states beside the pruned model's, one block behind the pruning."""
 
-    def __init__(self, hidden: list[torch.Tensor]):
-        self.hidden = [h.clone() for h in hidden]
+    def __init__(self, hidden: HiddenStates):
+        self.hidden = hidden.clone()
         self.block: nn.Module | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # block targets: (block, layer) outputs
 
     def start_block(self, block: nn.Module) -> None:
         self.block = copy.deepcopy(block)  # the block's dense weights, before any layer is pruned
@@ -60,9 +67,9 @@ class DenseStream:
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The dense block's inputs to `layers` on batch j: {name: (the input object, its rows in float32)}.
 
-        Read in the same loop as the pruned block's Grams (pipeline._collect_grams), which adds X_pᵀX_d
-        beside X_pᵀX_p: the pruned block runs once per batch for both. `stop_early`: the dense forward ends
-        once every layer has read its input. `output_of` (block targets): also keep that layer's output and the
+        Read in the same loop as the pruned block's Grams (collect.py), which adds X_pᵀX_d beside X_pᵀX_p:
+        the pruned block runs once per batch for both. `stop_early`: the dense forward ends once every
+        layer has read its input. `output_of` (block targets): also keep that layer's output and the
         block's, as `self.outputs` (block output, layer output)."""
         inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         layer_output = []
@@ -76,25 +83,158 @@ class DenseStream:
                     raise GroupDone
             return hook
 
-        handles = [self.block.get_submodule(layer.name[len(prefix) + 1:]).register_forward_hook(keep(layer.name))
-                   for layer in layers]
+        taps = [(self.block.get_submodule(layer.name[len(prefix) + 1:]), keep(layer.name)) for layer in layers]
         try:
-            with torch.no_grad():
+            with hooked(taps), torch.no_grad():
                 block_output = call.call(self.block, j, self.hidden[j].to(device), device)
             if output_of is not None:
                 self.outputs = (block_output, layer_output[-1])
         except GroupDone:
             pass
-        finally:
-            for handle in handles:
-                handle.remove()
         return inputs
 
     def finish_block(self, call, device: torch.device) -> None:
-        with torch.no_grad():
-            for j, d in enumerate(self.hidden):
-                self.hidden[j] = call.call(self.block, j, d.to(device), device).to(d.device)
+        self.hidden.advance(self.block, call, device)
         self.block = None
+
+
+class DenseReader(BatchReader):
+    """One collection pass with dense targets: X_pᵀX_d per hooked layer, and the block-target term."""
+
+    keeps_rows = True
+
+    def __init__(self, stream: DenseStream, target: tuple[str, float] | None):
+        self.stream = stream
+        self.target = target  # (layer, α) with block targets
+        self.runs_whole = target is not None  # the block's output is needed
+        self.crosses: dict[str, torch.Tensor] = {}
+        self.block_crosses: dict[str, torch.Tensor] = {}
+        self.dense_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.products: dict[tuple[int, int], tuple] = {}  # (id(X_p), id(X_d)) -> (X_p, X_d, X_pᵀX_d) this call
+        self.target_reads: dict[str, torch.Tensor] = {}  # the target layer's float32 input rows and output
+
+    def begin(self, prefix, layers, call, device, stop_early):
+        self.pass_args = (prefix, layers, call, device, stop_early)
+        self.crosses = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device)
+                        for layer in layers}
+        if self.target is not None:
+            layer = next(layer for layer in layers if layer.name == self.target[0])
+            self.block_crosses[layer.name] = torch.zeros(layer.in_features, layer.out_features, device=device)
+
+    def before_batch(self, j):
+        prefix, layers, call, device, stop_early = self.pass_args
+        self.dense_inputs = self.stream.batch_inputs(prefix, layers, call, j, device, stop_early,
+                                                     self.target[0] if self.target is not None else None)
+
+    def read(self, name, x, rows, output):
+        dense_x, dense_flat = self.dense_inputs[name]
+        key = (id(x), id(dense_x))
+        cross = self.products.get(key)
+        if cross is None or cross[0] is not x or cross[1] is not dense_x:
+            cross = self.products[key] = (x, dense_x, rows.t() @ dense_flat)
+        self.crosses[name].add_(cross[2])
+        if name in self.block_crosses:
+            self.target_reads.update(rows=rows, output=output.detach())
+
+    def after_batch(self, j, output):
+        if self.target is not None:
+            name, alpha = self.target
+            width = output.shape[-1]  # rows of tokens: a layer may see them flattened (OPT)
+            dense_output, dense_layer_output = self.stream.outputs
+            residual_d = (dense_output.float().reshape(-1, width) / alpha
+                          - dense_layer_output.float().reshape(-1, width))
+            residual_p = (output.float().reshape(-1, width) / alpha
+                          - self.target_reads["output"].float().reshape(-1, width))
+            self.block_crosses[name].add_(self.target_reads["rows"].t() @ (residual_d - residual_p))
+            self.target_reads.clear()
+        self.products.clear()
+
+
+class DenseTargets(Lever):
+    """--dense-targets (and --block-targets): the lever that carries the dense model beside the pruned one."""
+
+    def __init__(self, ranks, block_targets: bool = False):
+        self.ranks = ranks
+        self.block_targets = block_targets
+        self.stream: DenseStream | None = None
+        self.target: tuple[str, float] | None = None  # this stage's (layer, α) with block targets
+        self.entry: dict[str, Any] | None = None  # the block's block-target report entry
+        self.reading: DenseReader | None = None
+
+    def check(self, plan):
+        check_dense_targets(plan)
+
+    def begin(self, run):
+        self.run = run
+        self.stream = DenseStream(run.hidden)
+
+    def start_block(self, step):
+        self.entry = None
+        if step.resumed:  # the dense stream passes through the block's dense weights, not the pruned ones
+            dense = copy.deepcopy(step.block)
+            self.run.store.load_original(step.index, dense)
+            self.stream.block = dense.to(self.run.device)
+        else:
+            self.stream.start_block(step.block)
+
+    def replay(self, step, records):
+        if records.get("block_target"):
+            note_block_target(self.run.result, records["block_target"])
+
+    def start_stage(self, step, stage, last):
+        self.target = None
+        if self.block_targets and last:
+            self.target, self.entry = self._block_target(step, stage)
+
+    def reader(self, step, stage):
+        self.reading = DenseReader(self.stream, self.target)
+        return self.reading
+
+    def collected(self, step, stage, collected):
+        reading = self.reading
+        if reading.crosses:
+            self.ranks.all_reduce_sum(list(reading.crosses.values()) + list(reading.block_crosses.values()),
+                                      "summing dense-target cross products")
+
+    def retarget(self, step, solve, W):
+        name = solve.layer.name
+        cross = self.reading.crosses.get(name)
+        if cross is None:
+            return W
+        return dense_target(W, solve.inputs.gram, cross, self.reading.block_crosses.get(name))
+
+    def end_block(self, step):
+        self.stream.finish_block(step.call, self.run.device)
+        self.reading = None
+
+    def record(self, step):
+        return {"block_target": self.entry}
+
+    def _block_target(self, step, stage) -> tuple[tuple[str, float] | None, dict[str, Any]]:
+        """(the layer, α) if the block's last stage is one hooked layer whose output reaches the block's output
+        by a fixed scale α (read by rank 0 and shared), else None; and the block's report entry."""
+        layer = stage[0]
+        if len(stage) != 1 or isinstance(layer, ExpertSlice):
+            found = None, f"its last group is {len(stage)} layers, not one" if len(stage) != 1 else "fused experts"
+        else:
+            found = (output_scale(step.block, layer, step.call, self.run.hidden[0], self.run.device)
+                     if self.ranks.is_main else None)
+        alpha, why = self.ranks.broadcast_object(found, "sharing the block's output scale")
+        entry = ({"block": step.index, "layer": layer.name, "scale": alpha} if alpha is not None
+                 else {"block": step.index, "why": why})
+        note_block_target(self.run.result, entry)
+        return ((layer.name, alpha) if alpha is not None else None), entry
+
+
+def note_block_target(result, entry: dict[str, Any]) -> None:
+    """Add a block's entry to the report: the layers that took block targets (with α where not 1), or why not."""
+    info = result.block_targets
+    if entry.get("scale") is None:
+        info.setdefault("not_applied", {})[str(entry["block"])] = entry["why"]
+        return
+    info.setdefault("layers", []).append(entry["layer"])
+    if entry["scale"] != 1.0:
+        info.setdefault("scales", {})[entry["layer"]] = entry["scale"]
 
 
 def dense_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, E: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,11 +273,8 @@ def output_scale(block: nn.Module, layer: PrunableLayer, call, hidden: torch.Ten
                 seen["delta"] = delta = (torch.randn(output.shape, generator=generator) * scale).to(output)
                 return output + delta
 
-            handle = layer.module.register_forward_hook(nudge)
-            try:
+            with hooked([(layer.module, nudge)]):
                 out = call.call(block, 0, hidden.to(device), device).float()
-            finally:
-                handle.remove()
             if "twice" in seen:
                 return None, f"{layer.name} runs twice in one forward"
             delta = seen.get("delta")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .errors import LmpruneError
+from .levers import Lever
 
 TIMEOUT_ENV = "LMPRUNE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait: rank 0 may generate calibration text meanwhile
@@ -110,7 +111,8 @@ class Ranks:
         return LostContact(f"rank {self.rank} lost contact with the other ranks while {what} (a rank stopped, or "
                            f"none answered within {self.timeout:g} s; {TIMEOUT_ENV} sets it): {first[:200]}")
 
-    def _collective(self, what: str, fn, *args, **kwargs):
+    def collective(self, what: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), a torch.distributed collective, after a status round; a failure is a lost peer."""
         self.check(what=what)
         try:
             return fn(*args, **kwargs)
@@ -131,7 +133,7 @@ class Ranks:
             raise LmpruneError(f"{len(batches)} calibration batch(es) for {self.world} processes: every process "
                                "needs at least one (raise --nsamples, or lower --batch-size or the process count)")
         shared = calibration.to(self.comm_device).contiguous()
-        self._collective("sharing the calibration windows", torch.distributed.broadcast, shared, 0)
+        self.collective("sharing the calibration windows", torch.distributed.broadcast, shared, 0)
         batches = list(shared.to(calibration.device).split(batch_size))
         indices = list(range(self.rank, len(batches), self.world))
         return [batches[i] for i in indices], indices
@@ -141,7 +143,7 @@ class Ranks:
         if not self.active:
             return count
         t = torch.tensor([count], dtype=torch.int64, device=self.comm_device)
-        self._collective("summing token counts", torch.distributed.all_reduce, t)
+        self.collective("summing token counts", torch.distributed.all_reduce, t)
         return int(t.item())
 
     def all_reduce_sum(self, tensors: list[torch.Tensor], what: str = "summing Gram matrices") -> None:
@@ -166,7 +168,7 @@ class Ranks:
         if not self.active:
             return [obj]
         out = [None] * self.world
-        self._collective(what, torch.distributed.all_gather_object, out, obj)
+        self.collective(what, torch.distributed.all_gather_object, out, obj)
         return out
 
     def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
@@ -174,7 +176,7 @@ class Ranks:
         if not self.active:
             return obj
         box = [obj]
-        self._collective(what, torch.distributed.broadcast_object_list, box, src)
+        self.collective(what, torch.distributed.broadcast_object_list, box, src)
         return box[0]
 
     def gather_to_main(self, obj: Any, what: str) -> list[Any] | None:
@@ -182,7 +184,7 @@ class Ranks:
         if not self.active:
             return [obj]
         out = [None] * self.world if self.is_main else None
-        self._collective(what, torch.distributed.gather_object, obj, out, dst=0)
+        self.collective(what, torch.distributed.gather_object, obj, out, dst=0)
         return out
 
     def broadcast_tensors(self, tensors: list[torch.Tensor], src: int, what: str) -> None:
@@ -195,7 +197,7 @@ class Ranks:
             buffer = torch.cat([p.to(self.comm_device) for p in parts])
         else:
             buffer = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8, device=self.comm_device)
-        self._collective(what, torch.distributed.broadcast, buffer, src)
+        self.collective(what, torch.distributed.broadcast, buffer, src)
         if self.rank == src:
             return
         offset = 0
@@ -345,7 +347,7 @@ def merge_collected(ranks: Ranks, collected, layers: list) -> None:
     ranks.all_reduce_sum(sums)
     counts = torch.tensor([[collected.inputs[n].tokens, collected.inputs[n].signal] for n in names],
                           dtype=torch.int64, device=ranks.comm_device)
-    ranks._collective("summing token counts", torch.distributed.all_reduce, counts)
+    ranks.collective("summing token counts", torch.distributed.all_reduce, counts)
     for name, (tokens, signal) in zip(names, counts.tolist()):
         inputs = collected.inputs[name]
         inputs.tokens, inputs.signal = tokens, signal
@@ -390,11 +392,11 @@ def refine_on_main(ranks: Ranks, refiner, context, batch_indices: list[int]) -> 
         return refiner(context)
     from dataclasses import replace
 
-    from .model.calls import BlockCall, BlockCalls, _to_device
+    from .model.calls import BlockCall, BlockCalls
 
     cpu = torch.device("cpu")
-    calls, index = context.inputs.calls, context.inputs.index
-    mine = [(batch, h.to(cpu), _to_device(calls.call_args[calls.call_index[index][j]], cpu))
+    calls = context.inputs.calls
+    mine = [(batch, h.to(cpu), context.inputs.arguments(j, cpu))
             for j, (batch, h) in enumerate(zip(batch_indices, context.hidden))]
     gathered = ranks.gather_to_main(mine, "gathering the block's inputs for its refinement")
     record: dict[str, Any] = {}
@@ -406,3 +408,27 @@ def refine_on_main(ranks: Ranks, refiner, context, batch_indices: list[int]) -> 
     state = list(context.block.parameters()) + list(context.block.buffers())
     ranks.broadcast_tensors(state, 0, "sharing the refined block")
     return record
+
+
+class RankShare(Lever):
+    """Several processes as a lever of the block loop: the stage's sums merged over the ranks, its solves
+    dealt out, and every solved weight shared before the next stage reads its inputs."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+        self.owners: dict[str, int] = {}
+
+    def replay(self, step, records) -> None:
+        # The other ranks read the dense block: the pruned one is in rank 0's partial output.
+        self.ranks.broadcast_tensors(list(step.block.parameters()) + list(step.block.buffers()), 0,
+                                     "sharing a finished block")
+
+    def collected(self, step, stage, collected) -> None:
+        merge_collected(self.ranks, collected, stage)
+
+    def assign(self, step, stage, groups):
+        self.owners = assign_layers(self.ranks, stage)
+        return own_groups(self.ranks, self.owners, groups)
+
+    def solved(self, step, stage, records):
+        return share_solved(self.ranks, stage, self.owners, records)

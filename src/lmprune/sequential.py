@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import SEQUENTIAL
 from .errors import LmpruneError
+from .hooks import hooked
 from .model import ExpertSlice, PrunableLayer
 
 
@@ -48,13 +49,8 @@ def layer_groups(block: nn.Module, layers: list[PrunableLayer], call, hidden: li
     def hook(module, args, output):
         order.append((by_module[id(module)], args[0]))
 
-    handles = [layer.module.register_forward_hook(hook) for layer in layers]
-    try:
-        with torch.no_grad():
-            call.call(block, 0, hidden[0].to(device), device)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked([(layer.module, hook) for layer in layers]), torch.no_grad():
+        call.call(block, 0, hidden[0].to(device), device)
     groups: list[list[PrunableLayer]] = []
     inputs: list[torch.Tensor] = []
     seen: set[str] = set()
@@ -74,3 +70,11 @@ def layer_groups(block: nn.Module, layers: list[PrunableLayer], call, hidden: li
     if unseen:
         groups.append(unseen)
     return groups, not repeated
+
+
+def block_stages(mode: str, step, hidden, device: torch.device) -> tuple[list[list[PrunableLayer]], bool]:
+    """The stages the loop prunes a block in, and whether a stage's pass may stop early: with --sequential
+    layer the data-flow groups, else all the block's layers at once."""
+    if mode == "layer":
+        return layer_groups(step.block, step.layers, step.call, hidden, device)
+    return [step.layers], False

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LmpruneError
+from ..hooks import hooked
 from .own_forward import model_forward
 
 
@@ -66,9 +67,14 @@ class BlockCall:
     calls: BlockCalls
     index: int
 
+    def arguments(self, batch: int, device: torch.device | None = None) -> tuple[tuple, dict]:
+        """Batch `batch`'s (args without the hidden states, kwargs), moved to `device` if given."""
+        recorded = self.calls.call_args[self.calls.call_index[self.index][batch]]
+        return recorded if device is None else _to_device(recorded, device)
+
     def call(self, block: nn.Module, batch: int, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Run `block` with batch `batch`'s arguments and `hidden` as its hidden states; return hidden states."""
-        args, kwargs = self.calls.call_args[self.calls.call_index[self.index][batch]]
+        args, kwargs = self.arguments(batch)
         with model_forward(self.calls.model_type, _inside(block)):
             out = block(hidden, *_to_device(args, device), **_to_device(kwargs, device))
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -190,8 +196,8 @@ def record_block_calls(
 
     home = next(blocks.parameters()).device
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    stopper = head.register_forward_pre_hook(stop) if isinstance(head, nn.Module) else None
-    with _forwards_replaced(blocks, make_recorder), _removed_after(stopper):
+    stopper = [(head, stop)] if isinstance(head, nn.Module) else []
+    with _forwards_replaced(blocks, make_recorder), hooked(before=stopper):
         with torch.no_grad():
             for ids in batches:
                 seen = [len(c) for c in call_index]
@@ -218,15 +224,6 @@ def run_after_blocks(model: nn.Module, blocks: nn.ModuleList, calls: BlockCalls,
 
     with _forwards_replaced(blocks, make_constant):
         return model(input_ids=ids, use_cache=False)
-
-
-@contextlib.contextmanager
-def _removed_after(handle):
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..hooks import hooked
 from .calls import BlockCalls, replay_unsupported, times_called
 from .own_forward import model_forward
 
@@ -45,22 +46,19 @@ def own_block_outputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
     `device` for its call only (the modules outside the blocks must be there already)."""
     home = next(blocks.parameters()).device
     outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
-    hooks = []
-    for i, block in enumerate(blocks):
-        def before(module, args, i=i):
-            module.to(device)
 
-        def after(module, args, out, i=i):
+    def before(module, args):
+        module.to(device)
+
+    def after(i):
+        def hook(module, args, out):
             outputs[i].append(_hidden(out).detach().to(store_device))
             module.to(home)
+        return hook
 
-        hooks += [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
-    try:
-        with torch.no_grad(), model_forward(model_type, "outside its decoder blocks"):
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with hooked([(block, after(i)) for i, block in enumerate(blocks)], [(block, before) for block in blocks]), \
+            torch.no_grad(), model_forward(model_type, "outside its decoder blocks"):
+        model(input_ids=ids.to(device), use_cache=False)
     return outputs
 
 

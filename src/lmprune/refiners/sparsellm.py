@@ -71,6 +71,8 @@ from torch import nn
 
 from ..config import settings_from_options
 from ..errors import LmpruneError
+from ..hidden import block_outputs
+from ..hooks import hooked
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 Pruner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W [out, in], H = AᵀA [in, in]) -> pruned W
@@ -660,13 +662,8 @@ class SparseLLMRefiner:
                     traces[name] = (x, y)
             return hook
 
-        handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers.values()]
-        try:
-            with torch.no_grad():
-                ctx.inputs.call(ctx.block, 0, ctx.hidden[0].to(ctx.device), ctx.device)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with hooked([(layer.module, make_hook(layer.name)) for layer in layers.values()]), torch.no_grad():
+            ctx.inputs.call(ctx.block, 0, ctx.hidden[0].to(ctx.device), ctx.device)
         found = recognise_mlps(traces, activation_candidates(ctx.block))
         moe_note = f"MoE experts left to the layer-wise pass: {', '.join(fused)}" if fused else None
         if not found:
@@ -702,7 +699,7 @@ class SparseLLMRefiner:
         """
         tokens = sum(h[..., 0].numel() for h in ctx.hidden)
         captured: dict[str, list[torch.Tensor]] = {mlp.up.name: [] for mlp in mlps}
-        handles = []
+        taps = []
         for mlp in mlps:
             store = self._store(ctx, tokens, mlp.up.in_features, mlp.up.out_features)
 
@@ -710,14 +707,10 @@ class SparseLLMRefiner:
                 x = args[0].detach()
                 captured[name].append(x.reshape(-1, x.shape[-1]).to(store, torch.float32))
 
-            handles.append(mlp.up.module.register_forward_pre_hook(hook))
-        try:
-            with torch.no_grad():
-                for j, h in enumerate(ctx.hidden):
-                    ctx.inputs.call(ctx.block, j, h.to(ctx.device), ctx.device)
-        finally:
-            for handle in handles:
-                handle.remove()
+            taps.append((mlp.up.module, hook))
+        with hooked(before=taps):
+            for _ in block_outputs(ctx.block, ctx.inputs, ctx.hidden, ctx.device):
+                pass
         out = {}
         for mlp in mlps:
             parts = captured.pop(mlp.up.name)

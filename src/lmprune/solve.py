@@ -1,0 +1,156 @@
+"""The solve step: a block's layers grouped for their solver, pruned, checked and written back.
+
+A group is one layer, or the experts of one fused tensor solved in batches when the solver can. A layer
+without enough calibration signal gets the magnitude mask instead of the method (see `solve_groups`). What
+is written back is checked first (safety.py): never NaN/Inf, never more zeros than the target allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .collect import LayerInputs, fused_name
+from .config import SparsityPattern
+from .dense_reasons import NO_SIGNAL
+from .masks import topk_mask
+from .model import ExpertSlice, PrunableLayer
+from .safety import finite_layer_weight, pruned_count, require_finite_gram
+from .solvers import LayerSolver, SolverResult
+from .solvers.linalg import relative_errors
+
+
+def is_router(layer: PrunableLayer, routers: set[str]) -> bool:
+    return any(name in routers for name in layer.param_names())
+
+
+@dataclass
+class LayerSolve:
+    """One layer's solve: its inputs, and why the magnitude fallback replaces the method (if it does)."""
+
+    layer: PrunableLayer
+    inputs: LayerInputs
+    fallback: str | None
+
+
+def solve_groups(layers: list[PrunableLayer], inputs: dict[str, LayerInputs], routers: set[str],
+                 block_tokens: int, batchable: bool) -> list[list[LayerSolve]]:
+    """The block's solves in order, the experts of one fused tensor grouped when the solver can batch them.
+
+    Routers and layers without inputs (unreadable expert tensors, reported later) are left out.
+    """
+    groups: list[list[LayerSolve]] = []
+    batches: dict[str, list[LayerSolve]] = {}
+    for layer in layers:
+        got = inputs.pop(layer.name, None)
+        if is_router(layer, routers) or got is None:
+            continue  # routers stay dense; unreadable expert tensors are reported by unpruned_weights
+        fallback = None
+        if got.signal < block_tokens and got.signal < layer.in_features:
+            # Without calibration signal a Gram matrix cannot determine an update, and a zero one would let
+            # a solver delete the layer (its every input looks dead). Signal = the tokens whose input row is
+            # not all zero: an expert's routed tokens, a dense layer's tokens minus those a closed gate or
+            # dead inputs zeroed. Too few = fewer than the layer's inputs (XᵀX then has a null space, so
+            # some directions of the update are free) *and* fewer than the block saw: a layer reached by
+            # every calibration token is determined as well as the calibration set allows (dampening
+            # handles a small --nsamples, as always). Magnitude needs no data and keeps the weights it keeps.
+            what = "expert" if isinstance(layer, ExpertSlice) else "layer"
+            fallback = (f"{NO_SIGNAL}: the {what} saw {got.signal} calibration tokens with a nonzero input, for "
+                        f"{layer.in_features} inputs: magnitude mask, kept weights unchanged")
+        solve = LayerSolve(layer, got, fallback)
+        if batchable and fallback is None and isinstance(layer, ExpertSlice):
+            fused = fused_name(layer)
+            if fused not in batches:
+                batches[fused] = []
+                groups.append(batches[fused])
+            batches[fused].append(solve)
+        else:
+            groups.append([solve])
+    return groups
+
+
+# Stacked weights, Grams and the solvers' working copies of one batch stay under this (bytes): big
+# enough that a GPU runs few, large kernels, small enough beside the Grams a block already holds.
+_BATCH_BYTES = 1 << 30
+
+
+# A lever's change of a layer's target before its method solves it (dense targets: W′ from X_pᵀX_d).
+Retarget = Callable[[LayerSolve, torch.Tensor], torch.Tensor]
+
+
+def prune_group(group: list[LayerSolve], layer_solver: LayerSolver, fallback_solver: LayerSolver,
+                pattern: SparsityPattern, patterns: dict[str, SparsityPattern], device: torch.device,
+                retarget: Retarget | None = None) -> list[dict[str, Any]]:
+    """Prune the layers of a group (one layer, or experts of one fused tensor solved in batches).
+
+    `patterns`: each layer's own target where an allocation gives one; `retarget`: the weight the method
+    fits instead of the layer's own (not for the magnitude fallback).
+    """
+    targets = {patterns.get(solve.layer.name, pattern) for solve in group}
+    if len(group) > 1 and (len(targets) > 1 or retarget is not None):
+        # An allocation can give the experts of one tensor different counts: one pattern per batch only.
+        return [record for solve in group
+                for record in prune_group([solve], layer_solver, fallback_solver, pattern, patterns, device, retarget)]
+    pattern = targets.pop()
+    if len(group) == 1:
+        solve = group[0]
+        solver = fallback_solver if solve.fallback else layer_solver
+        W = solve.layer.get_weight(device)
+        require_finite_gram(solve.layer.name, solve.inputs.gram)
+        if retarget is not None and solver is layer_solver:
+            W = retarget(solve, W)
+        record = write_back(solve.layer, W, solve.inputs, solver(W, solve.inputs.gram, pattern, solve.inputs.stats),
+                            pattern)
+        if solve.fallback:
+            record["fallback"] = solve.fallback
+        return [record]
+    layer = group[0].layer
+    # W, H and a few working copies of each, in float32.
+    per_layer = 4 * 4 * (layer.out_features * layer.in_features + layer.in_features**2)
+    size = max(1, _BATCH_BYTES // per_layer)
+    records = []
+    for start in range(0, len(group), size):
+        batch = group[start:start + size]
+        for solve in batch:
+            require_finite_gram(solve.layer.name, solve.inputs.gram)
+        W = torch.stack([solve.layer.get_weight(device) for solve in batch])
+        H = torch.stack([solve.inputs.gram for solve in batch])
+        solved = layer_solver.solve_batch(W, H, pattern)
+        del H
+        records += [write_back(solve.layer, W[j], solve.inputs, solved[j], pattern) for j, solve in enumerate(batch)]
+    return records
+
+
+def write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solved: SolverResult,
+                pattern: SparsityPattern) -> dict[str, Any]:
+    """Check a layer's solved weights, write them into the model and describe the layer for the report."""
+    H = inputs.gram
+    weight, mask = solved.weight, solved.mask
+    dense_zeros = layer.zeros()
+    record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features],
+                              "dense_zeros": dense_zeros}
+    weight, fallback = finite_layer_weight(layer.name, W, weight, mask)  # never NaN/Inf into a model
+    allowed = pruned_count(layer.out_features, layer.in_features, pattern) + dense_zeros
+    extra = int((weight.to(layer.stored().dtype) == 0).sum()) - allowed  # zeros as the layer will store them
+    if extra > 0:
+        # More zeros than the target prunes and the dense layer had: inputs never active in calibration
+        # (their weights zeroed) or kept weights rounded to zero. Those weights may matter on other text.
+        W = layer.get_weight(W.device)
+        mask = topk_mask(W.abs(), pattern)
+        weight = W * mask
+        fallback = (f"the method left {extra} more zeros than the target and the dense zeros (inputs never "
+                    "active in calibration): magnitude mask, kept weights unchanged")
+    if fallback:
+        record["fallback"] = fallback
+    error_masked, error = relative_errors(W, [W * mask, weight], H)
+    layer.set_weight(weight)
+    record.update(
+        tokens=inputs.tokens,
+        sparsity=layer.zeros() / layer.numel(),
+        error=error,
+        error_masked=error_masked,
+        **({"info": solved.info} if solved.info else {}),
+    )
+    return record
