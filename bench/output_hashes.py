@@ -135,10 +135,18 @@ def tensor_hashes(out: Path) -> dict[str, str]:
     return hashes
 
 
+def untimed(value):
+    """`value` without its "seconds" entries, at any depth (layer and block records carry their time)."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value
+
+
 def report_hashes(out: Path) -> dict[str, str]:
-    report = json.loads((out / "lmprune_report.json").read_text())
-    layers = [{k: v for k, v in record.items() if k != "seconds"} for record in report.get("layers", [])]
-    fields = {"report.layers": layers, **{f"report.{k}": report.get(k) for k in REPORT_KEYS}}
+    report = untimed(json.loads((out / "lmprune_report.json").read_text()))
+    fields = {"report.layers": report.get("layers", []), **{f"report.{k}": report.get(k) for k in REPORT_KEYS}}
     return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest() for k, v in fields.items()}
 
 

@@ -4,7 +4,8 @@ A lever is a participant with its own state, in its own module: dense and block 
 (dense_targets.py), a non-uniform allocation (allocation.py), the SparseLLM block refinement
 (refiners/), the ranks of a torchrun (distributed.py). The loop calls every lever's method at each point,
 in the order the levers were given; a method a lever does not define does nothing. Adding a lever is a new
-class here or elsewhere plus its place in `pipeline.build_levers`, never an edit of the loop.
+module with its class plus its place in `pipeline.build_levers` (or `prune_model(levers=[...])`), never an
+edit of the loop: dense targets (dense_targets.py) live entirely in their module this way.
 
 Points, in the order a block meets them:
   check(plan)                      before any work: refuse what the lever cannot do on this model
