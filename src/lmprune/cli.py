@@ -204,6 +204,7 @@ def _check_source(source: str, flag: str) -> None:
 
 
 def cmd_prune(args) -> int:
+    from .pipeline import format_duration
     from .run import prune
 
     with _found_by_every_process():
@@ -213,14 +214,8 @@ def cmd_prune(args) -> int:
         summary = pruned.report["summary"]
         ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in pruned.report["evaluation"])
         logger.info(f"saved to {options.config.out}: {headline(summary)}; {summary['layers']} layers pruned, mean "
-                    f"relative error {summary['mean_error']:.4g}{ppl}; wall time {_duration(pruned.seconds)}")
+                    f"relative error {summary['mean_error']:.4g}{ppl}; wall time {format_duration(pruned.seconds)}")
     return 0
-
-
-def _duration(seconds: float) -> str:
-    from .pipeline import format_duration
-
-    return format_duration(seconds)
 
 
 @contextlib.contextmanager

@@ -173,7 +173,7 @@ def _block_store(options: PruneOptions, model, shards, device, calibration, dest
     blocks.open_partial(options.fresh)
     destination.keep_partial = bool(blocks.done)
     if blocks.redone:
-        logger.info(f"warning: {blocks.redone}")
+        logger.warning(f"warning: {blocks.redone}")
     if blocks.resume_from:
         logger.info(f"resuming {destination.tmp}: block(s) 0–{blocks.resume_from - 1} of {blocks.count} were "
                     f"finished by an earlier run; pruning from block {blocks.resume_from}")
