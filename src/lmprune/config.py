@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from .errors import LmpruneError
+
+if TYPE_CHECKING:
+    from .methods import Method
+
+SELF_CALIB = "self"  # --calib self: the model writes its own calibration text
+DEFAULT_SEQLEN = 2048  # the papers' calibration window; capped at the model's context length
 
 
 @dataclass(frozen=True)
@@ -178,18 +184,24 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
+def require_at_least(value: int | None, minimum: int, flag: str) -> None:
+    """An integer option below its minimum is refused (None: not given, nothing to check)."""
+    if value is not None and value < minimum:
+        raise LmpruneError(f"{flag} must be at least {minimum}, got {value}")
+
+
 def check_windows(seqlen: int | None, count: int | None, seqlen_flag: str, count_flag: str) -> None:
     """A window length (None: the default) needs 2 tokens, one to read and one to predict; a window
     count (None: all) at least 1."""
-    if seqlen is not None and seqlen < 2:
-        raise LmpruneError(f"{seqlen_flag} must be at least 2, got {seqlen}")
-    if count is not None and count < 1:
-        raise LmpruneError(f"{count_flag} must be at least 1, got {count}")
+    require_at_least(seqlen, 2, seqlen_flag)
+    require_at_least(count, 1, count_flag)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig:
-    """Everything `lmprune prune` needs; validated on construction."""
+    """The settings a `lmprune prune` run records: its report's "settings" and, streamed, the identity a
+    resumed run must match. Validated on construction. `seqlen` None: the default, DEFAULT_SEQLEN capped at
+    the model's context, known once the model is loaded (PruneOptions.with_seqlen)."""
 
     model: str
     method: str
@@ -197,7 +209,7 @@ class PruneConfig:
     calib: str
     out: str
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int | None = None
     seed: int = 0
     device: str = "auto"
     mask: str | None = None
@@ -218,8 +230,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         check_windows(self.seqlen, self.nsamples, "--seqlen", "--nsamples")
         check_windows(self.eval_seqlen, self.eval_max_windows, "--eval-seqlen", "--eval-max-windows")
-        if self.batch_size < 1:
-            raise LmpruneError(f"--batch-size must be at least 1, got {self.batch_size}")
+        require_at_least(self.batch_size, 1, "--batch-size")
         if self.moe_calibration not in ("routed", "all"):
             raise LmpruneError(f"invalid --moe-calibration {self.moe_calibration!r}: choose routed or all")
         if self.sequential not in SEQUENTIAL:
@@ -227,8 +238,47 @@ class PruneConfig:
         if self.block_targets and not (self.dense_targets and self.sequential == "layer"):
             raise LmpruneError("--block-targets needs --dense-targets and --sequential layer "
                                "(--best-quality sets all three)")
+        self.allocation.check(self.pattern)
         for regex in self.skip:
             try:
                 re.compile(regex)
             except re.error as exc:
                 raise LmpruneError(f"invalid --skip regex {regex!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Everything one `lmprune prune` run needs, checked and decided once from the command line (cli.py);
+    run.py reads it and changes nothing in it. What a flag implies is already applied: --best-quality's
+    three levers are in `config`, the streaming decision in `stream`."""
+
+    config: PruneConfig
+    method: "Method"  # the built solver and refiner (methods.build_method)
+    pattern: SparsityPattern  # config.pattern with the method's per-row/per-layer default resolved
+    model_dir: str | None  # the local checkpoint directory; None for a hub id (never streamed)
+    dtype: str = "auto"
+    stream: bool = False  # decided: --stream/--no-stream, else by the checkpoint's size or a run to continue
+    fresh: bool = False  # with stream: discard a killed run's partial output
+    save_format: str = "dense"
+    gen_batch_size: int = 16  # --calib self
+    eval_tasks: str | None = None
+    task_data: str | None = None
+    limit: int | None = None
+    offload_activations: bool = False  # calibration activations on the CPU while the blocks run on a GPU
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require_at_least(self.gen_batch_size, 1, "--gen-batch-size")
+        if self.fresh and not self.stream:
+            raise LmpruneError("--fresh discards a streamed run's partial output: it needs --stream")
+        if self.stream and self.save_format == "sparse":
+            raise LmpruneError("--save-format sparse is not written block by block yet: use --no-stream, or "
+                               "`lmprune pack` the streamed output")
+
+    @property
+    def self_calibration(self) -> bool:
+        return self.config.calib == SELF_CALIB
+
+    def with_seqlen(self, seqlen: int) -> "PruneOptions":
+        """These options with the calibration window resolved against the loaded model (run.checked_seqlen)."""
+        return replace(self, config=replace(self.config, seqlen=seqlen))

@@ -1,10 +1,8 @@
-"""The library's one logger, `lmprune`, and the command line's handler for it.
+"""lmprune's one logger: `lmprune: MESSAGE` lines on stderr, from rank 0 alone under torchrun.
 
-Library modules log to `logger` (or a child, `logging.getLogger("lmprune.x")`) and never print. Messages
-go to the stderr of the moment (so a test's captured stderr gets them too), as written, as the library's
-warnings always did; the command line calls `configure` once it knows its rank, so that torchrun's other
-ranks do not repeat every line.
-"""
+Library modules log to `logger` (or `logging.getLogger("lmprune")`); the command line calls `configure` once
+per run to install the handler. Without it (lmprune used as a library) the messages follow the host's
+logging setup, as a library's should."""
 
 from __future__ import annotations
 
@@ -14,29 +12,44 @@ import sys
 logger = logging.getLogger("lmprune")
 
 
-class _CurrentStderr(logging.StreamHandler):
-    """A handler that writes to whatever sys.stderr is when a message is emitted."""
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (a test's capture, a rank's own file), not to
+    the one it was when the handler was made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
 
     @property
     def stream(self):
         return sys.stderr
 
     @stream.setter
-    def stream(self, _):
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always answers sys.stderr
         pass
 
 
+class _Rank0:
+    """Under torchrun every process runs the same steps: rank 0 alone reports progress, while an error is
+    printed by whichever process meets it (the others may never reach rank 0's next exchange)."""
+
+    def __init__(self, rank0: bool) -> None:
+        self.rank0 = rank0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank0 or record.levelno >= logging.ERROR
+
+
+_handler = _Stderr()
+_handler.setFormatter(logging.Formatter("lmprune: %(message)s"))
+
+
 def configure(rank0: bool) -> None:
-    """Messages of level INFO and above to stderr, as written; none from a rank other than 0."""
-    for handler in [h for h in logger.handlers if isinstance(h, _CurrentStderr)]:
-        logger.removeHandler(handler)
-    handler = _CurrentStderr()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    if not rank0:
-        handler.addFilter(lambda record: False)
-    logger.addHandler(handler)
+    """Send lmprune's messages to stderr, progress only if `rank0` (this process speaks for the run).
+    Called again (another in-process run, another rank), it replaces its own earlier setting."""
+    for old in list(_handler.filters):
+        _handler.removeFilter(old)
+    _handler.addFilter(_Rank0(rank0))
+    if _handler not in logger.handlers:
+        logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-configure(rank0=True)
+    logger.propagate = False  # the handler above prints each line once, whatever the host's root logger does

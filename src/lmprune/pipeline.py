@@ -343,17 +343,17 @@ def report_dense(result: PruneResult, plan, loop: BlockLoop, skip: list[str]) ->
     if no_signal:
         shown = ", ".join(f"{r['name']} ({r['tokens']} tokens)" for r in no_signal[:6])
         more = f" and {len(no_signal) - 6} more (see the report)" if len(no_signal) > 6 else ""
-        log.warning(f"lmprune: warning: {len(no_signal)} layer(s) without calibration signal got a magnitude mask, "
+        log.warning(f"warning: {len(no_signal)} layer(s) without calibration signal got a magnitude mask, "
                     f"kept weights unchanged: {shown}{more}")
     missed = result.block_targets.get("not_applied", {})
     if missed:
         first = next(iter(missed.items()))
-        log.warning(f"lmprune: warning: block targets did not apply in {len(missed)} block(s), which kept plain "
+        log.warning(f"warning: block targets did not apply in {len(missed)} block(s), which kept plain "
                     f"dense targets (block {first[0]}: {first[1]}; all in the report)")
     if result.unpruned:
         shown = ", ".join(f"{u['name']} ({u['reason']})" for u in result.unpruned[:6])
         more = f" and {len(result.unpruned) - 6} more (see the report)" if len(result.unpruned) > 6 else ""
-        log.warning(f"lmprune: warning: {len(result.unpruned)} block weight(s) left dense: {shown}{more}")
+        log.warning(f"warning: {len(result.unpruned)} block weight(s) left dense: {shown}{more}")
 
 
 def _short(name: str) -> str:

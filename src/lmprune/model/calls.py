@@ -53,9 +53,6 @@ class BlockCalls:
     extras: dict[type, tuple] = field(default_factory=dict)  # block class -> what it returns after the states
     model_type: str = "unknown"  # names the model when its own forward fails
 
-    def distinct_calls(self, block: int) -> int:
-        return len(set(self.call_index[block]))
-
     def for_block(self, index: int) -> "BlockCall":
         return BlockCall(self, index)
 

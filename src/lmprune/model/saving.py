@@ -20,9 +20,9 @@ import json
 import os
 import re
 import shutil
-import sys
 
 from ..errors import LmpruneError
+from ..log import logger
 from ..paths import normalize_modes, os_reason
 from ..report import REPORT_NAME, write_json
 
@@ -160,7 +160,8 @@ class Destination:
         if complete:
             newest = max(complete, key=os.path.getmtime)
             os.replace(newest, self.out)
-            _log(f"restored {self.out} from {os.path.basename(newest)}, left by an interrupted --overwrite")
+            logger.warning(f"restored {self.out} from {os.path.basename(newest)}, left by an interrupted "
+                           "--overwrite")
 
     def _remove_stale_siblings(self) -> None:
         """Temporary and old directories of dead processes are leftovers of killed runs."""
@@ -197,12 +198,6 @@ class Destination:
                 f"not enough free space for the checkpoint beside --out {self.out!r}: "
                 f"about {_size(self.expected_bytes)} needed, {_size(free)} free"
             )
-
-
-def save_checkpoint(model, tokenizer, report: dict, out: str, overwrite: bool = False) -> None:
-    """Save a pruned model, its tokenizer and report to `out` (one call: lock, write, swap)."""
-    with Destination(out, overwrite) as destination:
-        destination.save(model, tokenizer, report)
 
 
 def is_lmprune_output(path: str) -> bool:
@@ -309,7 +304,3 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def _log(message: str) -> None:
-    print(f"lmprune: {message}", file=sys.stderr)
