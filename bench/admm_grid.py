@@ -18,14 +18,15 @@ restart skips the cells already there (same method, target, ρ, iterations, cali
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, PRESETS, build_windows, load_dense, replace_section, require_shared, run_once  # noqa: E402
+from common import (  # noqa: E402
+    BENCH, PRESETS, append_jsonl, build_windows, load_dense, load_jsonl, replace_section, require_shared, run_once,
+)
 from lmprune.model import resolve_device  # noqa: E402
 
 DEFAULT_RHO, DEFAULT_ITERATIONS = 1.0, 20  # lmprune's defaults for admm1 and admm-grad
@@ -62,17 +63,6 @@ def plan(methods: list[str], targets: list[str], rhos: list[float], iterations: 
 
 def cell_key(row: dict) -> tuple:
     return row["method"], row["target"], row["rho"], row["iterations"], row["nsamples"], row["eval_windows"]
-
-
-def load_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def append_row(path: Path, row: dict) -> None:
-    """One finished cell, appended and flushed at once so an interrupted run keeps it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
 
 
 def table(rows: list[dict], methods: list[str], targets: list[str], rhos: list[float], iterations: list[int]) -> str:
@@ -123,7 +113,7 @@ def main() -> None:
     setup = {"nsamples": preset["nsamples"], "eval_windows": preset["eval_windows"]}
 
     def write_table() -> None:
-        rows = [r for r in load_rows(path) if all(r[k] == v for k, v in setup.items())]
+        rows = [r for r in load_jsonl(path) if all(r[k] == v for k, v in setup.items())]
         heading = (f"### ADMM ρ × iterations: {args.preset}, calibration {preset['nsamples']} × {preset['seqlen']}, "
                    f"evaluation {preset['eval_windows'] or 'all'} windows × {preset['eval_seqlen']}")
         replace_section(BENCH / "RESULTS.md", marker, heading + "\n\n" + table(rows, methods, targets, rhos, iterations))
@@ -136,7 +126,7 @@ def main() -> None:
     device = resolve_device(args.device)
     dense, tokenizer = load_dense(preset)
     calibration, evaluation = build_windows(preset, tokenizer)
-    finished = {cell_key(r) for r in load_rows(path)}
+    finished = {cell_key(r) for r in load_jsonl(path)}
     for method, target, rho, its in plan(methods, targets, rhos, iterations):
         key = (method, target, rho, its, setup["nsamples"], setup["eval_windows"])
         if key in finished:
@@ -146,7 +136,7 @@ def main() -> None:
         row = {"method": method, "target": target, "rho": rho, "iterations": its, **setup, "threads": args.threads,
                "spec": spec(method, rho, its), **{k: result[k] for k in ("perplexity", "prune_seconds", "eval_seconds",
                                                                    "commit", "device", "timings", "summary")}}
-        append_row(path, row)
+        append_jsonl(path, row)
         print(f"{method} {target} rho={rho:g} it={its}: ppl {row['perplexity']:.2f}, "
               f"prune {row['prune_seconds']:.0f}s", flush=True)
         write_table()
