@@ -218,8 +218,9 @@ def plot(rows: list[dict], rhos, path: Path) -> None:
             ax.axhline(1 + WITHIN, color="r", lw=0.8)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("error / exact optimum")
-            ax.set_title(f"Wanda mask {target}: ADMM λ=0.1 ρ∈{rhos} (colours), λ=0 ρ=1 (black), "
-                         "best Adam GD (dashed)", fontsize=9)
+            ax.set_title(f"Wanda mask {target}, {len(mine)} layers")
+    fig.suptitle(f"ADMM λ=0.1 at ρ ∈ {rhos} (colours), ADMM λ=0 ρ=1 (black), best Adam GD (dashed); "
+                 "red: 1% above the optimum", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
