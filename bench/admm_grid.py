@@ -116,7 +116,8 @@ def main() -> None:
         rows = [r for r in load_jsonl(path) if all(r[k] == v for k, v in setup.items())]
         heading = (f"### ADMM ρ × iterations: {args.preset}, calibration {preset['nsamples']} × {preset['seqlen']}, "
                    f"evaluation {preset['eval_windows'] or 'all'} windows × {preset['eval_seqlen']}")
-        replace_section(BENCH / "RESULTS.md", marker, heading + "\n\n" + table(rows, methods, targets, rhos, iterations))
+        body = table(rows, methods, targets, rhos, iterations)
+        replace_section(BENCH / "RESULTS.md", marker, heading + "\n\n" + body)
 
     if args.table_only:
         write_table()

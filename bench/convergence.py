@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -251,7 +249,8 @@ def verdict(rows: list[dict]) -> str:
             + (f" (median {statistics.median(reached):g} it, {reached[0]}–{reached[-1]})" if reached else "")
             + f"; best GD within 1% in {len(gd_steps)} layers"
             + (f" (median {statistics.median(gd_steps):g} steps)" if gd_steps else "")
-            + (f"; GD/ADMM λ=0 time median {statistics.median(ratios):.1f}× ({min(ratios):.1f}–{max(ratios):.1f}×, "
+            + (f"; GD/ADMM λ=0 time median {statistics.median(ratios):.1f}× "
+               f"({min(ratios):.1f}–{max(ratios):.1f}×, "
                f"{len(ratios)} layers, {sum(1 for x in ratios if x >= 10)} at ≥ 10×)" if ratios else ""))
     return "\n".join(lines)
 

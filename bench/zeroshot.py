@@ -204,13 +204,17 @@ def print_cost(tasks: list[str], limit: int | None, rows: list[dict]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(local_model_dir("smollm2-135m"))
     at_limit, full = count_requests(tasks, limit, tokenizer), count_requests(tasks, None, tokenizer)
-    print("| task | documents | requests | tokens | full: documents | requests | tokens |\n|---|---|---|---|---|---|---|")
+    print("| task | documents | requests | tokens | full: documents | requests | tokens |\n" + "|---" * 7 + "|")
     for t in tasks:
         a, f = at_limit[t], full[t]
         print(f"| {t} | {a['documents']} | {a['requests']} | {a['tokens']} | {f['documents']} | {f['requests']} | "
               f"{f['tokens']} |")
     print(f"| all | | {sum(at_limit[t]['requests'] for t in tasks)} | {sum(at_limit[t]['tokens'] for t in tasks)} "
           f"| | {sum(full[t]['requests'] for t in tasks)} | {sum(full[t]['tokens'] for t in tasks)} |")
+
+    def hours(counts: dict, tokens_per_second: float) -> float:
+        return sum(counts[t]["tokens"] for t in tasks) / tokens_per_second / 3600
+
     for row in rows:  # measured rows: their own rate, applied to this count
         setup = row["setup"]
         measured = count_requests(setup.get("tasks", TASKS), setup["limit"], tokenizer)
@@ -219,8 +223,8 @@ def print_cost(tasks: list[str], limit: int | None, rows: list[dict]) -> None:
         print(f"{row['method']}@{row['target']} ({'+'.join(setup.get('tasks', TASKS))}, limit {setup['limit']}, "
               f"{row['threads']} thread(s), {row['device']}): {row['eval_seconds']:.0f} s for {row['requests']} "
               f"requests / {tokens} tokens = {row['requests_per_second']:.2f} requests/s, {rate:.0f} tokens/s; "
-              f"a row of {'+'.join(tasks)} at limit {limit}: {sum(at_limit[t]['tokens'] for t in tasks) / rate / 3600:.2f} h,"
-              f" in full: {sum(full[t]['tokens'] for t in tasks) / rate / 3600:.2f} h")
+              f"a row of {'+'.join(tasks)} at limit {limit}: {hours(at_limit, rate):.2f} h, "
+              f"in full: {hours(full, rate):.2f} h")
 
 
 def prune_with_llmcompressor(model, method: str, target: str, calibration, evaluation, model_name: str,
@@ -380,7 +384,8 @@ def table(runs: list[dict], check: dict | None) -> str:
                    if t in cells else "" for t in tasks]
             mean, error = mean_with_error(r)
             lines.append(f"| {r['target']} | {r['method']} | " + " | ".join(acc)
-                         + f" | **{mean:.3f}**" + (f" ± {error:.3f}" if with_errors else "") + f" | {r['perplexity']:.2f} |"
+                         + f" | **{mean:.3f}**" + (f" ± {error:.3f}" if with_errors else "")
+                         + f" | {r['perplexity']:.2f} |"
                          + (f" {r['eval_seconds']:.0f} | {r.get('requests_per_second', float('nan')):.2f} |"
                             if with_errors else ""))
         if with_errors:
