@@ -68,9 +68,12 @@ def cell_key(row: dict) -> tuple:
 def table(rows: list[dict], methods: list[str], targets: list[str], rhos: list[float], iterations: list[int]) -> str:
     """Per method and target, ρ down × iterations across: perplexity (prune seconds); defaults in bold."""
     cells = {(r["method"], r["target"], r["rho"], r["iterations"]): r for r in rows}
-    out = []
+    out, not_started = [], []
     for method in methods:
         for target in targets:
+            if not any(key[:2] == (method, target) for key in cells):
+                not_started.append(f"{method} at {target}")
+                continue
             out += [f"**{method} at {target}**: perplexity (prune s)", "",
                     "| ρ \\ iterations | " + " | ".join(str(i) for i in iterations) + " |",
                     "|---|" + "---|" * len(iterations)]
@@ -84,7 +87,8 @@ def table(rows: list[dict], methods: list[str], targets: list[str], rhos: list[f
             out.append("")
     done = len(cells)
     total = len(methods) * len(targets) * len(rhos) * len(iterations)
-    out.append(f"{done} of {total} cells finished; — marks a cell not run.")
+    out.append(f"{done} of {total} cells finished; — marks a cell not run"
+               + (f"; not started: {', '.join(not_started)}." if not_started else "."))
     return "\n".join(out)
 
 
