@@ -152,6 +152,18 @@ def load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"runs": []}
 
 
+def load_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines results file (none if it is not there yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one finished row at once, so an interrupted long run keeps every row it finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
 def save_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

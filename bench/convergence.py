@@ -2,35 +2,40 @@
 
     python bench/convergence.py --preset smollm2-135m --blocks 0,15,29 --targets 0.6,0.7,2:4
     python bench/convergence.py --preset stories260k --blocks 0,2,4 --iterations 50 --tag smoke
+    python bench/convergence.py --preset smollm2-135m --table-only   # table, verdict and plot from the JSONL
 
 For every Linear of the chosen blocks (early, middle, late) it takes the layer's Gram matrix H = XᵀX over
 the calibration tokens of the dense model, fixes Wanda's per-row mask at each target, and measures the
 relative reconstruction error ‖XW − XŴ‖²/‖XW‖², divided by the exact optimum's (`--update exact`), for:
   - ADMM (`--update admm`, default dampening) at every ρ of --rhos, per iteration;
   - ADMM with dampening 0 at ρ = 1 (its fixed point is the exact optimum itself);
-  - Adam gradient descent (`--update gd`) at every learning rate of --lrs, per step; the best per layer type;
+  - Adam gradient descent (`--update gd`) at every learning rate of --lrs, per step; the best per layer;
   - SparseGPT's one-pass update and the plain masked weights, as reference points.
 Wall time per iteration is measured without the error evaluation (the observer's own time is taken off).
 Then, per block, the dense block's output error (relative, on the calibration windows) after ADMM-Grad
-prunes every layer of the block with 15, 20, 30, 50 and 100 iterations: monotone or not.
+prunes every layer of the block with 15, 20, 30 and 50 iterations: monotone or not.
 
-Results: bench/results/convergence_<preset>[_<tag>].json, plots convergence_<preset>_*.png, and a section of
-bench/RESULTS.md. Timings need an otherwise idle machine and a fixed thread count (--threads).
+Every finished layer and block is appended at once to bench/results/convergence_<preset>[_<tag>].jsonl; a
+rerun with the same --nsamples and --iterations skips what is there, so a long run can be stopped and resumed.
+The plot (convergence_<preset>[_<tag>].png), the table and the verdict numbers come from that file.
+Timings need an otherwise idle machine and a fixed thread count (--threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, PRESETS, build_windows, git_commit, load_dense, require_shared, save_json  # noqa: E402
+from common import (  # noqa: E402
+    BENCH, PRESETS, append_jsonl, build_windows, git_commit, load_dense, load_jsonl, require_shared,
+)
 from lmprune.config import SparsityPattern  # noqa: E402
 from lmprune.model import find_blocks, prunable_layers  # noqa: E402
 from lmprune.solvers import build_layer_solver  # noqa: E402
@@ -160,34 +165,35 @@ def layer_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def summarize(rows: list[dict], rhos, lrs) -> str:
-    """Per target and layer type: ADMM's iterations/time to 1% at each ρ against the best GD's."""
+def best_gd(row: dict) -> tuple[str, dict, bool]:
+    """The row's best Adam learning rate: the fastest to 1%, else the lowest final error; and whether it reached."""
+    reached = [(lr, g) for lr, g in row["gd"].items() if g["reach_seconds"]]
+    if reached:
+        return *min(reached, key=lambda p: p[1]["reach_seconds"]), True
+    return *min(row["gd"].items(), key=lambda p: p[1]["errors"][-1]), False
+
+
+def summarize(rows: list[dict], rhos) -> str:
+    """Per target and layer: ADMM's iterations/time to 1% at each ρ, and undamped, against the best GD's."""
+
+    def reach(t: dict) -> str:
+        return (f"{t['reach_iterations']} it / {t['reach_seconds'] * 1e3:.0f} ms" if t["reach_iterations"]
+                else f"not in {len(t['errors'])} ({t['errors'][-1]:.4f})")
+
     lines = ["| target | layer | masked | SparseGPT | " + " | ".join(f"ADMM ρ={r}" for r in rhos)
-             + " | ADMM λ=0 ρ=1 | best GD (lr) | GD/ADMM time |", "|" + "---|" * (6 + len(rhos))]
+             + " | ADMM λ=0 ρ=1 | best GD (lr) | GD/ADMM λ=0 time |", "|" + "---|" * (8 + len(rhos))]
     for row in rows:
-        best_rho = min(rhos, key=lambda r: row["admm"][str(r)]["reach_seconds"] or float("inf"))
-        admm_cells = []
-        for rho in rhos:
-            t = row["admm"][str(rho)]
-            admm_cells.append(f"{t['reach_iterations']} it / {t['reach_seconds'] * 1e3:.0f} ms" if t["reach_iterations"]
-                              else f"not in {len(t['errors'])} ({t['errors'][-1]:.4f})")
         und = row["admm_undamped"]
-        und_cell = f"{und['reach_iterations']} it" if und["reach_iterations"] else f"{und['errors'][-1]:.4f}"
-        reached = [(lr, row["gd"][str(lr)]) for lr in lrs if row["gd"][str(lr)]["reach_iterations"]]
-        if reached:
-            lr, g = min(reached, key=lambda p: p[1]["reach_seconds"])
-            gd_cell = f"{g['reach_iterations']} it / {g['reach_seconds'] * 1e3:.0f} ms ({lr})"
-            admm_s = row["admm"][str(best_rho)]["reach_seconds"]
-            ratio = f"{g['reach_seconds'] / admm_s:.1f}×" if admm_s else "—"
-        else:
-            best = min(lrs, key=lambda lr: row["gd"][str(lr)]["errors"][-1])
-            gd_cell, ratio = f"not reached ({row['gd'][str(best)]['errors'][-1]:.4f}, lr {best})", "—"
+        lr, g, reached = best_gd(row)
+        gd_cell = f"{reach(g)} ({lr})" if reached else f"not reached ({g['errors'][-1]:.4f}, lr {lr})"
+        ratio = f"{g['reach_seconds'] / und['reach_seconds']:.1f}×" if reached and und["reach_seconds"] else "—"
         lines.append(f"| {row['target']} | {row['layer']} | {row['masked']:.3f} | {row['sparsegpt']['error']:.4f} | "
-                     + " | ".join(admm_cells) + f" | {und_cell} | {gd_cell} | {ratio} |")
+                     + " | ".join(reach(row["admm"][str(rho)]) for rho in rhos)
+                     + f" | {reach(und)} | {gd_cell} | {ratio} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], rhos, lrs, path: Path) -> None:
+def plot(rows: list[dict], rhos, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,24 +204,55 @@ def plot(rows: list[dict], rhos, lrs, path: Path) -> None:
     for row_axes, target in zip(axes, targets):
         mine = [r for r in rows if r["target"] == target]
         for r in mine:
-            for i, rho in enumerate(rhos):
-                t = r["admm"][str(rho)]
-                style = dict(color=f"C{i}", alpha=0.35, lw=0.8)
+            curves = [(r["admm"][str(rho)], dict(color=f"C{i}")) for i, rho in enumerate(rhos)]
+            curves += [(r["admm_undamped"], dict(color="k")), (best_gd(r)[1], dict(color="k", ls="--"))]
+            for t, style in curves:
+                style.update(alpha=0.35, lw=0.8)
                 row_axes[0].plot(range(1, len(t["errors"]) + 1), t["errors"], **style)
                 row_axes[1].plot(t["seconds"], t["errors"], **style)
-            best = min(lrs, key=lambda lr: r["gd"][str(lr)]["errors"][-1])
-            g = r["gd"][str(best)]
-            row_axes[0].plot(range(1, len(g["errors"]) + 1), g["errors"], color="k", alpha=0.35, lw=0.8, ls="--")
-            row_axes[1].plot(g["seconds"], g["errors"], color="k", alpha=0.35, lw=0.8, ls="--")
         for ax, xlabel in zip(row_axes, ("iterations", "seconds")):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.axhline(1 + WITHIN, color="r", lw=0.8)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("error / exact optimum")
-            ax.set_title(f"Wanda mask {target}: ADMM ρ∈{rhos} (colours), best-lr Adam GD (dashed)")
+            ax.set_title(f"Wanda mask {target}, {len(mine)} layers")
+    fig.suptitle(f"ADMM λ=0.1 at ρ ∈ {rhos} (colours), ADMM λ=0 ρ=1 (black), best Adam GD (dashed); "
+                 "red: 1% above the optimum", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def row_key(row: dict) -> tuple:
+    """What a finished row stands for: a rerun with the same setup skips it."""
+    return (row["kind"], row["target"], row.get("layer", row.get("block")), row["nsamples"], row["iterations"])
+
+
+def verdict(rows: list[dict]) -> str:
+    """Per target, the numbers of the paper's claim: undamped ADMM to 1% against the best Adam GD."""
+    lines = []
+    for target in sorted({r["target"] for r in rows}):
+        mine = [r for r in rows if r["target"] == target]
+        und = [r["admm_undamped"] for r in mine]
+        reached = sorted(u["reach_iterations"] for u in und if u["reach_iterations"])
+        within20 = sum(1 for it in reached if it <= 20)
+        ratios, gd_steps = [], []
+        for r, u in zip(mine, und):
+            best = min((g for g in r["gd"].values() if g["reach_seconds"]), key=lambda g: g["reach_seconds"],
+                       default=None)
+            if best:
+                gd_steps.append(best["reach_iterations"])
+                if u["reach_seconds"]:
+                    ratios.append(best["reach_seconds"] / u["reach_seconds"])
+        lines.append(
+            f"{target}: ADMM λ=0 ρ=1 within 1% in {len(reached)} of {len(mine)} layers, {within20} within 20 it"
+            + (f" (median {statistics.median(reached):g} it, {reached[0]}–{reached[-1]})" if reached else "")
+            + f"; best GD within 1% in {len(gd_steps)} layers"
+            + (f" (median {statistics.median(gd_steps):g} steps)" if gd_steps else "")
+            + (f"; GD/ADMM λ=0 time median {statistics.median(ratios):.1f}× "
+               f"({min(ratios):.1f}–{max(ratios):.1f}×, "
+               f"{len(ratios)} layers, {sum(1 for x in ratios if x >= 10)} at ≥ 10×)" if ratios else ""))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -224,48 +261,71 @@ def main() -> None:
     parser.add_argument("--blocks", default="0,15,29")
     parser.add_argument("--targets", default="0.6,0.7,2:4")
     parser.add_argument("--rhos", default="0.1,0.3,1,3,10")
-    parser.add_argument("--lrs", default="0.001,0.003,0.01,0.03,0.1")
-    parser.add_argument("--iterations", type=int, default=100, help="ADMM iterations (GD gets 10×)")
-    parser.add_argument("--block-iterations", default="15,20,30,50,100")
-    parser.add_argument("--nsamples", type=int, help="calibration windows (default: the preset's)")
+    parser.add_argument("--lrs", default="0.03", help="Adam learning rates (0.03 was the best of 0.01/0.03 for "
+                                                      "every layer at 70%%)")
+    parser.add_argument("--iterations", type=int, default=50, help="ADMM iterations (GD gets 10×)")
+    parser.add_argument("--block-iterations", default="15,20,30,50")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--table-only", action="store_true", help="the table, verdict and plot from the JSONL")
     args = parser.parse_args()
-    require_shared()
-    torch.set_num_threads(args.threads)
-    preset = dict(PRESETS[args.preset])
-    if args.nsamples:
-        preset["nsamples"] = args.nsamples
+    stem = f"convergence_{args.preset}" + (f"_{args.tag}" if args.tag else "")
+    out = BENCH / "results" / f"{stem}.jsonl"
+    targets = args.targets.split(",")
     rhos = [float(x) for x in args.rhos.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
     block_ids = [int(x) for x in args.blocks.split(",")]
+    block_iterations = [int(x) for x in args.block_iterations.split(",")]
+    setup = {"nsamples": args.nsamples, "iterations": args.iterations}
+    if not args.table_only:
+        run(args, out, targets, rhos, lrs, block_ids, block_iterations, setup)
+    rows = [r for r in load_jsonl(out) if r["target"] in targets and all(r[k] == v for k, v in setup.items())]
+    layers = [r for r in rows if r["kind"] == "layer"]
+    if layers:
+        plot(layers, rhos, BENCH / "results" / f"{stem}.png")
+        print(summarize(layers, rhos))
+        print(verdict(layers))
+    for b in (r for r in rows if r["kind"] == "block"):
+        print(f"{b['target']} block {b['block']}: " + " → ".join(f"{b[str(k)]:.5f}" for k in block_iterations)
+              + (" (monotone)" if b["monotone"] else " (NOT monotone)"))
+    print(f"results in {out}")
+
+
+def run(args, out: Path, targets, rhos, lrs, block_ids, block_iterations, setup) -> None:
+    """Measure every (target, layer) and (target, block) not yet in `out`, appending each as it finishes."""
+    finished = {row_key(r) for r in load_jsonl(out)}
+    # a target's blocks are measured after its layers: all its blocks there means the target is done
+    todo = [t for t in targets if any(("block", t, b, args.nsamples, args.iterations) not in finished
+                                      for b in block_ids)]
+    if not todo:
+        return
+    require_shared()
+    torch.set_num_threads(args.threads)
+    preset = dict(PRESETS[args.preset], nsamples=args.nsamples)
     model, tokenizer = load_dense(preset)
     calibration, _ = build_windows(preset, tokenizer)
     grams = capture_grams(model, calibration, block_ids, batch=8)
-    rows, blocks = [], []
-    for target in args.targets.split(","):
+    common = {"commit": git_commit(), "threads": args.threads, **setup, "rhos": rhos, "lrs": lrs}
+    for target in targets:
         pattern = SparsityPattern.parse(target)
         wanda = build_layer_solver("wanda")
         for name, entry in grams.items():
+            if ("layer", target, name, args.nsamples, args.iterations) in finished:
+                continue
             W, H = entry["layer"].get_weight(torch.device("cpu")), entry["H"].float()
             mask = wanda(W, H, wanda_pattern(pattern)).mask
-            row = {"target": target, "layer": name, "type": layer_type(name), "shape": list(W.shape),
-                   "tokens": entry["tokens"], **one_layer(W, H, mask, rhos, lrs, args.iterations)}
-            rows.append(row)
-            print(f"{target} {name}: ADMM ρ=1 {row['admm']['1.0']['reach_iterations']} it, masked {row['masked']:.3f}",
-                  flush=True)
+            row = {"kind": "layer", "target": target, "layer": name, "type": layer_type(name), "shape": list(W.shape),
+                   "tokens": entry["tokens"], **common, **one_layer(W, H, mask, rhos, lrs, args.iterations)}
+            append_jsonl(out, row)
+            print(f"{target} {name}: ADMM λ=0 {row['admm_undamped']['reach_iterations']} it, "
+                  f"masked {row['masked']:.3f}", flush=True)
         for b in block_ids:
-            entry = block_output_error(model, b, calibration, grams, pattern,
-                                       [int(x) for x in args.block_iterations.split(",")], batch=8)
-            blocks.append({"target": target, "block": b, **entry})
+            if ("block", target, b, args.nsamples, args.iterations) in finished:
+                continue
+            entry = block_output_error(model, b, calibration, grams, pattern, block_iterations, batch=8)
+            append_jsonl(out, {"kind": "block", "target": target, "block": b, **common, **entry})
             print(f"{target} block {b}: {entry}", flush=True)
-    stem = f"convergence_{args.preset}" + (f"_{args.tag}" if args.tag else "")
-    out = BENCH / "results" / f"{stem}.json"
-    save_json(out, {"commit": git_commit(), "threads": args.threads, "preset": preset, "rhos": rhos, "lrs": lrs,
-                    "layers": rows, "blocks": blocks})
-    plot(rows, rhos, lrs, BENCH / "results" / f"{stem}.png")
-    print(summarize(rows, rhos, lrs))
-    print(f"results in {out}")
 
 
 def wanda_pattern(pattern: SparsityPattern) -> SparsityPattern:
