@@ -279,9 +279,6 @@ def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | No
     if args.stream and model_dir and is_sparse_checkpoint(model_dir):
         raise LmpruneError(f"--stream reads dense checkpoints; {args.model} is packed: `lmprune unpack` it first, "
                            "or prune with --no-stream")
-    if args.stream and args.save_format == "sparse":
-        raise LmpruneError("--save-format sparse is not written block by block yet: use --no-stream, or "
-                           "`lmprune pack` the streamed output")
     pattern = method.pattern(pattern, args.per_row)
     config.allocation.check(pattern)
     seqlen = args.seqlen or f"{DEFAULT_SEQLEN} (at most the model's context)"
@@ -413,7 +410,7 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
 
     blocks = None
     if args.stream and ranks.is_main:
-        blocks = _open_streamed_blocks(model, shards, config, args, device, calibration, destination)
+        blocks = _open_streamed_blocks(model, shards, config, args, device, calibration, destination, pattern)
     elif args.stream:  # the other ranks read each block from the checkpoint too, and write nothing
         from .model.streaming import StreamedReader
 
@@ -505,15 +502,21 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
     return 0
 
 
-def _open_streamed_blocks(model, shards, config, args, device, calibration, destination):
-    """The streamed blocks, writing into the destination's partial output; continues a killed run there
-    when settings, calibration and model all match."""
+def _open_streamed_blocks(model, shards, config, args, device, calibration, destination, pattern):
+    """The streamed blocks, writing into the destination's partial output (packed with --save-format
+    sparse); continues a killed run there when settings, calibration and model all match."""
     from .model.streaming import StreamedBlocks, run_identity
 
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("model", "calib", "out", "overwrite", "eval_data", "eval_seqlen", "eval_max_windows")}
     settings.update(device=str(device), dtype=args.dtype)
+    if args.save_format == "sparse":  # only then: dense partial runs of earlier versions still resume
+        settings["save_format"] = "sparse"
     blocks = StreamedBlocks(model, shards, destination.tmp, run_identity(settings, calibration, shards))
+    if args.save_format == "sparse":
+        from .sparse.format import BlockPacker
+
+        blocks.packer = BlockPacker(blocks.blocks_name, asdict(pattern))
     blocks.open_partial(args.fresh)
     destination.keep_partial = bool(blocks.done)
     if blocks.redone:

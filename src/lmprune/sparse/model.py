@@ -10,7 +10,7 @@ import torch
 from ..errors import LmpruneError
 from .format import SparseCheckpoint, config_object, dense_config
 from .linear import sparsify
-from .packing import PackedWeight
+from .packing import PackedWeight, as_dense
 
 
 def load_sparse_model(path: str, name: str, dtype: torch.dtype | str = "auto", sparse: bool = False):
@@ -55,7 +55,7 @@ def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse:
     packed: dict[str, PackedWeight] = {}
     for _, weights in checkpoint.weights():
         for key, weight in weights.items():
-            state[key] = weight.dense() if isinstance(weight, PackedWeight) else weight
+            state[key] = as_dense(weight)
             if sparse and isinstance(weight, PackedWeight):
                 packed[key] = weight
     model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
@@ -88,8 +88,7 @@ def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
             raise LmpruneError(f"{checkpoint.path}: {shard} holds {unknown[0]}, which "
                                f"{type(model).__name__} has no place for")
         replaced = sparsify(model, {k: w for k, w in weights.items() if isinstance(w, PackedWeight)})
-        _assign(model, {k: (w.dense() if isinstance(w, PackedWeight) else w)
-                        for k, w in weights.items() if k not in replaced})
+        _assign(model, {k: as_dense(w) for k, w in weights.items() if k not in replaced})
         loaded.update(weights)
     for target, source in _tied_targets(model).items():
         if target not in loaded:  # tied as from_pretrained ties it: one tensor, two names
