@@ -5,6 +5,8 @@ References: the dense streamed run's own output, packed by `lmprune pack` (an in
 checkpoint read back from disk), and the tensors safetensors reads from the files."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from safetensors import safe_open
@@ -53,6 +55,33 @@ def test_streamed_sparse_output_is_the_packed_streamed_output(capsys, tmp_path, 
     assert report(sparse)["evaluation"] == report(work / "dense")["evaluation"]
     assert run_cli(capsys, "unpack", sparse, "--out", work / "unpacked")[0] == 0
     assert_same_tensors(tensors(work / "unpacked"), tensors(work / "dense"))
+    if tag == "50%":
+        assert plain_transformers_refuses(sparse)
+
+
+UNAWARE = """
+import sys
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+for loader, error, words in ((AutoModelForCausalLM, ValueError, "lmprune_sparse"),
+                             (LlamaForCausalLM, OSError, "no file named model.safetensors")):
+    try:
+        loader.from_pretrained(sys.argv[1])
+    except error as exc:
+        assert words in str(exc), str(exc)
+    else:
+        raise SystemExit(f"{loader.__name__} built a model")
+print("refused")
+"""
+
+
+def plain_transformers_refuses(directory) -> bool:
+    """transformers without lmprune (another process that never imports it) refuses the packed directory
+    a streamed run wrote (its shards keep the streamed names model-*-of-*.safetensors), never builds a
+    model with random weights in place of the packed ones."""
+    result = subprocess.run([sys.executable, "-c", UNAWARE, str(directory)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "refused", result.stderr[-2000:]
+    return True
 
 
 def test_killed_streamed_sparse_run_resumes_to_the_same_files(capsys, tmp_path, monkeypatch):

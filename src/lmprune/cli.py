@@ -593,8 +593,12 @@ def cmd_eval(args) -> int:
     if args.stream:
         from .model.loading import local_model_dir
         from .model.streaming import StreamedReader, load_streamed_model
+        from .sparse.format import is_sparse_checkpoint
 
         path = _require_local(local_model_dir(args.model), args.model)
+        if is_sparse_checkpoint(path):
+            raise LmpruneError(f"{args.model} is packed: evaluate it without --stream (its blocks are read "
+                               "from packed shards only by the run that writes them)")
         model, tokenizer, shards = load_streamed_model(path, args.model, args.dtype)
         store = StreamedReader(model, shards)
     else:
