@@ -8,7 +8,7 @@ the largest |logit difference| over the steps decoded from the same context (up 
 token), absolute and relative to the largest |logit|. Where a generation differs, the dense model's gap
 between its chosen token and the sparse path's at that step says whether rounding can explain it.
 
-    python bench/decode_correctness.py [--targets 0.5 0.7 2:4] [--prompts 20] [--tokens 24]
+    python bench/decode_correctness.py [--targets 0.5 0.7 2:4] [--prompts 20] [--tokens 16]
 
 The pruned and packed checkpoints go to a temporary directory, removed after.
 """
@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", default=["0.5", "0.7", "2:4"])
     parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     require_shared()
