@@ -351,12 +351,12 @@ def disk_full_at(monkeypatch, block: int):
 
     real = streaming.write_shard
 
-    def write_shard(path, tensors):
+    def write_shard(path, tensors, *metadata):
         if f"model-{block + 1:05d}-of" in path:
             with open(path, "wb") as f:
                 f.write(b"half a shard")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        real(path, tensors)
+        real(path, tensors, *metadata)
 
     monkeypatch.setattr(streaming, "write_shard", write_shard)
 

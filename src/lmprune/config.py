@@ -271,9 +271,6 @@ class PruneOptions:
         require_at_least(self.gen_batch_size, 1, "--gen-batch-size")
         if self.fresh and not self.stream:
             raise LmpruneError("--fresh discards a streamed run's partial output: it needs --stream")
-        if self.stream and self.save_format == "sparse":
-            raise LmpruneError("--save-format sparse is not written block by block yet: use --no-stream, or "
-                               "`lmprune pack` the streamed output")
 
     @property
     def self_calibration(self) -> bool:

@@ -106,8 +106,13 @@ def load(name: str, dtype: str, stream: bool, progress: bool = True):
         model, tokenizer = load_model(name, dtype, progress=progress)
         return model, tokenizer, None
     from .model.streaming import load_streamed_model
+    from .sparse.format import is_sparse_checkpoint
 
-    return load_streamed_model(require_local(local_model_dir(name), name), name, dtype)
+    path = require_local(local_model_dir(name), name)
+    if is_sparse_checkpoint(path):
+        raise LmpruneError(f"{name} is packed: evaluate it without --stream (its blocks are read "
+                           "from packed shards only by the run that writes them)")
+    return load_streamed_model(path, name, dtype)
 
 
 def require_local(model_dir: str | None, model: str) -> str:
@@ -169,7 +174,13 @@ def _block_store(options: PruneOptions, model, shards, device, calibration, dest
     settings = {k: v for k, v in asdict(options.config).items()
                 if k not in ("model", "calib", "out", "overwrite", "eval_data", "eval_seqlen", "eval_max_windows")}
     settings.update(device=str(device), dtype=options.dtype)
+    if options.save_format == "sparse":  # only then: dense partial runs of earlier versions still resume
+        settings["save_format"] = "sparse"
     blocks = StreamedBlocks(model, shards, destination.tmp, run_identity(settings, calibration, shards))
+    if options.save_format == "sparse":  # each finished block is packed as it is written
+        from .sparse.format import BlockPacker
+
+        blocks.packer = BlockPacker(blocks.blocks_name, asdict(options.pattern))
     blocks.open_partial(options.fresh)
     destination.keep_partial = bool(blocks.done)
     if blocks.redone:

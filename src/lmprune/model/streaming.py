@@ -316,6 +316,7 @@ class StreamedBlocks(BlockStore):
         self.outside_weights = combined_digest({k: d for k, d in shards.digests.items() if not k.startswith(inside)})
         self.weights: list[dict[str, str]] = []
         self.redone: str | None = None  # why finished blocks are pruned again (a damaged shard)
+        self.packer = None  # sparse.format.BlockPacker: block shards written packed (--save-format sparse)
 
     # -- the partial output -------------------------------------------------------------------------
     def shard_name(self, position: int) -> str:
@@ -451,9 +452,11 @@ class StreamedBlocks(BlockStore):
         from .loading import require_finite_weights
 
         require_finite_weights(block, f"the pruned block {index}")
-        tensors = self._checkpoint_tensors(index, block)
+        tensors, stored, metadata = self._checkpoint_tensors(index, block), None, None
+        if self.packer is not None:  # `tensors` then as read back: what the digest below must describe
+            tensors, stored, metadata = self.packer.pack(tensors, records)
         shard = self.shard_name(index)
-        self._write_shard(shard, tensors, f"block {index}")
+        self._write_shard(shard, tensors if stored is None else stored, f"block {index}", metadata)
         self._written.update(dict.fromkeys(tensors, shard))
         self.done.append(records)
         self.weights.append({"read": combined_digest({k: self.shards.digests[k] for k in self._keys[index]}),
@@ -473,10 +476,11 @@ class StreamedBlocks(BlockStore):
                                "use --no-stream")
         return {k: v.contiguous() for k, v in tensors.items()}
 
-    def _write_shard(self, shard: str, tensors: dict[str, torch.Tensor], what: str) -> None:
+    def _write_shard(self, shard: str, tensors: dict[str, torch.Tensor], what: str,
+                     metadata: dict[str, str] | None = None) -> None:
         path = os.path.join(self.out, shard)
         try:
-            write_shard(path, tensors)
+            write_shard(path, tensors, metadata)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.remove(path)
@@ -503,6 +507,8 @@ class StreamedBlocks(BlockStore):
             if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
                 self.model.generation_config.save_pretrained(self.out)
             tokenizer.save_pretrained(self.out)
+            if self.packer is not None:
+                self.packer.seal(self.out, INDEX_NAME, report)
             write_json(os.path.join(self.out, REPORT_NAME), report)  # it marks a complete checkpoint
             os.remove(os.path.join(self.out, STATE_NAME))  # until now a kill leaves a resumable partial output
         except OSError as exc:
@@ -555,11 +561,11 @@ def _nbytes(directory: str, shard: str) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
-def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
+def write_shard(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """One safetensors file, on disk (fsync'ed) when this returns."""
     from safetensors.torch import save_file
 
-    save_file(tensors, path, metadata={"format": "pt"})
+    save_file(tensors, path, metadata=metadata or {"format": "pt"})
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -568,13 +574,11 @@ def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _read_file(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
+    from ..sparse.format import read_block
     from .loading import _first_line
 
     try:
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in keys}
+        return read_block(path, keys)  # dense, or packed by --save-format sparse
     except Exception as exc:
         raise CannotResume(f"cannot read the finished block in {path}: {_first_line(exc)}; add --fresh to discard "
                            "the partial run and start afresh") from None

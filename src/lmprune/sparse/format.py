@@ -12,8 +12,9 @@ shape, dtype, counts, CRC-32). config.json records the format:
 A loader that does not know the format must fail, never build a model with random weights in place of
 the packed ones. Two things make sure of that: `model_type` is one transformers does not know, so
 AutoModel*/AutoConfig refuse it by name, and the shards and index have names transformers does not look
-for (`sparse-*.safetensors`, `sparse.safetensors.index.json`), so a model class's own from_pretrained
-finds no weights and stops. `lmprune.load_model` reads it.
+for (`sparse.safetensors.index.json`; shards `sparse-*.safetensors`, or a streamed run's
+`model-*-of-*.safetensors`, which only an index names), so a model class's own from_pretrained finds no
+weights and stops. `lmprune.load_model` reads it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from ..errors import LmpruneError
 from ..model.loading import _first_line
 from ..report import REPORT_NAME, write_json
-from .packing import BITMASK, NM, PackedWeight, choose_layout, from_stored, pack
+from .packing import BITMASK, NM, PackedWeight, as_dense, choose_layout, from_stored, pack
 
 FORMAT = "lmprune-sparse"
 VERSION = 1
@@ -84,6 +85,36 @@ def dense_config(config: dict[str, Any], path: str) -> dict[str, Any]:
     return dense
 
 
+def read_shard(file: str) -> dict[str, torch.Tensor | PackedWeight]:
+    """Every weight of one shard by its model name: packed ones as checked PackedWeights (a dense shard's
+    tensors as they are)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise LmpruneError(f"cannot read {file}: {_first_line(exc)}") from None
+    try:
+        records = json.loads(metadata.get(CONFIG_KEY, "{}"))
+        if not isinstance(records, dict):
+            raise ValueError
+    except ValueError:
+        raise LmpruneError(f"{file}: its record of packed weights is damaged") from None
+    weights: dict[str, torch.Tensor | PackedWeight] = {}
+    for name, meta in records.items():
+        parts = [name + VALUES, name + POSITIONS.get(meta.get("layout") if isinstance(meta, dict) else None, "?")]
+        if not isinstance(meta, dict) or any(part not in tensors for part in parts):
+            raise LmpruneError(f"{file}: packed weight {name} lacks its tensors or its record")
+        weights[name] = from_stored(meta, tensors.pop(parts[0]), tensors.pop(parts[1]), f"{file}: {name}")
+    stray = [key for key in tensors if key.endswith((VALUES, *POSITIONS.values()))]
+    if stray:
+        raise LmpruneError(f"{file}: {stray[0]} is part of a packed weight with no record")
+    weights.update(tensors)
+    return weights
+
+
 class SparseCheckpoint:
     """A sparse checkpoint directory, opened for reading: its config checked, its shards whole."""
 
@@ -104,41 +135,29 @@ class SparseCheckpoint:
         return sorted(set(self.weight_map.values()))
 
     def read_shard(self, shard: str) -> dict[str, torch.Tensor | PackedWeight]:
-        """Every weight of one shard by its model name: packed ones as checked PackedWeights."""
-        from safetensors import safe_open
-
-        file = os.path.join(self.path, shard)
-        try:
-            with safe_open(file, "pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise LmpruneError(f"cannot read {file}: {_first_line(exc)}") from None
-        try:
-            records = json.loads(metadata.get(CONFIG_KEY, "{}"))
-            if not isinstance(records, dict):
-                raise ValueError
-        except ValueError:
-            raise LmpruneError(f"{file}: its record of packed weights is damaged") from None
-        weights: dict[str, torch.Tensor | PackedWeight] = {}
-        for name, meta in records.items():
-            parts = [name + VALUES, name + POSITIONS.get(meta.get("layout") if isinstance(meta, dict) else None, "?")]
-            if not isinstance(meta, dict) or any(part not in tensors for part in parts):
-                raise LmpruneError(f"{file}: packed weight {name} lacks its tensors or its record")
-            weights[name] = from_stored(meta, tensors.pop(parts[0]), tensors.pop(parts[1]), f"{file}: {name}")
-        stray = [key for key in tensors if key.endswith((VALUES, *POSITIONS.values()))]
-        if stray:
-            raise LmpruneError(f"{file}: {stray[0]} is part of a packed weight with no record")
-        weights.update(tensors)
-        return weights
+        return read_shard(os.path.join(self.path, shard))
 
     def weights(self) -> Iterator[tuple[str, dict[str, torch.Tensor | PackedWeight]]]:
         for shard in self.shards:
             yield shard, self.read_shard(shard)
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: w.dense() if isinstance(w, PackedWeight) else w
-                for _, weights in self.weights() for name, w in weights.items()}
+        return {name: as_dense(w) for _, weights in self.weights() for name, w in weights.items()}
+
+
+def shard_tensors(weights: dict[str, torch.Tensor | PackedWeight], sparse: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of one safetensors shard: packed weights as their parts and records (sparse)
+    or all dense."""
+    records, tensors = {}, {}
+    for name, weight in weights.items():
+        if isinstance(weight, PackedWeight) and sparse:
+            records[name] = weight.meta()
+            tensors[name + VALUES] = weight.values
+            tensors[name + POSITIONS[weight.layout]] = weight.positions
+        else:
+            tensors[name] = weight.dense() if isinstance(weight, PackedWeight) else weight.contiguous()
+    return tensors, {"format": "pt", **({CONFIG_KEY: json.dumps(records, sort_keys=True)} if sparse else {})}
 
 
 def write_shards(out: str, shards: Iterator[tuple[str, dict[str, torch.Tensor | PackedWeight]]],
@@ -149,16 +168,8 @@ def write_shards(out: str, shards: Iterator[tuple[str, dict[str, torch.Tensor | 
     weight_map: dict[str, str] = {}
     total = 0
     for position, (_, weights) in enumerate(shards):
-        records, tensors = {}, {}
-        for name, weight in weights.items():
-            if isinstance(weight, PackedWeight) and sparse:
-                records[name] = weight.meta()
-                tensors[name + VALUES] = weight.values
-                tensors[name + POSITIONS[weight.layout]] = weight.positions
-            else:
-                tensors[name] = weight.dense() if isinstance(weight, PackedWeight) else weight.contiguous()
+        tensors, metadata = shard_tensors(weights, sparse)
         shard = f"{'sparse' if sparse else 'model'}-{position + 1:05d}.safetensors"
-        metadata = {"format": "pt", **({CONFIG_KEY: json.dumps(records, sort_keys=True)} if sparse else {})}
         save_file(tensors, os.path.join(out, shard), metadata=metadata)
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.nbytes for t in tensors.values())
@@ -211,9 +222,9 @@ class PackPlan:
     file (per-expert tensors transformers fuses while loading) are packed by the second rule.
     """
 
-    def __init__(self, config: dict[str, Any], report: dict[str, Any] | None, path: str):
+    def __init__(self, blocks_name: str, report: dict[str, Any] | None, path: str):
         self.path = path
-        self.blocks_prefix = _blocks_prefix(config, path) + "."
+        self.blocks_prefix = blocks_name + "."
         self.claims: dict[str, list[tuple[int | None, dict]]] = {}
         self.nm: tuple[int, int] | None = None
         if report is not None:
@@ -262,7 +273,7 @@ def pack_checkpoint(src: str, out: str, report: dict[str, Any] | None) -> dict[s
     if is_sparse_checkpoint(src):
         raise LmpruneError(f"{src} is already a sparse checkpoint")
     source = DenseCheckpoint(src)
-    plan = PackPlan(source.config, report, src)
+    plan = PackPlan(_blocks_prefix(source.config, src), report, src)
     counts = {BITMASK: 0, NM: 0}
 
     def packed_shards():
@@ -305,6 +316,58 @@ def pack_in_place(directory: str, report: dict[str, Any]) -> None:
     for entry in os.scandir(staging):
         os.replace(entry.path, os.path.join(directory, entry.name))
     os.rmdir(staging)
+
+
+# ---- a streamed run's blocks, packed as they finish (prune --stream --save-format sparse) ------------------
+
+class BlockPacker:
+    """Packs each finished block of a streamed run into its shard, with the plan `pack` follows for the
+    dense output (the block's report records, the run's N:M pattern), so that both give the same packed
+    tensors; `seal` then makes the finished partial output a sparse checkpoint."""
+
+    def __init__(self, blocks_name: str, pattern: dict[str, Any]):
+        self.blocks_name = blocks_name
+        self.settings = {"pattern": pattern}  # as the report records it (settings.pattern)
+
+    def pack(self, tensors: dict[str, torch.Tensor], records: dict[str, Any]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+        """One block's tensors (checkpoint names) -> (the tensors as reading the shard gives them back, the
+        shard's tensors, its metadata). Read back, a packed weight's pruned zeros are +0.0 (packing.py)."""
+        plan = PackPlan(self.blocks_name, {"settings": self.settings, "layers": records["layers"]}, "the pruned block")
+        weights = {name: plan.pack(name, tensor) for name, tensor in tensors.items()}
+        read_back = {name: as_dense(w) for name, w in weights.items()}
+        return (read_back, *shard_tensors(weights, sparse=True))
+
+    @staticmethod
+    def seal(out: str, dense_index: str, report: dict[str, Any]) -> None:
+        """The partial output, all shards, its dense index and config.json written, as a sparse checkpoint:
+        the index renamed and naming the packed parts, config.json with the format record, and the report
+        (written after) with the packing's record."""
+        from safetensors import safe_open
+
+        index_file = os.path.join(out, dense_index)
+        with open(index_file, encoding="utf-8") as f:
+            metadata = json.load(f)["metadata"]
+        weight_map: dict[str, str] = {}
+        counts = {BITMASK: 0, NM: 0}
+        for shard in sorted(set(_read_index(index_file).values())):
+            with safe_open(os.path.join(out, shard), "pt") as f:
+                weight_map.update(dict.fromkeys(f.keys(), shard))
+                for record in json.loads((f.metadata() or {}).get(CONFIG_KEY, "{}")).values():
+                    counts[record["layout"]] += 1
+        write_json(os.path.join(out, INDEX), {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
+        os.remove(index_file)
+        write_sparse_config(out, read_config(out), counts)
+        report["packed"] = packed_record(counts)
+
+
+def read_block(file: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a streamed run's block shard, dense or packed (unpacked, every record checked)."""
+    weights = read_shard(file)
+    missing = [name for name in names if name not in weights]
+    if missing:
+        raise LmpruneError(f"{file} lacks {missing[0]}")
+    return {name: as_dense(weights[name]) for name in names}
 
 
 def _record_param(layer_name: str) -> tuple[str, int | None]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
 from ..errors import LmpruneError
 from .format import SparseCheckpoint, config_object, dense_config
 from .linear import sparsify
-from .packing import PackedWeight
+from .packing import PackedWeight, as_dense
 
 
 def load_sparse_model(path: str, name: str, dtype: torch.dtype | str = "auto", sparse: bool = False):
@@ -21,7 +22,12 @@ def load_sparse_model(path: str, name: str, dtype: torch.dtype | str = "auto", s
     the packed Linear/Conv1D layers are SparseLinear modules; for a model transformers loads without
     conversions they are made straight from the packed tensors, shard by shard, so no dense copy of them
     ever exists; otherwise (MoE checkpoints whose experts transformers fuses) they replace the dense
-    layers after a dense load."""
+    layers after a dense load, whose peak holds the whole dense model once.
+
+    Packed weights that are no Linear/Conv1D layer's own weight in memory stay dense there, and one line
+    on stderr says so: transformers 5 fuses every MoE's routed experts into 3-D tensors that its expert
+    modules index and multiply themselves (eager loop, grouped or batched matmuls), which a layer swap
+    cannot reach."""
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
@@ -34,9 +40,13 @@ def load_sparse_model(path: str, name: str, dtype: torch.dtype | str = "auto", s
     config = config_object(dense_config(checkpoint.config, path), path)
     tokenizer = _load_tokenizer(AutoTokenizer, path, name, True)
     if sparse and not converted_on_load(config):
-        model = _packed_model(checkpoint, config, dtype, name)
+        model, dense = _packed_model(checkpoint, config, dtype, name)
     else:
-        model = _dense_model(checkpoint, config, dtype, name, sparse)
+        model, dense = _dense_model(checkpoint, config, dtype, name, sparse)
+    if dense:
+        print(f"lmprune: {len(dense)} packed weight(s) stay dense in memory (e.g. {dense[0]}): the model "
+              "multiplies them itself (fused expert tensors), not through a Linear or Conv1D layer the sparse "
+              "path replaces", file=sys.stderr)
     require_finite_weights(model, f"model {name!r}")
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         with contextlib.suppress(OSError, ValueError):
@@ -55,7 +65,7 @@ def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse:
     packed: dict[str, PackedWeight] = {}
     for _, weights in checkpoint.weights():
         for key, weight in weights.items():
-            state[key] = weight.dense() if isinstance(weight, PackedWeight) else weight
+            state[key] = as_dense(weight)
             if sparse and isinstance(weight, PackedWeight):
                 packed[key] = weight
     model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
@@ -66,9 +76,8 @@ def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse:
         raise LmpruneError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     del state
     require_complete(model, info, name)
-    if sparse:
-        sparsify(model, packed)
-    return model
+    replaced = sparsify(model, packed) if sparse else set()
+    return model, sorted(set(packed) - replaced)
 
 
 def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
@@ -82,14 +91,16 @@ def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
+    dense: list[str] = []  # packed weights of no replaceable layer
     for shard, weights in checkpoint.weights():
         unknown = [key for key in weights if key not in expected]
         if unknown:
             raise LmpruneError(f"{checkpoint.path}: {shard} holds {unknown[0]}, which "
                                f"{type(model).__name__} has no place for")
-        replaced = sparsify(model, {k: w for k, w in weights.items() if isinstance(w, PackedWeight)})
-        _assign(model, {k: (w.dense() if isinstance(w, PackedWeight) else w)
-                        for k, w in weights.items() if k not in replaced})
+        packed = {k: w for k, w in weights.items() if isinstance(w, PackedWeight)}
+        replaced = sparsify(model, packed)
+        dense += sorted(set(packed) - replaced)
+        _assign(model, {k: as_dense(w) for k, w in weights.items() if k not in replaced})
         loaded.update(weights)
     for target, source in _tied_targets(model).items():
         if target not in loaded:  # tied as from_pretrained ties it: one tensor, two names
@@ -100,4 +111,4 @@ def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
     if missing:
         raise LmpruneError(f"{name}: the checkpoint lacks {len(missing)} weight(s) of {type(model).__name__} "
                            f"(e.g. {missing[0]})")
-    return model
+    return model, sorted(dense)

@@ -78,6 +78,11 @@ class PackedWeight:
         return zlib.crc32(_bytes(self.positions), zlib.crc32(_bytes(self.values)))
 
 
+def as_dense(weight: torch.Tensor | PackedWeight) -> torch.Tensor:
+    """A weight as stored: packed ones unpacked, tensors as they are."""
+    return weight.dense() if isinstance(weight, PackedWeight) else weight
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
