@@ -327,6 +327,9 @@ def prune_model(
                                       "selectors": sorted(selectors),
                                       "block_target": block_entry,
                                       "problems": collected.problems, "blocks": result.blocks[first_block_record:]})
+            # Free this block's statistics (Grams: an FFN down projection's is as large as the block's weights)
+            # before the next block collects its own.
+            collected = groups = crosses = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if progress and index == 0 and len(blocks) > 1:

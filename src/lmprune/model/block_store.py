@@ -44,7 +44,8 @@ from .blocks import find_blocks
 from .layout import CheckpointLayout
 from .memory import return_freed_memory
 from .meta_weights import assign_weights, unload_weights
-from .shards import INDEX_NAME, CheckpointShards, ShardReadError, combined_digest, fsync_dir, read_tensors, tensor_digest
+from .shards import (INDEX_NAME, CheckpointShards, ShardReadError, combined_digest, fsync_dir, read_tensors,
+                     tensor_digest)
 
 STATE_NAME = "lmprune_state.json"
 STATE_VERSION = 2  # 2: digests of the weight values ("weights")

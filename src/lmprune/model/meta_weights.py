@@ -34,7 +34,7 @@ def tied_weights(model: nn.Module) -> dict[str, str]:
     """tied weight name -> the name it shares its tensor with (e.g. lm_head.weight -> embed_tokens.weight)."""
     from .blocks import text_config
 
-    if not (getattr(model.config, "tie_word_embeddings", False) or getattr(text_config(model), "tie_word_embeddings", False)):
+    if not any(getattr(config, "tie_word_embeddings", False) for config in (model.config, text_config(model))):
         return {}
     keys = getattr(model, "get_expanded_tied_weights_keys", None)
     tied = keys() if callable(keys) else getattr(model, "_tied_weights_keys", None)

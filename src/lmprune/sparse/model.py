@@ -72,7 +72,8 @@ def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse:
 
 
 def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
-    from ..model.meta_weights import assign_weights, config_dtype, empty_model, is_persistent, tie_unloaded, tied_weights
+    from ..model.meta_weights import (assign_weights, config_dtype, empty_model, is_persistent, tie_unloaded,
+                                      tied_weights)
 
     model = empty_model(config, dtype if isinstance(dtype, torch.dtype) else (config_dtype(config) or torch.float32))
     expected = model.state_dict(keep_vars=True)
