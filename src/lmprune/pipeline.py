@@ -329,7 +329,7 @@ def prune_model(
                                       "problems": collected.problems, "blocks": result.blocks[first_block_record:]})
             # Free this block's statistics (Grams: an FFN down projection's is as large as the block's weights)
             # before the next block collects its own.
-            collected = groups = crosses = None
+            collected = groups = group = crosses = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if progress and index == 0 and len(blocks) > 1:
