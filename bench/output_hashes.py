@@ -52,14 +52,14 @@ METHODS = ["magnitude", "wanda", "sparsegpt", "dsnot", "admm1", "admm-grad", "al
 # A kill while block 2 is written, as tests/test_streaming.py's disk_full_at does it, then the CLI's exit.
 KILLED = """
 import errno, os, sys
-import lmprune.model.streaming as streaming
+import lmprune.model.shards as shards
 from lmprune.cli import main
-real = streaming.write_shard
-def write_shard(path, tensors):
+real = shards.write_shard
+def write_shard(path, tensors, *metadata):
     if "model-00003-of" in path:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    real(path, tensors)
-streaming.write_shard = write_shard
+    real(path, tensors, *metadata)
+shards.write_shard = write_shard
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -113,3 +113,34 @@ def test_reported_errors_match_float64_reference(problem):
     for got, candidate in zip(reported, candidates):
         assert got == pytest.approx(relative_error(W, candidate, H), rel=1e-4)
     assert relative_errors(W, [W], H) == [0.0]
+
+
+def test_damping_and_inverse_factor_are_bit_identical_to_the_textbook_forms():
+    """add_damping and SparseGPT's inverse Cholesky factor avoid n×n temporaries (issue #30): the same bits as
+    H + damp·I with an explicit identity and as factorising every matrix into a preallocated output."""
+    from lmprune.solvers.linalg import add_damping
+    from lmprune.solvers.sparsegpt import _inverse_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 40, 24, generator=g)
+    H = X.mT @ X
+    H[0, 1, 2] = H[0, 2, 1] = -0.0  # the sign of a zero survives neither form differently
+    damp = 0.01 * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
+    reference = H + damp[..., None, None] * torch.eye(24)
+    damped = add_damping(H, 0.01)
+    assert torch.equal(damped.view(torch.int32), reference.view(torch.int32))
+
+    def textbook(H):  # the implementation before: a preallocated output, the factors copied into it
+        out, index = torch.empty_like(H), torch.arange(H.shape[0])
+        L, info = torch.linalg.cholesky_ex(H[index])
+        U, info_upper = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        ok = (info == 0) & (info_upper == 0)
+        out[index[ok]] = U[ok]
+        return out
+
+    U = _inverse_cholesky(damped)
+    assert U.is_contiguous() and torch.equal(U.view(torch.int32), textbook(damped).view(torch.int32))
+    bad = damped.clone()
+    bad[1] = torch.diag(torch.tensor([1.0] * 23 + [-1.0]))  # not positive definite, in float64 either
+    with pytest.raises(torch.linalg.LinAlgError):
+        _inverse_cholesky(bad)

@@ -176,10 +176,10 @@ def test_fused_expert_checkpoint_streams_as_in_memory(capsys, tmp_path, calib):
 
 
 def test_large_checkpoint_streams_by_default(capsys, tmp_path, calib, monkeypatch):
-    import lmprune.model.streaming as streaming
+    import lmprune.model.memory as memory
 
     model = save_tiny(tmp_path / "model")
-    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     code, _, err = run_cli(capsys, *prune_args(model, calib, tmp_path / "out", *WANDA, "--eval", calib))
     assert code == 0 and any("streaming blocks from disk: the checkpoint's weights" in line for line in err), err
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
@@ -218,15 +218,15 @@ def blocks_held(model):
 
 def spy_on_loads(monkeypatch):
     """The number of blocks in memory each time a streamed block is loaded."""
-    import lmprune.model.streaming as streaming
+    from lmprune.model.block_store import StreamedBlocks
 
-    held, real = [], streaming.StreamedBlocks.load
+    held, real = [], StreamedBlocks.load
 
     def load(self, index, block):
         real(self, index, block)
         held.append(blocks_held(self.model))
 
-    monkeypatch.setattr(streaming.StreamedBlocks, "load", load)
+    monkeypatch.setattr(StreamedBlocks, "load", load)
     return held
 
 
@@ -260,7 +260,8 @@ def test_prune_stream_eval_equals_eval_of_the_saved_checkpoint(capsys, tmp_path,
 def test_eval_stream_equals_eval(capsys, tmp_path, calib, monkeypatch, model_type):
     from lmprune.evaluate import evaluate_perplexity
     from lmprune.model import load_model
-    from lmprune.model.streaming import StreamedReader, load_streamed_model
+    from lmprune.model.block_store import StreamedBlocks
+    from lmprune.model.loading import load_streamed_model
 
     model = save_tiny(tmp_path / "model", model_type=model_type, shard_size="60KB")
     code, whole, err = run_cli(capsys, "eval", model, "--data", calib, *EVAL)
@@ -273,7 +274,7 @@ def test_eval_stream_equals_eval(capsys, tmp_path, calib, monkeypatch, model_typ
     args = (str(calib), 32, 3, torch.device("cpu"), 2, False)
     reference = evaluate_perplexity(loaded, tokenizer, *args)["perplexity"]
     meta, tokenizer, shards = load_streamed_model(str(model), "tiny")
-    assert evaluate_perplexity(meta, tokenizer, *args, store=StreamedReader(meta, shards))["perplexity"] == reference
+    assert evaluate_perplexity(meta, tokenizer, *args, store=StreamedBlocks(meta, shards))["perplexity"] == reference
     assert blocks_held(meta) == 0
 
 
@@ -282,7 +283,7 @@ def test_block_by_block_perplexity_is_the_models_own(model_type):
     """Every architecture of the zoo: windows through block 0, then block 1, ..., then the model's own head
     (final norm, lm_head, soft-capping) give perplexity()'s number exactly (here without disk: BlockStore)."""
     from lmprune.evaluate import perplexity, streamed_perplexity
-    from lmprune.model.streaming import BlockStore
+    from lmprune.model.block_store import BlockStore
     from zoo import SEQLEN, tiny_model
 
     model = tiny_model(model_type)
@@ -347,9 +348,9 @@ def test_unwritable_out(capsys, tmp_path, monkeypatch):
 
 
 def disk_full_at(monkeypatch, block: int):
-    import lmprune.model.streaming as streaming
+    import lmprune.model.shards as shards
 
-    real = streaming.write_shard
+    real = shards.write_shard
 
     def write_shard(path, tensors, *metadata):
         if f"model-{block + 1:05d}-of" in path:
@@ -358,7 +359,7 @@ def disk_full_at(monkeypatch, block: int):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real(path, tensors, *metadata)
 
-    monkeypatch.setattr(streaming, "write_shard", write_shard)
+    monkeypatch.setattr(shards, "write_shard", write_shard)
 
 
 def test_disk_full_before_any_block_is_done(capsys, tmp_path, monkeypatch):
@@ -430,7 +431,7 @@ def test_sigkill_after_block_2_then_rerun_is_bit_identical(capsys, tmp_path, sto
     # Killed from inside, right after block 2's state write returns: exactly "block 2 is durable".
     script = (
         "import os, signal, sys\n"
-        "import lmprune.model.streaming as s\n"
+        "import lmprune.model.block_store as s\n"
         "real = s.StreamedBlocks._write_state\n"
         "def write_state(self):\n"
         "    real(self)\n"

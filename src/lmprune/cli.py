@@ -284,7 +284,7 @@ def _streaming(args, calib: str, model_dir: str | None) -> tuple[bool, str]:
     a checkpoint too large for memory (or a killed streamed run to continue); options that need the whole
     model in memory are refused with --stream, and turn the default off."""
     from .model.saving import Destination
-    from .model.streaming import stream_by_default
+    from .model.memory import stream_by_default
     from .run import require_local
 
     needs_memory = (["--eval-tasks"] if args.eval_tasks else []) + (
@@ -353,9 +353,9 @@ def cmd_eval(args) -> int:
     model, tokenizer, shards = load(args.model, args.dtype, args.stream, progress=not args.no_progress)
     block_store = None
     if shards is not None:
-        from .model.streaming import StreamedReader
+        from .model.block_store import StreamedBlocks
 
-        block_store = StreamedReader(model, shards)
+        block_store = StreamedBlocks(model, shards)  # reads each block, writes nothing
     if args.data:
         seqlen = checked_seqlen(args.seqlen, model, "--seqlen")
         result = evaluate_perplexity(model, tokenizer, args.data, seqlen, args.max_windows, device, args.batch_size,

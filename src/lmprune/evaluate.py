@@ -35,7 +35,7 @@ def perplexity(
 @torch.no_grad()
 def streamed_perplexity(model, store, windows: torch.Tensor, device: torch.device, batch_size: int = 1,
                         progress: bool = True) -> float:
-    """perplexity() of a model whose blocks `store` reads from disk one at a time (model/streaming.py): every
+    """perplexity() of a model whose blocks `store` reads from disk one at a time (model/block_store.py): every
     batch of windows through block 0, then through block 1, ..., then through the model's own head.
 
     The same operations on the same batches as perplexity() on the model in memory: the same number, bit
@@ -43,7 +43,7 @@ def streamed_perplexity(model, store, windows: torch.Tensor, device: torch.devic
     hidden states (windows × seqlen × hidden values, on `device`)."""
     from .model import find_blocks, move_outside_blocks, record_block_calls
     from .model.calls import run_after_blocks
-    from .model.streaming import first_of_each_class
+    from .model.block_store import first_of_each_class
 
     blocks_name, blocks = find_blocks(model)
     batches = list(windows.split(batch_size))

@@ -11,7 +11,7 @@ block's layers are pruned it is re-run, so the next block is calibrated on the p
 Levers (levers.py) take part at named points of the loop, each in its own module: the stages of
 --sequential layer (sequential.py), dense and block targets (dense_targets.py), a non-uniform allocation
 (allocation.py), a block refinement such as SparseLLM (refiners/), the ranks of a torchrun
-(distributed.py). The block store (model/streaming.py) loads each block before its work and writes it
+(distributed.py). The block store (model/block_store.py) loads each block before its work and writes it
 after; blocks a killed run finished take the same path, with their saved records instead of the solves.
 Every ≥2-D block weight not pruned is listed with its reason (dense_reasons.py).
 """
@@ -47,7 +47,7 @@ from .model import (
     text_config,
 )
 from .model.replay_guard import check_replay
-from .model.streaming import BlockStore, first_of_each_class
+from .model.block_store import BlockStore, first_of_each_class
 from .refiners import BlockContext, BlockRefiner, Refinement  # noqa: F401 (BlockContext: public)
 from .safety import verify_sparsity
 from .sequential import block_stages, check_sequential
@@ -117,7 +117,7 @@ def prune_model(
     `ranks` (several processes, see distributed.py): each runs its share of the calibration batches,
     the Gram sums are all-reduced, each solves its share of the layers, and all end with the same model.
 
-    `store` holds the blocks' weights when the model is streamed (model/streaming.py): it loads each block
+    `store` holds the blocks' weights when the model is streamed (model/block_store.py): it loads each block
     before its work and writes it out after; blocks a killed run finished are only re-run, to rebuild the
     next block's inputs. By default every block is in memory already.
 
@@ -290,6 +290,9 @@ class BlockLoop:
             if stage_index == 0:
                 self.plan_block(step, collected)
             self.solve(step, stage, collected, retarget)
+            # Freed before the next stage (or block) collects: an FFN down projection's Gram is as large as the
+            # block's weights.
+            collected = None
         if self.progress and len(self.result.layers) > step.first_record:
             shown = self.result.layers[step.first_record:]
             errors = ", ".join(f"{_short(r['name'])} {r['error']:.3g}" for r in shown[:16])

@@ -105,7 +105,7 @@ def load(name: str, dtype: str, stream: bool, progress: bool = True):
     if not stream:
         model, tokenizer = load_model(name, dtype, progress=progress)
         return model, tokenizer, None
-    from .model.streaming import load_streamed_model
+    from .model.loading import load_streamed_model
     from .sparse.format import is_sparse_checkpoint
 
     path = require_local(local_model_dir(name), name)
@@ -167,10 +167,10 @@ def _block_store(options: PruneOptions, model, shards, device, calibration, dest
     """Rank 0: the streamed blocks, writing into the destination's partial output; continues a killed run
     there when settings, calibration and model all match. Other ranks read each block from the checkpoint
     too, and write nothing."""
-    from .model.streaming import StreamedBlocks, StreamedReader, run_identity
+    from .model.block_store import StreamedBlocks, run_identity
 
     if not ranks.is_main:
-        return StreamedReader(model, shards)
+        return StreamedBlocks(model, shards)  # the reading role: no output directory, nothing written
     settings = {k: v for k, v in asdict(options.config).items()
                 if k not in ("model", "calib", "out", "overwrite", "eval_data", "eval_seqlen", "eval_max_windows")}
     settings.update(device=str(device), dtype=options.dtype)
@@ -196,7 +196,7 @@ def keep_finished_blocks(blocks, destination):
     """A streamed run that stops keeps the blocks it finished (a rerun continues from there); a run that
     finished none leaves nothing. A partial run that cannot be continued is kept for the user to discard
     (--fresh), without advice to rerun that would only meet the same error."""
-    from .model.streaming import CannotResume
+    from .model.block_store import CannotResume
 
     if blocks is None:
         yield

@@ -1,5 +1,9 @@
 """Loading a causal LM and its tokenizer from a local directory, a hub id or an alias.
 
+Two ways: `load_model` reads every weight into memory (transformers' from_pretrained);
+`load_streamed_model` (--stream) builds the model on the meta device and reads only the parts outside
+the decoder blocks, the blocks being read one at a time later (model/block_store.py).
+
 Every check that can run before the weights are read does: the model must be a decoder-only causal
 LM, its safetensors files whole, its tokenizer present. After loading, no weight may be missing
 (transformers would fill it with random values) or non-finite.
@@ -7,12 +11,14 @@ LM, its safetensors files whole, its tokenizer present. After loading, no weight
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 
 from ..errors import LmpruneError
 
@@ -28,7 +34,7 @@ def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True, sp
 
     A sparse checkpoint (lmprune pack) is read too: its weights rebuilt dense, or with `sparse` its packed
     Linear layers kept packed as SparseLinear modules (for inference)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from ..aliases import resolve_model
@@ -54,19 +60,76 @@ def load_model(name_or_path: str, dtype: str = "auto", progress: bool = True, sp
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:  # missing or broken config.json, unknown model_type
-        raise LmpruneError(f"cannot load model {name_or_path!r}: {_first_line(exc)}") from None
+        raise LmpruneError(f"cannot load model {name_or_path!r}: {first_line(exc)}") from None
     require_causal_decoder(config, name_or_path)
-    tokenizer = _load_tokenizer(AutoTokenizer, path, name_or_path, local)
+    tokenizer = load_tokenizer(path, name_or_path, local)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=DTYPES[dtype], low_cpu_mem_usage=True, output_loading_info=True
         )
     # Unreachable hub, unknown repo, damaged weights (safetensors' own error is not an OSError).
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise LmpruneError(f"cannot load model {name_or_path!r}: {_first_line(exc)}") from None
+        raise LmpruneError(f"cannot load model {name_or_path!r}: {first_line(exc)}") from None
     require_complete(model, info, name_or_path)
     model.eval()
     return model, tokenizer
+
+
+def load_streamed_model(path: str, name: str, dtype: str = "auto"):
+    """(model with meta blocks, tokenizer, shards): like load_model, without reading any block's weights."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    from .blocks import find_blocks
+    from .layout import CheckpointLayout
+    from .meta_weights import assign_weights, config_dtype, empty_model, is_persistent, tie_unloaded, tied_weights
+    from .shards import INDEX_NAME, SINGLE_NAME, CheckpointShards
+
+    hf_logging.set_verbosity_error()
+    if dtype not in DTYPES:
+        raise LmpruneError(f"invalid --dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if not os.path.isdir(path):
+        raise LmpruneError(f"--stream needs a local checkpoint directory, not {name!r}")
+    shards = CheckpointShards(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LmpruneError(f"cannot load model {name!r}: {first_line(exc)}") from None
+    require_causal_decoder(config, name)
+    tokenizer = load_tokenizer(path, name, True)
+    model = empty_model(config, DTYPES[dtype] if dtype != "auto" else (config_dtype(config) or torch.float32))
+    model.eval()
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+
+    blocks_name, _ = find_blocks(model)
+    expected = model.state_dict(keep_vars=True)
+    tied = tied_weights(model)
+    layout = CheckpointLayout(model, shards.weight_map)  # names as from_pretrained converts them
+    provided = set(layout.targets(list(layout.groups)))
+    missing = [k for k in expected if k not in provided and k not in tied and is_persistent(model, k)]
+    if missing:
+        where = "in its index" if os.path.isfile(os.path.join(path, INDEX_NAME)) else f"in {SINGLE_NAME}"
+        raise LmpruneError(
+            f"{name}: {len(missing)} weight(s) of {type(model).__name__} are not {where} (e.g. {missing[0]}), "
+            "under their own names or any that transformers converts while loading: a damaged index?")
+    inside = blocks_name + "."
+    outside = [g for g in layout.groups if not g.startswith(inside)]
+    assign_weights(model, layout.to_model(outside, shards.read))
+    tie_unloaded(model, tied, provided)
+    require_finite_weights(_OutsideBlocks(model, inside), f"model {name!r}")
+    return model, tokenizer, shards
+
+
+class _OutsideBlocks:
+    """named_parameters() of the loaded (non-meta) part of a model, for the finiteness check."""
+
+    def __init__(self, model: nn.Module, inside: str):
+        self.model, self.inside = model, inside
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self.model.named_parameters() if not n.startswith(self.inside))
 
 
 def require_complete(model, info: dict, name: str) -> None:
@@ -161,9 +224,12 @@ def require_finite_weights(model: torch.nn.Module, what: str) -> None:
             )
 
 
-def _load_tokenizer(auto_tokenizer, path: str, name: str, local: bool):
+def load_tokenizer(path: str, name: str, local: bool):
+    """The checkpoint's tokenizer; a missing one is named as such."""
+    from transformers import AutoTokenizer
+
     try:
-        return auto_tokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, ImportError, TypeError) as exc:
         # Without tokenizer files transformers falls back to converting a slow tokenizer and complains
         # about sentencepiece: say what is really missing.
@@ -172,7 +238,7 @@ def _load_tokenizer(auto_tokenizer, path: str, name: str, local: bool):
                 f"{name}: no tokenizer files in the checkpoint (none of {', '.join(_TOKENIZER_FILES[:3])}, ...): "
                 "copy the tokenizer of the original model beside its weights"
             ) from None
-        raise LmpruneError(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from None
+        raise LmpruneError(f"cannot load the tokenizer of {name!r}: {first_line(exc)}") from None
 
 
 def _looks_local(path: str) -> bool:
@@ -180,6 +246,7 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line error, told in one line)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LmpruneError
-from .loading import _first_line
+from .loading import first_line
 
 _LMPRUNE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -50,7 +50,7 @@ def raised_by_model(exc: BaseException) -> bool:
 
 def describe(exc: BaseException) -> str:
     """`Type: first line of the message`, shortened to one readable line."""
-    line = _first_line(exc)
+    line = first_line(exc)
     if line.endswith(":"):  # a heading (pydantic-style validation errors): the next line says what is wrong
         line = " ".join(part.strip() for part in str(exc).strip().splitlines()[:2])
     if len(line) > _MESSAGE_CHARS:

@@ -8,7 +8,7 @@ Beside `OUT` live only lmprune's own hidden siblings:
   `.OUT.lock`      the run's exclusive lock (flock), removed when the run ends;
   `.OUT.tmp-PID`   the checkpoint being written by process PID, renamed to `OUT` when complete;
   `.OUT.old-PID`   during an `--overwrite`, the previous output between the two renames of the swap;
-  `.OUT.partial`   a streamed run's checkpoint being written block by block (model/streaming.py): a
+  `.OUT.partial`   a streamed run's checkpoint being written block by block (model/block_store.py): a
                    stable name, so a killed run's finished blocks are found and continued by the next run.
 The report is the last file written into a checkpoint, so a directory holding it is complete.
 """

@@ -33,13 +33,22 @@ class SparseGPTSettings:
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factors of H⁻¹ for a batch [E, in, in]; float64 for the matrices whose float32
     factorisation fails (not positive definite enough)."""
-    out = torch.empty_like(H, dtype=torch.float32)
+    out = None
     todo = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
     for dtype in (torch.float32, torch.float64):
         index = todo.nonzero().squeeze(1)
-        L, info = torch.linalg.cholesky_ex(H[index].to(dtype))
-        U, info_upper = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        # Each n×n intermediate is freed as soon as the next exists: for an FFN's down projection each is
+        # as large as the layer's Gram matrix.
+        L, info = torch.linalg.cholesky_ex((H if len(index) == H.shape[0] else H[index]).to(dtype))
+        inverse = torch.cholesky_inverse(L)
+        del L
+        U, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         ok = (info == 0) & (info_upper == 0)
+        if out is None and bool(ok.all()):  # the usual case: all in float32 (contiguous, as `out` would be)
+            return U.contiguous()
+        if out is None:
+            out = torch.empty_like(H, dtype=torch.float32)
         out[index[ok]] = U[ok].to(torch.float32)
         todo[index[ok]] = False
         if not todo.any():
@@ -53,7 +62,10 @@ def _sweep(W, H, settings, pattern=None, fixed_mask=None):
     mask, per layer or per row of each layer) or `fixed_mask` (keep it) is given."""
     experts, rows, cols = W.shape
     W, H = fix_dead_inputs(W.float(), H.float())
-    U = _inverse_cholesky(add_damping(H, settings.dampening))
+    damped = add_damping(H, settings.dampening)
+    del H  # a copy as large as the Gram matrix, no longer needed
+    U = _inverse_cholesky(damped)
+    del damped
     mask = torch.ones_like(W, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone()
     blocksize = settings.blocksize
     nm = pattern is not None and pattern.is_nm

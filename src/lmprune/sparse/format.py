@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import LmpruneError
-from ..model.loading import _first_line
+from ..model.loading import first_line
 from ..report import REPORT_NAME, write_json
 from .packing import BITMASK, NM, PackedWeight, as_dense, choose_layout, from_stored, pack
 
@@ -95,7 +95,7 @@ def read_shard(file: str) -> dict[str, torch.Tensor | PackedWeight]:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise LmpruneError(f"cannot read {file}: {_first_line(exc)}") from None
+        raise LmpruneError(f"cannot read {file}: {first_line(exc)}") from None
     try:
         records = json.loads(metadata.get(CONFIG_KEY, "{}"))
         if not isinstance(records, dict):
@@ -196,7 +196,7 @@ class DenseCheckpoint:
     """A dense safetensors checkpoint, read shard by shard (never written to)."""
 
     def __init__(self, path: str):
-        from ..model.streaming import CheckpointShards
+        from ..model.shards import CheckpointShards
 
         self.path = path
         self.config = read_config(path)
@@ -399,7 +399,7 @@ def config_object(config: dict[str, Any], path: str):
     try:
         hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
     except (ValueError, KeyError, TypeError) as exc:
-        raise LmpruneError(f"{path}: cannot read its config.json: {_first_line(exc)}") from None
+        raise LmpruneError(f"{path}: cannot read its config.json: {first_line(exc)}") from None
     require_causal_decoder(hf_config, path)
     return hf_config
 

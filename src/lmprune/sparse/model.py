@@ -28,17 +28,17 @@ def load_sparse_model(path: str, name: str, dtype: torch.dtype | str = "auto", s
     on stderr says so: transformers 5 fuses every MoE's routed experts into 3-D tensors that its expert
     modules index and multiply themselves (eager loop, grouped or batched matmuls), which a layer swap
     cannot reach."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
-    from ..model.loading import _load_tokenizer, require_finite_weights
+    from ..model.loading import load_tokenizer, require_finite_weights
     from ..model.layout import converted_on_load
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     checkpoint = SparseCheckpoint(path)
     config = config_object(dense_config(checkpoint.config, path), path)
-    tokenizer = _load_tokenizer(AutoTokenizer, path, name, True)
+    tokenizer = load_tokenizer(path, name, True)
     if sparse and not converted_on_load(config):
         model, dense = _packed_model(checkpoint, config, dtype, name)
     else:
@@ -59,7 +59,7 @@ def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.auto_factory import _get_model_class
 
-    from ..model.loading import _first_line, require_complete
+    from ..model.loading import first_line, require_complete
 
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, PackedWeight] = {}
@@ -73,7 +73,7 @@ def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse:
         model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
                                                   output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise LmpruneError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+        raise LmpruneError(f"cannot load model {name!r}: {first_line(exc)}") from None
     del state
     require_complete(model, info, name)
     replaced = sparsify(model, packed) if sparse else set()
@@ -81,14 +81,10 @@ def _dense_model(checkpoint: SparseCheckpoint, config, dtype, name: str, sparse:
 
 
 def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from ..model.meta_weights import (assign_weights, config_dtype, empty_model, is_persistent, tie_unloaded,
+                                      tied_weights)
 
-    from ..model.streaming import _assign, _config_dtype, _owner, _persistent, _tied_targets
-
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else (_config_dtype(config) or torch.float32)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables and masks real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = empty_model(config, dtype if isinstance(dtype, torch.dtype) else (config_dtype(config) or torch.float32))
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
     dense: list[str] = []  # packed weights of no replaceable layer
@@ -100,14 +96,11 @@ def _packed_model(checkpoint: SparseCheckpoint, config, dtype, name: str):
         packed = {k: w for k, w in weights.items() if isinstance(w, PackedWeight)}
         replaced = sparsify(model, packed)
         dense += sorted(set(packed) - replaced)
-        _assign(model, {k: as_dense(w) for k, w in weights.items() if k not in replaced})
+        assign_weights(model, {k: as_dense(w) for k, w in weights.items() if k not in replaced})
         loaded.update(weights)
-    for target, source in _tied_targets(model).items():
-        if target not in loaded:  # tied as from_pretrained ties it: one tensor, two names
-            owner, attr = _owner(model, target)
-            owner._parameters[attr] = model.get_parameter(source)
-            loaded.add(target)
-    missing = [k for k in expected if k not in loaded and _persistent(model, k)]
+    tied = tied_weights(model)
+    tie_unloaded(model, tied, loaded)
+    missing = [k for k in expected if k not in loaded and k not in tied and is_persistent(model, k)]
     if missing:
         raise LmpruneError(f"{name}: the checkpoint lacks {len(missing)} weight(s) of {type(model).__name__} "
                            f"(e.g. {missing[0]})")
