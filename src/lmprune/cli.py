@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", help="magnitude, wanda, sparsegpt, ... (see `lmprune methods`)")
     prune.add_argument("--mask", help="take the mask from this method (with --update)")
     prune.add_argument("--update", help="then update the kept weights with this method, or 'none'")
+    prune.add_argument("--refine", help="swaps: after the mask and update, greedy exact-gain weight swaps within "
+                                        "rows or N:M groups, then the update again (rounds: --opt swap_rounds=K)")
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
     target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
@@ -256,7 +258,7 @@ def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | No
     if args.best_quality:
         args.sequential, args.dense_targets, args.block_targets = "layer", True, True
     args.calib = args.calib or SELF_CALIB  # no dataset needed: the model writes its own calibration text
-    method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
+    method = build_method(args.method, args.mask, args.update, parse_options(args.opt), args.refine)
     config = PruneConfig(
         model=args.model, method=method.name, pattern=pattern, calib=args.calib, out=args.out,
         nsamples=args.nsamples, seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen, seed=args.seed,
