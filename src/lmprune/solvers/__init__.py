@@ -11,7 +11,8 @@ import torch
 from ..config import SparsityPattern, settings_from_options
 from ..errors import LmpruneError
 from .base import InputStats, Solver, SolverResult, UpdateFn
-from .swaps import SwapSettings, refine_batch
+from . import swaps
+from .swaps import SwapSettings
 
 REFINES = ("swaps",)  # --refine: what may follow every method's mask and update
 
@@ -98,10 +99,14 @@ class LayerSolver:
         solver = self.mask_solver
         if solver.solve_batch is None or self.update_solver is not None or self.drop_update:
             return None
-        if self.refine_settings is None:
-            return lambda W, H, pattern: solver.solve_batch(W, H, pattern, self.mask_settings)
-        return lambda W, H, pattern: refine_batch(W, H, pattern, solver.solve_batch(W, H, pattern, self.mask_settings),
-                                                  self.refine_settings, *self.refit())
+
+        def solve_batch(W, H, pattern):
+            results = solver.solve_batch(W, H, pattern, self.mask_settings)
+            if self.refine_settings is None:
+                return results
+            return swaps.refine_batch(W, H, pattern, results, self.refine_settings, *self.refit())
+
+        return solve_batch
 
     def settings_dict(self) -> dict[str, Any]:
         out = {}
@@ -124,7 +129,7 @@ class LayerSolver:
             weight, info = self.update_solver.update(W, H, result.mask, self.update_settings)
             result = SolverResult(weight * result.mask, result.mask, {**result.info, **info})
         if self.refine_settings is not None:
-            return refine_batch(W[None], H[None], pattern, [result], self.refine_settings, *self.refit())[0]
+            return swaps.refine(W, H, pattern, result, self.refine_settings, *self.refit())
         return result
 
 
