@@ -83,6 +83,13 @@ def test_error_never_rises_and_counts_are_kept(pattern, value):
     assert lowered > 24  # the magnitude mask was far from locally optimal: many rows improved
 
 
+def test_nothing_to_swap_at_sparsity_zero():
+    W0, G = correlated_problem(rows=4, cols=8, tokens=64, seed=5)
+    mask = torch.ones_like(W0, dtype=torch.bool)
+    weight, new_mask, swaps = swap_masks(W0, G, W0, mask, SparsityPattern(0.0, per_row=True), 5)
+    assert torch.equal(weight, W0) and torch.equal(new_mask, mask) and int(swaps.sum()) == 0
+
+
 def test_swap_found_when_mask_is_not_locally_optimal():
     """Uncorrelated inputs (diagonal G): the row error is Σ over pruned j of w₀_j² G_jj, so the best mask
     keeps the largest w₀_j² G_jj; a mask that keeps the smallest instead is fixed by one known swap."""

@@ -139,7 +139,8 @@ def swap_masks(W0: torch.Tensor, G: torch.Tensor, weight: torch.Tensor, mask: to
     group = pattern.m if pattern.is_nm else cols
     swaps = torch.zeros(experts * out, dtype=torch.long, device=W0.device)
     rows = torch.arange(experts * out, device=W0.device)
-    for _ in range(rounds):
+    # A row with nothing pruned (sparsity 0) or nothing kept has no pair to swap.
+    for _ in range(rounds if bool(mask.any()) and not bool(mask.all()) else 0):
         d = w - w0
         r = torch.bmm(d.reshape(experts, out, cols), G).reshape(-1, cols)
         error = (d * r).sum(1)
