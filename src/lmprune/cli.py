@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", help="magnitude, wanda, sparsegpt, ... (see `lmprune methods`)")
     prune.add_argument("--mask", help="take the mask from this method (with --update)")
     prune.add_argument("--update", help="then update the kept weights with this method, or 'none'")
+    prune.add_argument("--refine", help="swaps: after the mask and update, greedy exact-gain weight swaps within "
+                                        "rows or N:M groups, then the update again (rounds: --opt swap_rounds=K)")
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
     target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
@@ -241,7 +243,7 @@ def prune_options(args) -> PruneOptions:
     sequential, dense_targets, block_targets = ("layer", True, True) if args.best_quality else \
         (args.sequential, args.dense_targets, args.block_targets)
     pattern = _pattern(args)
-    method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
+    method = build_method(args.method, args.mask, args.update, parse_options(args.opt), args.refine)
     config = PruneConfig(
         model=args.model, method=method.name, pattern=pattern, calib=calib, out=args.out,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

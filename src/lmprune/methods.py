@@ -13,7 +13,7 @@ from typing import Any
 from .config import SparsityPattern
 from .pipeline import BlockRefiner
 from .errors import LmpruneError
-from .solvers import SOLVERS, LayerSolver, build_layer_solver, method_names
+from .solvers import SOLVERS, LayerSolver, build_layer_solver, check_refine, method_names
 
 # Methods that refine whole blocks after the layer-wise pass: name -> module exposing DESCRIPTION,
 # SETTINGS and build_block_method(options) -> object with .layer_method, .layer_options, .refiner, .settings.
@@ -41,14 +41,18 @@ class Method:
 
 
 def build_method(method: str | None, mask: str | None = None, update: str | None = None,
-                 options: dict[str, Any] | None = None) -> Method:
-    """Resolve --method/--mask/--update/--opt; bad names or options raise LmpruneError."""
+                 options: dict[str, Any] | None = None, refine: str | None = None) -> Method:
+    """Resolve --method/--mask/--update/--refine/--opt; bad names or options raise LmpruneError."""
     options = dict(options or {})
     if method is not None and method not in BLOCK_METHODS and method not in SOLVERS:
         raise LmpruneError(f"unknown method {method!r} (choose from: {', '.join(all_method_names())})")
+    check_refine(refine)
     if method in BLOCK_METHODS:
+        if refine not in (None, "none"):
+            # Its block refinement re-prunes the layers after the layer-wise pass: swaps would be undone.
+            raise LmpruneError(f"--refine {refine} cannot follow {method}, which re-chooses the masks block by block")
         block = importlib.import_module(BLOCK_METHODS[method]).build_block_method(options)
         layer_solver = build_layer_solver(block.layer_method, mask, update, block.layer_options)
         return Method(method, layer_solver, block.refiner, {**layer_solver.settings_dict(), **block.settings})
-    layer_solver = build_layer_solver(method, mask, update, options)
+    layer_solver = build_layer_solver(method, mask, update, options, refine)
     return Method(layer_solver.name, layer_solver, None, layer_solver.settings_dict())

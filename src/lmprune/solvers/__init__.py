@@ -10,7 +10,11 @@ import torch
 
 from ..config import SparsityPattern, settings_from_options
 from ..errors import LmpruneError
-from .base import InputStats, Solver, SolverResult
+from .base import InputStats, Solver, SolverResult, UpdateFn
+from . import swaps
+from .swaps import SwapSettings
+
+REFINES = ("swaps",)  # --refine: what may follow every method's mask and update
 
 # Modules that define solvers; each exposes SOLVERS, a list of Solver.
 _MODULES = ("magnitude", "wanda", "sparsegpt", "admm", "alps", "dsnot", "reference")
@@ -42,6 +46,11 @@ def get_solver(name: str) -> Solver:
     return SOLVERS[name]
 
 
+def check_refine(refine: str | None) -> None:
+    if refine not in (None, "none", *REFINES):
+        raise LmpruneError(f"unknown --refine {refine!r} (choose from: none, {', '.join(REFINES)})")
+
+
 @dataclass
 class LayerSolver:
     """What the pipeline calls per layer: a mask source, optionally followed by a weight update."""
@@ -51,13 +60,29 @@ class LayerSolver:
     update_solver: Solver | None = None
     update_settings: Any = None
     drop_update: bool = False  # "--update none": the mask alone, kept weights unchanged
+    refine_settings: SwapSettings | None = None  # "--refine swaps": swaps after the mask and update, then a refit
 
     @property
     def name(self) -> str:
-        if self.update_solver is None and not self.drop_update:
-            return self.mask_solver.name
-        update = "none" if self.drop_update else self.update_solver.name
-        return f"{self.mask_solver.name}+{update}"
+        name = self.mask_solver.name
+        if self.update_solver is not None or self.drop_update:
+            name += "+" + ("none" if self.drop_update else self.update_solver.name)
+        return name + ("+swaps" if self.refine_settings is not None else "")
+
+    def refit(self) -> tuple[UpdateFn | None, Any]:
+        """The update that follows the mask, and its settings: what --refine applies again on the new mask.
+        (None, None) where the kept weights keep their values (wanda, magnitude, dsnot, --update none)."""
+        if self.drop_update:
+            return None, None
+        if self.update_solver is not None:
+            return self.update_solver.update, self.update_settings
+        if self.mask_solver.update is not None:
+            return self.mask_solver.update, self.mask_settings
+        if self.mask_solver.refit_with is not None:
+            solver = SOLVERS[self.mask_solver.refit_with]
+            shared = {f.name: getattr(self.mask_settings, f.name) for f in fields(solver.settings)}
+            return solver.update, solver.settings(**shared)
+        return None, None
 
     @property
     def per_row_default(self) -> bool:
@@ -74,11 +99,18 @@ class LayerSolver:
         solver = self.mask_solver
         if solver.solve_batch is None or self.update_solver is not None or self.drop_update:
             return None
-        return lambda W, H, pattern: solver.solve_batch(W, H, pattern, self.mask_settings)
+
+        def solve_batch(W, H, pattern):
+            results = solver.solve_batch(W, H, pattern, self.mask_settings)
+            if self.refine_settings is None:
+                return results
+            return swaps.refine_batch(W, H, pattern, results, self.refine_settings, *self.refit())
+
+        return solve_batch
 
     def settings_dict(self) -> dict[str, Any]:
         out = {}
-        for settings in (self.mask_settings, self.update_settings):
+        for settings in (self.mask_settings, self.update_settings, self.refine_settings):
             if settings is not None:
                 out.update({f.name: getattr(settings, f.name) for f in fields(settings)})
         return out
@@ -92,10 +124,12 @@ class LayerSolver:
         else:
             result = self.mask_solver.solve(W, H, pattern, self.mask_settings)
         if self.drop_update:
-            return SolverResult(W * result.mask, result.mask, result.info)
-        if self.update_solver is not None:
+            result = SolverResult(W * result.mask, result.mask, result.info)
+        elif self.update_solver is not None:
             weight, info = self.update_solver.update(W, H, result.mask, self.update_settings)
-            return SolverResult(weight * result.mask, result.mask, {**result.info, **info})
+            result = SolverResult(weight * result.mask, result.mask, {**result.info, **info})
+        if self.refine_settings is not None:
+            return swaps.refine(W, H, pattern, result, self.refine_settings, *self.refit())
         return result
 
 
@@ -104,8 +138,10 @@ def build_layer_solver(
     mask: str | None = None,
     update: str | None = None,
     options: dict[str, Any] | None = None,
+    refine: str | None = None,
 ) -> LayerSolver:
-    """Resolve `--method`, `--mask`, `--update` and `--opt` into a LayerSolver, or fail clearly."""
+    """Resolve `--method`, `--mask`, `--update`, `--refine` and `--opt` into a LayerSolver, or fail clearly."""
+    check_refine(refine)
     if mask and method and mask != method:
         raise LmpruneError("give either --method or --mask, not both")
     mask_name = mask or method
@@ -125,10 +161,13 @@ def build_layer_solver(
     used: set[str] = set()
 
     def settings_for(solver: Solver):
-        known = {f.name for f in fields(solver.settings)}
+        return own_settings(solver.settings, solver.name)
+
+    def own_settings(settings_cls: type, owner: str):
+        known = {f.name for f in fields(settings_cls)}
         mine = {k: v for k, v in options.items() if k.replace("-", "_") in known}
         used.update(mine)
-        return settings_from_options(solver.settings, mine, solver.name)
+        return settings_from_options(settings_cls, mine, owner)
 
     layer_solver = LayerSolver(
         mask_solver,
@@ -137,6 +176,10 @@ def build_layer_solver(
         settings_for(update_solver) if update_solver else None,
         drop_update=update == "none",
     )
+    if refine == "swaps":
+        layer_solver.refine_settings = own_settings(SwapSettings, "--refine swaps")
+    elif any(k.replace("-", "_") == "swap_rounds" for k in options):
+        raise LmpruneError("swap_rounds is a setting of --refine swaps: add --refine swaps, or leave it out")
     unknown = sorted(set(options) - used)
     if unknown:
         raise LmpruneError(f"unknown option(s) {', '.join(unknown)} for {layer_solver.name}")

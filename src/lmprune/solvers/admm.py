@@ -273,6 +273,7 @@ SOLVERS = [
         solve=solve_admm1,
         per_row_default=True,
         solve_batch=batch_admm1,
+        refit_with="admm",
     ),
     Solver(
         "admm-grad",
@@ -280,5 +281,6 @@ SOLVERS = [
         settings=ADMMGradSettings,
         solve=solve_grad,
         solve_batch=batch_grad,
+        refit_with="admm",
     ),
 ]

@@ -71,3 +71,6 @@ class Solver:
     per_row_default: bool = False
     needs_input_stats: bool = False  # solve() takes an InputStats as a fifth argument
     solve_batch: Callable[..., list[SolverResult]] | None = None
+    # The update solver (by name) that this solver's own solve ends with, where it has no `update` itself:
+    # what `--refine` applies again on the refined mask (admm1 and admm-grad refit with admm).
+    refit_with: str | None = None
