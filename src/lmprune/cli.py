@@ -11,8 +11,8 @@ import time
 from dataclasses import asdict
 
 from . import __version__
-from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, SEQUENTIAL, Allocation, PruneConfig, SparsityPattern,
-                     check_windows, parse_options)
+from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, RECONSTRUCT_MODES, SEQUENTIAL, Allocation, PruneConfig,
+                     SparsityPattern, build_reconstruct, check_windows, parse_options, split_reconstruct_options)
 from .errors import LmpruneError
 from .report import (format_report, headline, library_versions, load_report, plot_format, plot_layer_errors,
                      summarize_layers)
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--best-quality", action="store_true",
                        help="shorthand for --sequential layer --dense-targets --block-targets: the combination "
                             "that won every comparison in bench/RESULTS.md (issue 18), at about twice the prune time")
+    prune.add_argument("--reconstruct", choices=RECONSTRUCT_MODES, default="none",
+                       help="block: after each block is pruned, fit its kept weights (masks fixed) to the dense "
+                            "block's output with Adam; --opt reconstruct_steps=, reconstruct_lr=, "
+                            "reconstruct_batch= (windows per step)")
     prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
                        help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
@@ -256,7 +260,9 @@ def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | No
     if args.best_quality:
         args.sequential, args.dense_targets, args.block_targets = "layer", True, True
     args.calib = args.calib or SELF_CALIB  # no dataset needed: the model writes its own calibration text
-    method = build_method(args.method, args.mask, args.update, parse_options(args.opt))
+    reconstruct_options, method_options = split_reconstruct_options(parse_options(args.opt))
+    reconstruct = build_reconstruct(args.reconstruct, reconstruct_options, args.seed)
+    method = build_method(args.method, args.mask, args.update, method_options)
     config = PruneConfig(
         model=args.model, method=method.name, pattern=pattern, calib=args.calib, out=args.out,
         nsamples=args.nsamples, seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen, seed=args.seed,
@@ -265,6 +271,7 @@ def _checked_prune(args) -> tuple[PruneConfig, SparsityPattern, object, str | No
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda, args.depth_slope),
         sequential=args.sequential, dense_targets=args.dense_targets, block_targets=args.block_targets,
+        reconstruct=reconstruct,
     )
     if args.calib != SELF_CALIB:
         _check_source(args.calib, "--calib")
@@ -424,7 +431,8 @@ def _run_prune(config: PruneConfig, pattern: SparsityPattern, layer_solver, refi
                              config.batch_size, store_device=store, refiner=refiner, progress=not args.no_progress,
                              moe_calibration=config.moe_calibration, ranks=ranks, store=blocks,
                              allocation=config.allocation, sequential=config.sequential,
-                             dense_targets=config.dense_targets, block_targets=config.block_targets)
+                             dense_targets=config.dense_targets, block_targets=config.block_targets,
+                             reconstruct=config.reconstruct)
     ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
     if not ranks.is_main:
         return 0

@@ -46,6 +46,7 @@ from .dense_reasons import EXPECTED, NO_SIGNAL, DenseReason, reason_for_module
 from .allocation import Allocation, SparsityBudget, dense_outlier_ratios, depth_sparsities, owl_sparsities
 from .sequential import GroupDone, check_sequential, layer_groups
 from .dense_targets import DenseStream, check_dense_targets, dense_target, output_scale
+from .reconstruct import ReconstructSettings, check_reconstruct, reconstruct_block
 from .masks import topk_mask
 from .safety import finite_layer_weight, pruned_count, require_finite_gram, verify_sparsity
 from .solvers import InputStats, LayerSolver, SolverResult, build_layer_solver
@@ -138,6 +139,7 @@ def prune_model(
     sequential: str = "none",
     dense_targets: bool = False,
     block_targets: bool = False,
+    reconstruct: ReconstructSettings | None = None,
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
@@ -146,7 +148,8 @@ def prune_model(
     block sees). `allocation` spreads the target over the blocks (allocation.py); `sequential` "layer"
     prunes a block's layers group by group in data-flow order (sequential.py). `dense_targets`: each
     layer reconstructs the dense model's outputs from the pruned inputs (dense_targets.py); `block_targets`
-    (with both): a block's last layer also fits the dense block's output (dense_targets.py).
+    (with both): a block's last layer also fits the dense block's output (dense_targets.py). `reconstruct`:
+    each pruned block's kept weights are then fitted to the dense block's output (reconstruct.py).
 
     `ranks` (several processes, see distributed.py): each runs its share of the calibration batches,
     the Gram sums are all-reduced, each solves its share of the layers, and all end with the same model.
@@ -166,6 +169,8 @@ def prune_model(
     check_sequential(sequential, plan)
     if dense_targets:
         check_dense_targets(plan)
+    if reconstruct is not None:
+        check_reconstruct(plan)
     if block_targets and not (dense_targets and sequential == "layer"):
         raise LmpruneError("--block-targets needs --dense-targets and --sequential layer (--best-quality sets all three)")
     blocks_name, blocks = find_blocks(model)
@@ -196,7 +201,8 @@ def prune_model(
         fallback_solver = build_layer_solver("magnitude")
         problems: dict[str, str] = {}
         budget = _allocate(allocation, pattern, blocks, plan, calls, hidden, device, result, ranks)
-        dense_stream = DenseStream(hidden) if dense_targets else None
+        dense_stream = DenseStream(hidden) if dense_targets or reconstruct else None
+        layer_targets = dense_stream if dense_targets else None  # --reconstruct alone: the stream, not the layers'
         timings["allocation"] = device_clock(device) - start - timings["capture"] - timings.get("replay_guard", 0.0)
 
         # Rank 0 owns a streamed run's partial output: it says where a killed run stopped.
@@ -244,7 +250,7 @@ def prune_model(
             if block_targets and len(stages) == 1:  # one group: its pass is also the last
                 target, block_entry = _block_target(ranks, block, index, stages[0], block_call, hidden, device, result)
             collected = _collect_grams(block, f"{blocks_name}.{index}", stages[0], block_call, hidden, device,
-                                       layer_solver.needs_input_stats, moe_calibration, stop_early, dense_stream,
+                                       layer_solver.needs_input_stats, moe_calibration, stop_early, layer_targets,
                                        target)
             merge_collected(ranks, collected, stages[0])
             timings["gram_forward"] += device_clock(device) - tick
@@ -272,7 +278,7 @@ def prune_model(
                                                             result)
                     collected = _collect_grams(block, f"{blocks_name}.{index}", stage, block_call, hidden, device,
                                                layer_solver.needs_input_stats, moe_calibration, stop_early,
-                                               dense_stream, target)
+                                               layer_targets, target)
                     merge_collected(ranks, collected, stage)
                     timings["gram_forward"] += device_clock(device) - tick
                 crosses = collected.crosses
@@ -312,11 +318,19 @@ def prune_model(
                 result.blocks.append({"block": index, **refine_on_main(ranks, refiner, context, batch_indices)})
                 timings["refine"] += device_clock(device) - tick
 
+            if reconstruct is not None:  # the dense stream moves on first: its outputs are the targets
+                tick = device_clock(device)
+                dense_stream.finish_block(block_call, device)
+                result.blocks.append({"block": index, "reconstruct": _reconstruct(
+                    ranks, block, layers, result.layers[first_record:], block_call, hidden, dense_stream.hidden,
+                    reconstruct, device, index, batch_indices, -(-len(calibration) // batch_size))})
+                timings["reconstruct"] = timings.get("reconstruct", 0.0) + device_clock(device) - tick
+
             tick = device_clock(device)
             with torch.no_grad():
                 for j, h in enumerate(hidden):
                     hidden[j] = block_call.call(block, j, h.to(device), device).to(store_device)
-            if dense_stream is not None:
+            if dense_stream is not None and reconstruct is None:
                 dense_stream.finish_block(block_call, device)
             timings["propagate"] += device_clock(device) - tick
             block.to(home)
@@ -363,6 +377,20 @@ def prune_model(
     timings["total"] = device_clock(device) - start
     result.timings = timings
     return result
+
+
+def _reconstruct(ranks: Ranks, block: nn.Module, layers: list[PrunableLayer], records: list[dict[str, Any]],
+                 call: BlockCall, hidden, targets, settings: ReconstructSettings, device: torch.device, index: int,
+                 batch_indices: list[int], total_batches: int) -> dict[str, Any]:
+    """--reconstruct block on the block's layers the method pruned (a layer given the magnitude fallback keeps
+    its weights, as its record says); every rank ends with rank 0's weights."""
+    solved = {r["name"] for r in records if "fallback" not in r}
+    fitted = [layer for layer in layers if layer.name in solved]
+    record = reconstruct_block(block, fitted, call, hidden, targets, settings, device, index, batch_indices,
+                               total_batches, lambda sums: ranks.all_reduce_sum(sums, "summing reconstruction gradients"))
+    # The reduced gradients are the same bits on every rank; the copy makes identical weights a fact.
+    ranks.broadcast_tensors([layer.stored() for layer in fitted], 0, "sharing the reconstructed block")
+    return record
 
 
 def _replay_block(records: dict[str, Any], result: PruneResult, problems: dict[str, str]) -> None:
