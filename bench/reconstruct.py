@@ -69,7 +69,8 @@ def main() -> None:
                "blocks": [b["reconstruct"] for b in result.blocks if "reconstruct" in b]}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
-    out = BENCH / "results" / f"reconstruct-{args.preset}-{args.target}.json"
+    out = BENCH / "results" / (f"reconstruct-{args.preset}-{args.target}-steps{settings.steps}-lr{settings.lr:g}"
+                               f"-batch{settings.batch}.json")
     out.write_text(json.dumps({"preset": args.preset, "target": args.target, "method": args.method,
                                "nsamples": preset["nsamples"], "seqlen": preset["seqlen"],
                                "settings": asdict(settings), "device": describe_device(device),
