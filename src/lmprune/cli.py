@@ -9,8 +9,9 @@ import sys
 import time
 
 from . import __version__, log
-from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, DEFAULT_SEQLEN, SELF_CALIB, SEQUENTIAL, Allocation,
-                     PruneConfig, PruneOptions, SparsityPattern, check_windows, parse_options, require_at_least)
+from .config import (ALLOCATIONS, DEFAULT_DEPTH_SLOPE, DEFAULT_SEQLEN, RECONSTRUCT_MODES, SELF_CALIB, SEQUENTIAL,
+                     Allocation, PruneConfig, PruneOptions, SparsityPattern, build_reconstruct, check_windows,
+                     parse_options, require_at_least, split_reconstruct_options)
 from .errors import LmpruneError
 from .log import logger
 from .report import format_report, headline, load_report, plot_format, plot_layer_errors, summarize_layers
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--best-quality", action="store_true",
                        help="shorthand for --sequential layer --dense-targets --block-targets: the combination "
                             "that won every comparison in bench/RESULTS.md (issue 18), at about twice the prune time")
+    prune.add_argument("--reconstruct", choices=RECONSTRUCT_MODES, default="none",
+                       help="block: after each block is pruned, fit its kept weights (masks fixed) to the dense "
+                            "block's output with Adam; --opt reconstruct_steps=, reconstruct_lr=, "
+                            "reconstruct_batch= (windows per step)")
     prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
                        help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
@@ -243,7 +248,9 @@ def prune_options(args) -> PruneOptions:
     sequential, dense_targets, block_targets = ("layer", True, True) if args.best_quality else \
         (args.sequential, args.dense_targets, args.block_targets)
     pattern = _pattern(args)
-    method = build_method(args.method, args.mask, args.update, parse_options(args.opt), args.refine)
+    reconstruct_options, method_options = split_reconstruct_options(parse_options(args.opt))
+    reconstruct = build_reconstruct(args.reconstruct, reconstruct_options, args.seed)
+    method = build_method(args.method, args.mask, args.update, method_options, args.refine)
     config = PruneConfig(
         model=args.model, method=method.name, pattern=pattern, calib=calib, out=args.out,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -252,6 +259,7 @@ def prune_options(args) -> PruneOptions:
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda, args.depth_slope),
         sequential=sequential, dense_targets=dense_targets, block_targets=block_targets,
+        reconstruct=reconstruct,
     )
     if calib != SELF_CALIB:
         _check_source(calib, "--calib")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,52 @@ class Allocation:
         return {"kind": "uniform"}
 
 
+RECONSTRUCT_MODES = ("none", "block")
+RECONSTRUCT_PREFIX = "reconstruct_"  # --opt reconstruct_steps=…: the rest of --opt belongs to the method
+
+
+@dataclass(frozen=True)
+class ReconstructSettings:
+    """--reconstruct block (reconstruct.py): Adam on each pruned block's kept weights, masks fixed."""
+
+    # Conservative first defaults, not tuned: on stories260K at 70% they lower perplexity in and out of domain
+    # (bench/RESULTS.md, issue #33); a higher rate fits the calibration tokens faster.
+    steps: int = 100  # Adam steps per block: each costs a forward and a backward of `batch` windows
+    lr: float = 1e-4  # Adam moves a weight by about lr per step (cosine-decayed); kept weights are ~1e-2
+    batch: int = 8  # calibration windows per step, rounded to whole --batch-size batches
+    seed: int = 0  # draws the windows of each step (with the block's index): resumed runs replay it
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"reconstruct_steps must be at least 1, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"reconstruct_lr must be a positive number, got {self.lr}")
+        if self.batch < 1:
+            raise ValueError(f"reconstruct_batch must be at least 1, got {self.batch}")
+
+
+def split_reconstruct_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the --opt reconstruct_* settings without their prefix, the method's options)."""
+    mine = {k[len(RECONSTRUCT_PREFIX):]: v for k, v in options.items() if k.startswith(RECONSTRUCT_PREFIX)}
+    return mine, {k: v for k, v in options.items() if not k.startswith(RECONSTRUCT_PREFIX)}
+
+
+def build_reconstruct(mode: str, options: dict[str, Any], seed: int) -> ReconstructSettings | None:
+    """--reconstruct MODE with its --opt reconstruct_* settings; None for no reconstruction."""
+    if mode not in RECONSTRUCT_MODES:
+        raise LmpruneError(f"invalid --reconstruct {mode!r}: choose from {', '.join(RECONSTRUCT_MODES)}")
+    if mode == "none":
+        if options:
+            raise LmpruneError(f"--opt {RECONSTRUCT_PREFIX}{next(iter(options))} needs --reconstruct block")
+        return None
+    known = ("steps", "lr", "batch")  # the seed is --seed
+    unknown = next((k for k in options if k.replace("-", "_") not in known), None)
+    if unknown is not None:
+        raise LmpruneError(f"unknown option {RECONSTRUCT_PREFIX + unknown!r} for --reconstruct (known: "
+                           f"{', '.join(RECONSTRUCT_PREFIX + k for k in known)})")
+    return settings_from_options(ReconstructSettings, {**options, "seed": seed}, "--reconstruct")
+
+
 def settings_from_options(settings_cls: type, options: dict[str, Any], owner: str):
     """Build a solver's settings dataclass from `key=value` options, with clear errors.
 
@@ -226,6 +273,7 @@ class PruneConfig:
     sequential: str = "none"
     dense_targets: bool = False
     block_targets: bool = False
+    reconstruct: ReconstructSettings | None = None
 
     def __post_init__(self) -> None:
         check_windows(self.seqlen, self.nsamples, "--seqlen", "--nsamples")

@@ -153,9 +153,11 @@ class DenseReader(BatchReader):
 class DenseTargets(Lever):
     """--dense-targets (and --block-targets): the lever that carries the dense model beside the pruned one."""
 
-    def __init__(self, ranks, block_targets: bool = False):
+    def __init__(self, ranks, block_targets: bool = False, layer_targets: bool = True):
         self.ranks = ranks
         self.block_targets = block_targets
+        self.layer_targets = layer_targets  # False: only the dense stream, for a lever that reads it (reconstruct.py)
+        self.advanced = False  # the stream already took this block's dense outputs (advance_early)
         self.stream: DenseStream | None = None
         self.target: tuple[str, float] | None = None  # this stage's (layer, α) with block targets
         self.entry: dict[str, Any] | None = None  # the block's block-target report entry
@@ -187,24 +189,36 @@ class DenseTargets(Lever):
             self.target, self.entry = self._block_target(step, stage)
 
     def reader(self, step, stage):
+        if not self.layer_targets:
+            return None
         self.reading = DenseReader(self.stream, self.target)
         return self.reading
 
     def collected(self, step, stage, collected):
         reading = self.reading
-        if reading.crosses:
+        if reading is not None and reading.crosses:
             self.ranks.all_reduce_sum(list(reading.crosses.values()) + list(reading.block_crosses.values()),
                                       "summing dense-target cross products")
 
     def retarget(self, step, solve, W):
+        if self.reading is None:
+            return W
         name = solve.layer.name
         cross = self.reading.crosses.get(name)
         if cross is None:
             return W
         return dense_target(W, solve.inputs.gram, cross, self.reading.block_crosses.get(name))
 
-    def end_block(self, step):
+    def advance_early(self, step) -> list:
+        """The dense block's outputs, before the pruned block propagates (the targets of a block fit)."""
         self.stream.finish_block(step.call, self.run.device)
+        self.advanced = True
+        return self.stream.hidden.tensors
+
+    def end_block(self, step):
+        if not self.advanced:
+            self.stream.finish_block(step.call, self.run.device)
+        self.advanced = False
         self.reading = None
 
     def record(self, step):

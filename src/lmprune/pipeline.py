@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from .allocation import Allocated, Allocation
 from .collect import MOE_CALIBRATION, CollectedInputs, LayerInputs, collect_inputs  # noqa: F401 (public seams)
-from .config import SparsityPattern
+from .config import ReconstructSettings, SparsityPattern
 from .dense_reasons import EXPECTED, NO_SIGNAL, DenseReason, reason_for_module
 from .dense_targets import DenseTargets
 from .distributed import SINGLE, RankShare, Ranks
 from .errors import LmpruneError
 from .hidden import HiddenStates
 from .levers import BlockStep, Lever, Levers
+from .reconstruct import BlockReconstruction, check_reconstruct
 from .log import logger
 from .model import (
     PrunableLayer,
@@ -103,6 +104,7 @@ def prune_model(
     sequential: str = "none",
     dense_targets: bool = False,
     block_targets: bool = False,
+    reconstruct: ReconstructSettings | None = None,
     levers: list[Lever] = (),
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
@@ -112,7 +114,8 @@ def prune_model(
     block sees). `allocation` spreads the target over the blocks (allocation.py); `sequential` "layer"
     prunes a block's layers group by group in data-flow order (sequential.py). `dense_targets`: each
     layer reconstructs the dense model's outputs from the pruned inputs (dense_targets.py); `block_targets`
-    (with both): a block's last layer also fits the dense block's output (dense_targets.py).
+    (with both): a block's last layer also fits the dense block's output (dense_targets.py). `reconstruct`:
+    each pruned block's kept weights are then fitted to the dense block's output (reconstruct.py).
 
     `ranks` (several processes, see distributed.py): each runs its share of the calibration batches,
     the Gram sums are all-reduced, each solves its share of the layers, and all end with the same model.
@@ -132,11 +135,18 @@ def prune_model(
         # A block refiner (SparseLLM) re-prunes its layers to the one pattern it is given.
         raise LmpruneError(f"--allocation {allocation.kind} does not combine with a block refinement (sparsellm) yet")
     check_sequential(sequential, plan)
+    if reconstruct is not None:
+        check_reconstruct(plan)
     store = store or BlockStore()
-    chosen = build_levers(plan, ranks, allocation, pattern, dense_targets, block_targets, sequential, store)
+    chosen = build_levers(plan, ranks, allocation, pattern, dense_targets, block_targets, sequential, store,
+                          dense_stream=reconstruct is not None)
     batches, batch_indices = ranks.shard(calibration, batch_size)
     if refiner is not None:
         chosen.levers.append(Refinement(refiner, layer_solver, pattern, ranks, batch_indices))
+    if reconstruct is not None:  # after any block refinement: it fits the block as finally pruned
+        dense = next(lever for lever in chosen.levers if isinstance(lever, DenseTargets))
+        chosen.levers.append(BlockReconstruction(reconstruct, dense, ranks, batch_indices,
+                                                 -(-len(calibration) // batch_size)))
     chosen.levers.extend(levers)
     loop = BlockLoop(model, plan, batches, layer_solver, pattern, device, store_device or device, store, ranks,
                      chosen, sequential, moe_calibration, progress)
@@ -146,7 +156,8 @@ def prune_model(
 
 
 def build_levers(plan: list[list[PrunableLayer]], ranks: Ranks, allocation: Allocation, pattern: SparsityPattern,
-                 dense_targets: bool, block_targets: bool, sequential: str, store: BlockStore) -> Levers:
+                 dense_targets: bool, block_targets: bool, sequential: str, store: BlockStore,
+                 dense_stream: bool = False) -> Levers:
     """The levers the options ask for, in the order they take part at each point (the ranks first), each
     checked on the plan."""
     levers: list[Lever] = []
@@ -154,8 +165,8 @@ def build_levers(plan: list[list[PrunableLayer]], ranks: Ranks, allocation: Allo
         levers.append(RankShare(ranks))
     if not allocation.uniform:
         levers.append(Allocated(allocation, pattern, ranks))
-    if dense_targets:
-        levers.append(DenseTargets(ranks, block_targets))
+    if dense_targets or dense_stream:  # dense_stream: the dense model beside the pruned one, for another lever
+        levers.append(DenseTargets(ranks, block_targets, layer_targets=dense_targets))
     levers = Levers(levers)
     levers.check(plan)
     if block_targets and not (dense_targets and sequential == "layer"):

@@ -80,7 +80,8 @@ def _prune_on_this_rank(options: PruneOptions, destination, ranks, device) -> Pr
                              config.batch_size, store_device=activation_device, refiner=options.method.refiner,
                              progress=options.progress, moe_calibration=config.moe_calibration, ranks=ranks,
                              store=block_store, allocation=config.allocation, sequential=config.sequential,
-                             dense_targets=config.dense_targets, block_targets=config.block_targets)
+                             dense_targets=config.dense_targets, block_targets=config.block_targets,
+                             reconstruct=config.reconstruct)
     ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
     if not ranks.is_main:
         return None
