@@ -5,8 +5,9 @@ bfloat16 (the faster of the two is the baseline a user has today) and the packed
 checkpoint (the dense variants get its weights unpacked in memory) or a dense one with zeros (the sparse
 variant packs its pruned layers in memory after loading).
 
-Measured per variant: load time; decode tokens/s and time per token over the new tokens after the first
-(the first is the prompt's forward pass, reported as prefill); the model's share of peak RSS while
+Measured per variant: load time; decode time per token, the median over the new tokens after the first
+(the first is the prompt's forward pass, reported as prefill; the median, so that a moment another process
+takes the CPU does not decide the comparison; the mean is in the JSON), and tokens/s = its inverse; the model's share of peak RSS while
 generating = the peak during generation minus the process's RSS before loading (Linux: the peak is reset
 after loading, so the load's own transient peak is reported apart). The greedy tokens of the sparse
 model are compared with the dense models'.
@@ -167,10 +168,12 @@ def measure(model_dir: str, kind: str, dtype: str, threads: int, tokens: int, pr
         out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, streamer=stamps, **greedy)
     new = out[0, ids.shape[1]:].tolist()
     decode_s = stamps.times[-1] - stamps.times[1]  # the first new token is the prefill
+    steps = sorted(b - a for a, b in zip(stamps.times[1:], stamps.times[2:]))
+    median_s = steps[len(steps) // 2]
     peak = _rss_kb("VmHWM") if reset else None
     return dict(kind=kind, dtype=str(next(model.parameters()).dtype).removeprefix("torch."), threads=threads,
                 packed_layers=layers, load_s=load_s, prefill_s=stamps.times[1] - tick,
-                tokens_per_s=(len(new) - 1) / decode_s, ms_per_token=1e3 * decode_s / (len(new) - 1),
+                tokens_per_s=1 / median_s, ms_per_token=1e3 * median_s, mean_tokens_per_s=(len(new) - 1) / decode_s,
                 rss_before_mb=before / 1024, load_peak_mb=(load_peak - before) / 1024,
                 model_rss_mb=((peak if peak is not None else load_peak) - before) / 1024,
                 peak_reset=reset, new_tokens=new)

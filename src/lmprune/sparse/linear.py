@@ -104,10 +104,10 @@ class DenseHeadLinear(nn.Linear):
 
 
 def use_dense_head_kernel(model: nn.Module) -> bool:
-    """Give the model's output layer, when it is a plain nn.Linear, the compiled one-token path (in place:
+    """Give the model's output layer, when it is a plain bf16 nn.Linear, the compiled one-token path (in place:
     its class only; parameters, ties and state_dict stay). Whether it was changed."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:
+    if type(head) is not nn.Linear or head.weight.dtype != torch.bfloat16:
         return False
     head.__class__ = DenseHeadLinear
     return True
