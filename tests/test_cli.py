@@ -240,7 +240,7 @@ def test_a_real_report_and_its_non_finite_numbers_still_print(capsys, tmp_path, 
     (["prune", "m", "--out", "o", "--sparsity", "0.5", "--pattern", "2:4"],
      "argument --pattern: not allowed with argument --sparsity (see `lmprune prune --help`)"),
     (["frob"], "argument command: invalid choice: 'frob' (choose from 'prune', 'eval', 'report', 'methods', 'pack', "
-                   "'unpack', 'generate') "
+                   "'unpack', 'generate', 'bench-decode') "
                "(see `lmprune --help`)"),
     ([], "the following arguments are required: command (see `lmprune --help`)"),
     (["report"], "the following arguments are required: paths (see `lmprune report --help`)"),

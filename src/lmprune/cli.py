@@ -1,4 +1,4 @@
-"""`lmprune prune | eval | report | methods | pack | unpack | generate`. Bad input: one line on stderr, exit code 2, nothing written."""
+"""`lmprune prune | eval | report | methods | pack | unpack | generate | bench-decode`. Bad input: one line on stderr, exit code 2, nothing written."""
 
 from __future__ import annotations
 
@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     gen.add_argument("--dense", action="store_true", help="a packed checkpoint: rebuild dense weights instead of "
                                                          "multiplying with the packed ones")
+    from .sparse import decode_bench
+
+    decode_bench.add_arguments(sub.add_parser(
+        "bench-decode", help="batch-1 decode tokens/s and peak RSS: dense float32 and bfloat16 against the sparse path"))
     return parser
 
 
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "methods": cmd_methods, "pack": cmd_pack,
-                "unpack": cmd_unpack, "generate": cmd_generate}[args.command](args)
+                "unpack": cmd_unpack, "generate": cmd_generate, "bench-decode": cmd_bench_decode}[args.command](args)
     except LmpruneError as exc:
         if not getattr(exc, "quiet", False):  # another process's failure, or one every process found: rank 0's
             logger.error(f"error: {exc}")
@@ -515,6 +519,12 @@ def cmd_generate(args) -> int:
     logger.info(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.2f} tokens/s on "
          f"{torch.get_num_threads()} thread(s), {sparse} packed layer(s)")
     return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from .sparse.decode_bench import command
+
+    return command(args)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float | None = None,

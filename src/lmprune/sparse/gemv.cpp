@@ -1,19 +1,34 @@
-// Batch-1 sparse GEMV over a row-wise bitmask: y[r] = sum of values[offsets[r] + k] * x[column of the k-th set
-// bit of row r]. Values are bf16, fp16 or fp32; products and sums are fp32.
+// Batch-1 GEMVs for decoding, one token at a time (memory-bound: every weight byte is read once a token).
+//   bitmask: y[r] = sum of values[offsets[r] + k] * x[column of the k-th set bit of row r];
+//   dense:   y[r] = sum of w[r, c] * x[c], for a bf16 weight that is not pruned (an LM head).
+// Values are bf16, fp16 or fp32; x is widened to fp32 once a call; products and sums are fp32.
 //
-// One source, three paths chosen at run time (the library itself is built for plain x86-64):
-//   2: AVX-512 VBMI2: 32 columns a step, the row's next values expanded into place by vpexpandw;
+// One source, four paths chosen at run time (the library itself is built for plain x86-64):
+//   3: AVX-512 BF16 + VBMI2, bf16 values and bf16 x (a bf16 model's activations): as 2, but each step's 32
+//      products summed in pairs by vdpbf16ps against x as it is (bf16 x bf16 products are exact in fp32;
+//      only the order of the fp32 sums differs, as between all paths), half the FP work of widening;
+//   2: AVX-512 VBMI2: 32 columns a step, the step's values loaded (masked to their count) and put in place
+//      by the register form of vpexpandw (the memory form is microcoded and several times slower on Zen 4);
+//      bf16 is widened in-lane by interleaving with zeros, so x is stored once a call in the matching order;
 //   1: AVX-512F: 16 columns a step with vexpandps (fp32 values) or 16-bit values widened first;
 //   0: portable C++: set bits walked one by one.
-// Rows are split over torch's intra-op threads.
+// Rows are split over torch's intra-op threads. The sum order differs between paths (fp32 rounding,
+// about 1e-6 of the sum of |terms|); the result is then rounded once to x's dtype, with the bias added in fp32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
+#include <vector>
 
 namespace {
 
 enum Kind { BF16 = 0, F16 = 1, F32 = 2 };
+
+Kind kind_of(const torch::Tensor& t) {
+  auto d = t.scalar_type();
+  TORCH_CHECK(d == torch::kBFloat16 || d == torch::kFloat16 || d == torch::kFloat32, "bf16, fp16 or fp32 expected");
+  return d == torch::kBFloat16 ? BF16 : d == torch::kFloat16 ? F16 : F32;
+}
 
 inline float half_to_float(uint16_t h, Kind kind) {
   if (kind == BF16) {
@@ -23,6 +38,10 @@ inline float half_to_float(uint16_t h, Kind kind) {
     return f;
   }
   return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+inline float element(const void* data, int64_t i, Kind kind) {
+  return kind == F32 ? static_cast<const float*>(data)[i] : half_to_float(static_cast<const uint16_t*>(data)[i], kind);
 }
 
 // Up to 4 mask bytes starting at column c of a row of `cols` columns, as one little-endian word.
@@ -35,6 +54,14 @@ inline uint32_t mask_bits(const uint8_t* row, int64_t c, int64_t cols, int width
   return bits;
 }
 
+// Where column c of x goes for the in-lane bf16 widening: in each block of 32 columns, the 128-bit lane L of
+// a 32-word vector holds columns 8L..8L+7; interleaving with zeros gives columns 8L..8L+3 (low half) and
+// 8L+4..8L+7 (high half) as fp32 in lane L. Returns the fp32 index in the stored x.
+inline int64_t lane_order(int64_t c) {
+  int64_t block = c / 32, i = c % 32, lane = i / 8, j = i % 8;
+  return block * 32 + (j < 4 ? lane * 4 + j : 16 + lane * 4 + (j - 4));
+}
+
 void rows_portable(const uint8_t* mask, int64_t stride, const void* values, const int64_t* offsets, Kind kind,
                    const float* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -45,9 +72,7 @@ void rows_portable(const uint8_t* mask, int64_t stride, const void* values, cons
       unsigned bits = row[c / 8];
       while (bits) {
         int j = __builtin_ctz(bits);
-        float v = kind == F32 ? static_cast<const float*>(values)[k]
-                              : half_to_float(static_cast<const uint16_t*>(values)[k], kind);
-        acc += v * x[c + j];
+        acc += element(values, k, kind) * x[c + j];
         ++k;
         bits &= bits - 1;
       }
@@ -56,15 +81,102 @@ void rows_portable(const uint8_t* mask, int64_t stride, const void* values, cons
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2")))
-inline __m512 widen(__m256i h, Kind kind) {
-  if (kind == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  return _mm512_cvtph_ps(h);
+#define VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,bmi2,popcnt")))
+
+// One 32-column step of a bf16 bitmask row: the step's n values (masked load, so never past the end) expanded
+// to their columns and widened in lane order; x (lane order) read unmasked: a pruned weight is a zero, as in
+// the dense product.
+VBMI2 inline void step_bf16(uint32_t bits, const uint16_t*& v, const float* xs, __m512& lo, __m512& hi) {
+  int n = _mm_popcnt_u32(bits);
+  __m512i w = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, n), v));
+  v += n;
+  const __m512i zero = _mm512_setzero_si512();
+  lo = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w)), _mm512_loadu_ps(xs), lo);
+  hi = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w)), _mm512_loadu_ps(xs + 16), hi);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2")))
-void rows_vbmi2(const uint8_t* mask, int64_t stride, const void* values, const int64_t* offsets, Kind kind,
-                const float* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
+// bf16 bitmask rows; x in lane order, zero-padded to whole 32-column blocks.
+VBMI2 void rows_vbmi2_bf16(const uint8_t* mask, int64_t stride, const uint16_t* values, const int64_t* offsets,
+                           const float* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
+  const int64_t steps = cols / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = mask + r * stride;
+    const uint16_t* v = values + offsets[r];
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 2 <= steps; s += 2) {  // two steps, four independent sums
+      uint64_t bits;
+      std::memcpy(&bits, row + s * 4, 8);
+      step_bf16(uint32_t(bits), v, x + s * 32, a0, a1);
+      step_bf16(uint32_t(bits >> 32), v, x + s * 32 + 32, a2, a3);
+    }
+    for (; s < steps; ++s) step_bf16(mask_bits(row, s * 32, cols, 32), v, x + s * 32, a0, a1);
+    if (cols % 32) step_bf16(mask_bits(row, steps * 32, cols, 32), v, x + steps * 32, a2, a3);
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+}
+
+#define BF16DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,bmi2,popcnt")))
+
+BF16DOT inline __m512 step_dot(uint32_t bits, const uint16_t*& v, const uint16_t* xs, __m512 acc) {
+  int n = _mm_popcnt_u32(bits);
+  __m512i w = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, n), v));
+  v += n;
+  return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(xs));
+}
+
+// bf16 bitmask rows against bf16 x (column order, zero-padded to whole 32-column blocks).
+BF16DOT void rows_dot_bf16(const uint8_t* mask, int64_t stride, const uint16_t* values, const int64_t* offsets,
+                           const uint16_t* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
+  const int64_t steps = cols / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = mask + r * stride;
+    const uint16_t* v = values + offsets[r];
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 2 <= steps; s += 2) {
+      uint64_t bits;
+      std::memcpy(&bits, row + s * 4, 8);
+      a0 = step_dot(uint32_t(bits), v, x + s * 32, a0);
+      a1 = step_dot(uint32_t(bits >> 32), v, x + s * 32 + 32, a1);
+    }
+    for (; s < steps; ++s) a0 = step_dot(mask_bits(row, s * 32, cols, 32), v, x + s * 32, a0);
+    if (cols % 32) a1 = step_dot(mask_bits(row, steps * 32, cols, 32), v, x + steps * 32, a1);
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+}
+
+// Dense bf16 rows against bf16 x (padded as above), four rows at a time.
+BF16DOT void rows_dense_dot(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
+  const int64_t steps = (cols + 31) / 32;
+  const unsigned tail_cols = unsigned(cols - (steps - 1) * 32);
+  const __mmask32 tail = __mmask32(_bzhi_u32(0xffffffffu, tail_cols));
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    __m512 acc[4];
+    for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + s * 32);
+      __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
+      for (int i = 0; i < 4; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(m, w + (r + i) * cols + s * 32), xv);
+    }
+    for (int i = 0; i < 4; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]);
+  }
+  for (; r < r1; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s = 0; s < steps; ++s) {
+      __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * cols + s * 32),
+                             (__m512bh)_mm512_loadu_si512(x + s * 32));
+    }
+    y[r] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// fp16 / fp32 bitmask rows; x in column order.
+VBMI2 void rows_vbmi2(const uint8_t* mask, int64_t stride, const void* values, const int64_t* offsets, Kind kind,
+                      const float* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = mask + r * stride;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -72,21 +184,22 @@ void rows_vbmi2(const uint8_t* mask, int64_t stride, const void* values, const i
       const float* v = static_cast<const float*>(values) + offsets[r];
       for (int64_t c = 0; c < cols; c += 16) {
         __mmask16 bits = __mmask16(mask_bits(row, c, cols, 16));
-        __m512 w = _mm512_maskz_expandloadu_ps(bits, v);
-        __m512 xv = _mm512_maskz_loadu_ps(bits, x + c);
-        acc0 = _mm512_fmadd_ps(w, xv, acc0);
-        v += __builtin_popcount(bits);
+        int n = _mm_popcnt_u32(bits);
+        __m512 w = _mm512_maskz_expand_ps(bits, _mm512_maskz_loadu_ps(__mmask16(_bzhi_u32(0xffffu, n)), v));
+        acc0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(bits, x + c), acc0);
+        v += n;
       }
     } else {
       const uint16_t* v = static_cast<const uint16_t*>(values) + offsets[r];
       for (int64_t c = 0; c < cols; c += 32) {
         uint32_t bits = mask_bits(row, c, cols, 32);
-        __m512i w = _mm512_maskz_expandloadu_epi16(__mmask32(bits), v);
-        __m512 lo = widen(_mm512_castsi512_si256(w), kind);
-        __m512 hi = widen(_mm512_extracti64x4_epi64(w, 1), kind);
+        int n = _mm_popcnt_u32(bits);
+        __m512i w = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, n), v));
+        __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(w));
+        __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
         acc0 = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(__mmask16(bits), x + c), acc0);
         acc1 = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(__mmask16(bits >> 16), x + c + 16), acc1);
-        v += __builtin_popcount(bits);
+        v += n;
       }
     }
     y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
@@ -119,44 +232,170 @@ void rows_avx512f(const uint8_t* mask, int64_t stride, const void* values, const
   }
 }
 
+// Dense bf16 rows, x in lane order: four rows at a time share each load of x (AVX-512BW is enough).
+__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void rows_dense_bf16(const uint16_t* w, int64_t cols, const float* x, float* y, int64_t r0, int64_t r1) {
+  const int64_t steps = cols / 32;
+  const __mmask32 tail = __mmask32(_bzhi_u32(0xffffffffu, unsigned(cols % 32)));
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    __m512 lo[4], hi[4];
+    for (int i = 0; i < 4; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s <= steps; ++s) {
+      if (s == steps && !tail) break;
+      __m512 xl = _mm512_loadu_ps(x + s * 32), xh = _mm512_loadu_ps(x + s * 32 + 16);
+      for (int i = 0; i < 4; ++i) {
+        const uint16_t* p = w + (r + i) * cols + s * 32;
+        __m512i v = s < steps ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(tail, p);
+        lo[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)), xl, lo[i]);
+        hi[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)), xh, hi[i]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) y[r + i] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i], hi[i]));
+  }
+  for (; r < r1; ++r) {
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    for (int64_t s = 0; s <= steps; ++s) {
+      if (s == steps && !tail) break;
+      const uint16_t* p = w + r * cols + s * 32;
+      __m512i v = s < steps ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(tail, p);
+      lo = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)), _mm512_loadu_ps(x + s * 32), lo);
+      hi = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)), _mm512_loadu_ps(x + s * 32 + 16), hi);
+    }
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+  }
+}
+
+void rows_dense_portable(const uint16_t* w, int64_t cols, const float* x, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc = 0.f;
+    for (int64_t c = 0; c < cols; ++c) acc += half_to_float(w[r * cols + c], BF16) * x[c];
+    y[r] = acc;
+  }
+}
+
 int64_t best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-    return __builtin_cpu_supports("avx512vbmi2") ? 2 : 1;
+    if (!__builtin_cpu_supports("avx512vbmi2") || !__builtin_cpu_supports("bmi2")) return 1;
+    return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
   }
   return 0;
 }
 
-}  // namespace
+// x (any of the three dtypes, `cols` elements) as fp32, in lane order (zero-padded to whole 32-column blocks)
+// when `lanes`, else in column order.
+std::vector<float> widened(const torch::Tensor& x, int64_t cols, bool lanes) {
+  TORCH_CHECK(x.is_contiguous() && x.numel() == cols, "x: [cols], contiguous");
+  Kind kind = kind_of(x);
+  std::vector<float> out(lanes ? (cols + 31) / 32 * 32 : cols, 0.f);
+  const void* data = x.data_ptr();
+  for (int64_t c = 0; c < cols; ++c) out[lanes ? lane_order(c) : c] = element(data, c, kind);
+  return out;
+}
 
-// x: fp32 [cols]; mask: uint8 [rows, stride]; values: 1-D; offsets: int64 [rows + 1]. Returns fp32 [rows].
-torch::Tensor bitmask_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor offsets,
-                           int64_t cols, int64_t isa) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.numel() == cols, "x: fp32 [cols]");
+// A bf16 x as it is, zero-padded to whole 32-column blocks (the dot path reads x 32 columns at a time).
+std::vector<uint16_t> padded_bf16(const torch::Tensor& x, int64_t cols) {
+  TORCH_CHECK(x.is_contiguous() && x.numel() == cols, "x: [cols], contiguous");
+  std::vector<uint16_t> out((cols + 31) / 32 * 32, 0);
+  std::memcpy(out.data(), x.data_ptr(), cols * 2);
+  return out;
+}
+
+// y (fp32 [rows], the sums) plus the bias, as `like`'s dtype: rounded once.
+torch::Tensor finish(const std::vector<float>& sums, const c10::optional<torch::Tensor>& bias, const torch::Tensor& like) {
+  int64_t rows = int64_t(sums.size());
+  auto y = torch::empty({rows}, like.options());
+  Kind out = kind_of(like);
+  const void* b = nullptr;
+  Kind bias_kind = F32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == rows, "bias: [rows]");
+    b = bias->data_ptr();
+    bias_kind = kind_of(*bias);
+  }
+  void* data = y.data_ptr();
+  for (int64_t r = 0; r < rows; ++r) {
+    float v = b ? sums[r] + element(b, r, bias_kind) : sums[r];
+    if (out == F32) static_cast<float*>(data)[r] = v;
+    else if (out == BF16) static_cast<at::BFloat16*>(data)[r] = at::BFloat16(v);
+    else static_cast<at::Half*>(data)[r] = at::Half(v);
+  }
+  return y;
+}
+
+std::vector<float> bitmask_sums(const torch::Tensor& x, const torch::Tensor& mask, const torch::Tensor& values,
+                                const torch::Tensor& offsets, int64_t cols, int64_t isa) {
   TORCH_CHECK(mask.dtype() == torch::kUInt8 && mask.dim() == 2 && mask.is_contiguous() &&
-              mask.size(1) * 8 >= cols, "mask: uint8 [rows, ceil(cols / 8)]");
-  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == mask.size(0) + 1, "offsets: int64 [rows + 1]");
+              mask.size(1) == (cols + 7) / 8, "mask: uint8 [rows, ceil(cols / 8)]");
+  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.is_contiguous() && offsets.numel() == mask.size(0) + 1,
+              "offsets: int64 [rows + 1]");
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values: 1-D");
-  Kind kind = values.dtype() == torch::kBFloat16 ? BF16 : values.dtype() == torch::kFloat16 ? F16 : F32;
-  TORCH_CHECK(kind != F32 || values.dtype() == torch::kFloat32, "values: bf16, fp16 or fp32");
+  Kind kind = kind_of(values);
   int64_t rows = mask.size(0);
-  auto y = torch::empty({rows}, x.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[rows] == values.numel(), "offsets do not span the values");
+  isa = std::min(isa, best_isa());
   const uint8_t* m = mask.data_ptr<uint8_t>();
   const void* v = values.data_ptr();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   int64_t stride = mask.size(1);
-  isa = std::min(isa, best_isa());
+  std::vector<float> y(rows);
+  if (isa >= 3 && kind == BF16 && kind_of(x) == BF16) {
+    std::vector<uint16_t> xb = padded_bf16(x, cols);
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      rows_dot_bf16(m, stride, static_cast<const uint16_t*>(v), off, xb.data(), y.data(), cols, r0, r1);
+    });
+    return y;
+  }
+  bool lanes = isa >= 2 && kind == BF16;
+  std::vector<float> xs = widened(x, cols, lanes);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    if (isa >= 2) rows_vbmi2(m, stride, v, off, kind, xp, yp, cols, r0, r1);
-    else if (isa == 1) rows_avx512f(m, stride, v, off, kind, xp, yp, cols, r0, r1);
-    else rows_portable(m, stride, v, off, kind, xp, yp, cols, r0, r1);
+    if (lanes) rows_vbmi2_bf16(m, stride, static_cast<const uint16_t*>(v), off, xs.data(), y.data(), cols, r0, r1);
+    else if (isa >= 2) rows_vbmi2(m, stride, v, off, kind, xs.data(), y.data(), cols, r0, r1);
+    else if (isa == 1) rows_avx512f(m, stride, v, off, kind, xs.data(), y.data(), cols, r0, r1);
+    else rows_portable(m, stride, v, off, kind, xs.data(), y.data(), cols, r0, r1);
   });
   return y;
 }
 
+}  // namespace
+
+// x: [cols] (fp32, bf16 or fp16); mask: uint8 [rows, ceil(cols / 8)]; values: 1-D; offsets: int64 [rows + 1].
+// Returns the fp32 sums [rows].
+torch::Tensor bitmask_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor offsets,
+                           int64_t cols, int64_t isa) {
+  return finish(bitmask_sums(x, mask, values, offsets, cols, isa), c10::nullopt, x.to(torch::kFloat32));
+}
+
+// A packed linear layer on one token: (sums + bias) rounded once to x's dtype, [rows].
+torch::Tensor bitmask_linear(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor offsets,
+                             c10::optional<torch::Tensor> bias, int64_t cols, int64_t isa) {
+  return finish(bitmask_sums(x, mask, values, offsets, cols, isa), bias, x);
+}
+
+// A dense bf16 linear layer on one token: weight bf16 [rows, cols]; (sums + bias) rounded once to x's dtype.
+torch::Tensor dense_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t isa) {
+  TORCH_CHECK(weight.dtype() == torch::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(), "weight: bf16 [rows, cols]");
+  int64_t rows = weight.size(0), cols = weight.size(1);
+  isa = std::min(isa, best_isa());
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  std::vector<float> y(rows);
+  if (isa >= 3 && kind_of(x) == BF16) {
+    std::vector<uint16_t> xb = padded_bf16(x, cols);
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) { rows_dense_dot(w, cols, xb.data(), y.data(), r0, r1); });
+    return finish(y, bias, x);
+  }
+  std::vector<float> xs = widened(x, cols, isa >= 1);
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    if (isa >= 1) rows_dense_bf16(w, cols, xs.data(), y.data(), r0, r1);
+    else rows_dense_portable(w, cols, xs.data(), y.data(), r0, r1);
+  });
+  return finish(y, bias, x);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("bitmask_gemv", &bitmask_gemv, "batch-1 GEMV of a bitmask-packed weight");
-  module.def("best_isa", &best_isa, "2: AVX-512 VBMI2, 1: AVX-512F/BW/VL, 0: portable");
+  module.def("bitmask_gemv", &bitmask_gemv, "batch-1 GEMV of a bitmask-packed weight (fp32 sums)");
+  module.def("bitmask_linear", &bitmask_linear, "batch-1 packed linear layer, in x's dtype");
+  module.def("dense_linear", &dense_linear, "batch-1 dense bf16 linear layer, in x's dtype");
+  module.def("best_isa", &best_isa, "3: AVX-512 BF16 + VBMI2, 2: AVX-512 VBMI2, 1: AVX-512F/BW/VL, 0: portable");
 }

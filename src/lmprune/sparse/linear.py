@@ -1,10 +1,12 @@
-"""SparseLinear: a pruned Linear or Conv1D that keeps its weight packed in memory.
+"""SparseLinear: a pruned Linear or Conv1D that keeps its weight packed in memory (and DenseHeadLinear: the
+unpruned bf16 LM head of such a model, on the compiled dense GEMV for one token).
 
 Every layer is held in one form: a bitmask along its inputs, rows = outputs (packing.as_row_bitmask),
 which is what the compiled kernel reads. Two paths compute the product:
 - compiled (kernel.py), for one token at a time (batch-1 decoding, the memory-bound case it is for):
-  reads only the kept values and the mask, fp32 products and sums. It agrees with the dense product up
-  to summation order: fp32 rounding, about 1e-6 of the sum of |terms|, before the output's own rounding.
+  reads only the kept values and the mask, takes x in its own dtype, fp32 products and sums, the bias added
+  in fp32 and the result rounded once to x's dtype. It agrees with the dense product up to summation
+  order: fp32 rounding, about 1e-6 of the sum of |terms|, before the output's own rounding.
 - portable, for everything else (prompts, batches, no kernel): the weight is unpacked for the call and
   multiplied exactly as the replaced layer did (the same torch op on the same values), so its outputs
   are the dense-with-zeros model's; at most the last bits can differ, as they do between two copies of
@@ -19,8 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.layers import Conv1D
-from .kernel import gemv_kernel
-from .packing import BITMASK, PackedWeight, as_row_bitmask, row_offsets
+from .kernel import BEST, gemv_kernel
+from .packing import BITMASK, PackedWeight, as_row_bitmask, pack_bitmask, packed_bytes, row_offsets
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _one_token_kernel(x: torch.Tensor, in_features: int):
+    """The compiled kernel where it applies: one token (batch-1 decoding) on the CPU, no autograd; else None."""
+    if x.numel() != in_features or x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES \
+            or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return gemv_kernel()
 
 
 class SparseLinear(nn.Module):
@@ -52,14 +65,11 @@ class SparseLinear(nn.Module):
                             self.mask).dense().to(self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = gemv_kernel() if self.compiled and x.numel() == self.in_features and x.device.type == "cpu" \
-            and not (torch.is_grad_enabled() and x.requires_grad) else None
-        if kernel is not None:
-            y = kernel.bitmask_gemv(x.reshape(-1).float().contiguous(), self.mask, self.values, self.offsets,
-                                    self.in_features, 2)
-            if self.bias is not None:
-                y = y + self.bias.float()
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        kernel = _one_token_kernel(x, self.in_features) if self.compiled else None
+        if kernel is not None:  # x in its own dtype (no conversion copies); y rounded once to it, bias added in fp32
+            y = kernel.bitmask_linear(x.reshape(-1), self.mask, self.values, self.offsets, self.bias,
+                                      self.in_features, BEST)
+            return y.reshape(*x.shape[:-1], self.out_features)
         weight = self.dense_weight()
         if self.conv1d:  # Conv1D.forward's own ops on its own [in, out] layout, for the same bits
             size_out = x.size()[:-1] + (self.out_features,)
@@ -80,6 +90,29 @@ def _dense_state(module: SparseLinear, state: dict, prefix: str, local_metadata)
     state[prefix + "weight"] = weight.t().contiguous() if module.conv1d else weight
 
 
+class DenseHeadLinear(nn.Linear):
+    """An unpruned bf16 Linear (the LM head, the largest dense read of a decode step) whose one-token
+    product goes through the compiled dense GEMV: torch's bf16 GEMV on this CPU reads well below the memory
+    bandwidth. Same parameters (a tied head stays tied); the same product up to summation order (fp32 sums,
+    rounded once to bf16, as torch's); anything but one bf16 token on the CPU is nn.Linear's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _one_token_kernel(x, self.in_features) if self.weight.dtype == torch.bfloat16 else None
+        if kernel is None or not self.weight.is_contiguous():
+            return super().forward(x)
+        return kernel.dense_linear(x.reshape(-1), self.weight, self.bias, BEST).reshape(*x.shape[:-1], self.out_features)
+
+
+def use_dense_head_kernel(model: nn.Module) -> bool:
+    """Give the model's output layer, when it is a plain bf16 nn.Linear, the compiled one-token path (in place:
+    its class only; parameters, ties and state_dict stay). Whether it was changed."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.weight.dtype != torch.bfloat16:
+        return False
+    head.__class__ = DenseHeadLinear
+    return True
+
+
 def replaceable(module: nn.Module) -> bool:
     """Layers whose forward SparseLinear reproduces: nn.Linear itself and Conv1D (not subclasses that may
     multiply differently)."""
@@ -97,4 +130,20 @@ def sparsify(model: nn.Module, packed: dict[str, PackedWeight], compiled: bool =
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, SparseLinear(module, weight, compiled))
         replaced.add(f"{name}.weight")
+    if replaced and compiled:
+        use_dense_head_kernel(model)
     return replaced
+
+
+def pack_model(model: nn.Module, compiled: bool = True) -> int:
+    """Pack in memory every Linear/Conv1D of the decoder blocks whose weight takes fewer bytes as a bitmask
+    (a dense-with-zeros model made sparse without a packed checkpoint); how many were packed."""
+    from ..model import find_blocks
+
+    prefix, blocks = find_blocks(model)
+    packed = {}
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if replaceable(module) and packed_bytes(module.weight, BITMASK) < module.weight.nbytes:
+                packed[f"{prefix}.{i}.{name}.weight"] = pack_bitmask(module.weight.detach())
+    return len(sparsify(model, packed, compiled))
