@@ -1,8 +1,9 @@
 """lmprune's one logger: `lmprune: MESSAGE` lines on stderr, from rank 0 alone under torchrun.
 
-Library modules log to `logger` (or `logging.getLogger("lmprune")`); the command line calls `configure` once
-per run to install the handler. Without it (lmprune used as a library) the messages follow the host's
-logging setup, as a library's should."""
+Library modules log to `logger` (or `logging.getLogger("lmprune")`). The handler is installed on import, so
+the library's progress and warnings reach stderr as they always did (a caller who wants them elsewhere
+removes `lmprune.log._handler` or sets the logger's level); the command line calls `configure` once it knows
+its rank."""
 
 from __future__ import annotations
 
@@ -53,3 +54,6 @@ def configure(rank0: bool) -> None:
         logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the handler above prints each line once, whatever the host's root logger does
+
+
+configure(rank0=True)

@@ -3,11 +3,12 @@ unpruned bf16 LM head of such a model, on the compiled dense GEMV for one token)
 
 Every layer is held in one form: a bitmask along its inputs, rows = outputs (packing.as_row_bitmask),
 which is what the compiled kernel reads. Two paths compute the product:
-- compiled (kernel.py), for one token at a time (batch-1 decoding, the memory-bound case it is for):
+- compiled (kernel.py), for one token at a time (batch-1 decoding, the memory-bound case it is for), and
+  row by row for up to PROMPT_ROWS tokens (a short prompt):
   reads only the kept values and the mask, takes x in its own dtype, fp32 products and sums, the bias added
   in fp32 and the result rounded once to x's dtype. It agrees with the dense product up to summation
   order: fp32 rounding, about 1e-6 of the sum of |terms|, before the output's own rounding.
-- portable, for everything else (prompts, batches, no kernel): the weight is unpacked for the call and
+- portable, for everything else (long prompts, batches, no kernel): the weight is unpacked for the call and
   multiplied exactly as the replaced layer did (the same torch op on the same values), so its outputs
   are the dense-with-zeros model's; at most the last bits can differ, as they do between two copies of
   one dense model at other memory alignments (torch's kernels pick their summation order by it). It
@@ -28,12 +29,19 @@ from .packing import BITMASK, PackedWeight, as_row_bitmask, pack_bitmask, packed
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _one_token_kernel(x: torch.Tensor, in_features: int):
-    """The compiled kernel where it applies: one token (batch-1 decoding) on the CPU, no autograd; else None."""
-    if x.numel() != in_features or x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES \
-            or (torch.is_grad_enabled() and x.requires_grad):
+def _one_token_kernel(x: torch.Tensor, in_features: int, max_rows: int = 1):
+    """The compiled kernel where it applies: up to `max_rows` tokens (1: batch-1 decoding) on the CPU, no
+    autograd; else None."""
+    if x.numel() == 0 or x.numel() % in_features or x.numel() // in_features > max_rows \
+            or x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES or (torch.is_grad_enabled() and x.requires_grad):
         return None
     return gemv_kernel()
+
+
+# A short prompt runs the kernel once per token rather than unpacking every layer's dense weight: measured on
+# the 1B shape at 70%, one kernel pass over the model costs about 1/60 of an unpacking pass, and the unpacked
+# weights' heap pages raised the model's peak RSS (bench/RESULTS.md, issue #31). Longer prompts unpack.
+PROMPT_ROWS = 32
 
 
 class SparseLinear(nn.Module):
@@ -65,10 +73,11 @@ class SparseLinear(nn.Module):
                             self.mask).dense().to(self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = _one_token_kernel(x, self.in_features) if self.compiled else None
+        kernel = _one_token_kernel(x, self.in_features, PROMPT_ROWS) if self.compiled else None
         if kernel is not None:  # x in its own dtype (no conversion copies); y rounded once to it, bias added in fp32
-            y = kernel.bitmask_linear(x.reshape(-1), self.mask, self.values, self.offsets, self.bias,
-                                      self.in_features, BEST)
+            rows = [kernel.bitmask_linear(row, self.mask, self.values, self.offsets, self.bias, self.in_features, BEST)
+                    for row in x.reshape(-1, self.in_features)]
+            y = rows[0] if len(rows) == 1 else torch.stack(rows)
             return y.reshape(*x.shape[:-1], self.out_features)
         weight = self.dense_weight()
         if self.conv1d:  # Conv1D.forward's own ops on its own [in, out] layout, for the same bits

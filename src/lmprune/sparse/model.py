@@ -52,6 +52,9 @@ def load_sparse_model(path: str, name: str, dtype: torch.dtype | str = "auto", s
         with contextlib.suppress(OSError, ValueError):
             model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
+    from ..model.memory import return_freed_memory
+
+    return_freed_memory()  # the shards' dense reads and the conversions' temporaries: not the model's memory
     return model, tokenizer
 
 
