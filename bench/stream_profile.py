@@ -76,13 +76,15 @@ def main() -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
     import lmprune.pipeline as pipeline
     from lmprune.cli import main as cli_main
+    from lmprune.hidden import HiddenStates
     from lmprune.model.block_store import StreamedBlocks
 
     sampler = Sampler(0.005)
     wrap(sampler, StreamedBlocks, "load", lambda self, i, block: "load block")
     wrap(sampler, StreamedBlocks, "save", lambda self, i, block, records: "save block")
-    wrap(sampler, pipeline, "_collect_grams", lambda *a, **k: "collect statistics")
-    wrap(sampler, pipeline, "_prune_group", lambda group, *a, **k: f"solve {group[0].layer.name.rsplit('.', 1)[-1]}")
+    wrap(sampler, pipeline, "collect_inputs", lambda *a, **k: "collect statistics")
+    wrap(sampler, pipeline, "prune_group", lambda group, *a, **k: f"solve {group[0].layer.name.rsplit('.', 1)[-1]}")
+    wrap(sampler, HiddenStates, "advance", lambda *a, **k: "propagate")
     sampler.start()
     code = cli_main(["prune", *sys.argv[1:]])
     sampler.stop = True
