@@ -21,8 +21,8 @@ from lmprune.pipeline import prune_model
 from lmprune.reconstruct import reconstruct_block
 from lmprune.solvers import build_layer_solver
 from test_distributed import _env, _free_port, compare, prune_command, report
-from test_resume import inputs, kill_at_block_2
-from test_streaming import assert_same_weights, fault_case, layer_records, reload
+from test_resume import resumes_bit_identical
+from test_streaming import layer_records
 from test_streaming import report as streamed_report
 from zoo import tiny_model
 
@@ -203,19 +203,9 @@ def test_cli_reports_the_settings_and_each_blocks_fit(capsys, tiny_llama, tmp_pa
 
 
 def test_a_killed_streamed_run_resumes_bit_identical(capsys, tmp_path, monkeypatch):
-    work, model, _ = fault_case(tmp_path)
-    options = ("--method", "sparsegpt", "--sparsity", "0.5", "--reconstruct", "block", "--opt",
-               "reconstruct_steps=8", "--opt", "reconstruct_lr=1e-3", "--opt", "reconstruct_batch=1", "--stream")
-    args = prune_args(model, work / "calib.txt", work / "out", *options)
-    before = inputs(work)
-    kill_at_block_2(capsys, monkeypatch, args)
-    code, _, err = run_cli(capsys, *args)
-    assert code == 0 and any("pruning from block 2" in line for line in err), err
-    assert inputs(work) == before
-    code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "whole", *options))
-    assert code == 0, err
-    assert streamed_report(work / "out")["resumed"] == {"from_block": 2}
-    assert_same_weights(reload(work / "out"), reload(work / "whole"))
+    work = resumes_bit_identical(capsys, monkeypatch, tmp_path, (
+        "--method", "sparsegpt", "--sparsity", "0.5", "--reconstruct", "block", "--opt", "reconstruct_steps=8",
+        "--opt", "reconstruct_lr=1e-3", "--opt", "reconstruct_batch=1", "--stream"))
     assert layer_records(work / "out") == layer_records(work / "whole")
     fits = [b["reconstruct"] for b in streamed_report(work / "whole")["blocks"]]
     assert [b["reconstruct"] for b in streamed_report(work / "out")["blocks"]] == fits

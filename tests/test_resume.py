@@ -38,6 +38,23 @@ def kill_at_block_2(capsys, monkeypatch, args):
     monkeypatch.undo()
 
 
+def resumes_bit_identical(capsys, monkeypatch, tmp_path, options):
+    """A streamed run killed while writing block 2, then run again, continues from block 2 with its inputs
+    untouched and ends with the weights of an uninterrupted run; the folder holding both outputs (out, whole)."""
+    work, model, _ = fault_case(tmp_path)
+    args = prune_args(model, work / "calib.txt", work / "out", *options)
+    before = inputs(work)
+    kill_at_block_2(capsys, monkeypatch, args)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and any("pruning from block 2" in line for line in err), err
+    assert inputs(work) == before
+    code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "whole", *options))
+    assert code == 0, err
+    assert report(work / "out")["resumed"] == {"from_block": 2} and "resumed" not in report(work / "whole")
+    assert_same_weights(reload(work / "out"), reload(work / "whole"))
+    return work
+
+
 def covering_cases():
     """Every (levers, method) pair once, the allocation alternating so that every (allocation, levers) and
     every (allocation, method) pair occurs too: 15 of the 30 combinations (the full product passed once,
@@ -49,18 +66,8 @@ def covering_cases():
 
 @pytest.mark.parametrize("allocation, levers, method", covering_cases())
 def test_every_lever_combination_resumes_bit_identical(capsys, tmp_path, monkeypatch, method, levers, allocation):
-    work, model, _ = fault_case(tmp_path)
-    options = (*METHODS[method], *LEVERS[levers], "--allocation", allocation, "--stream")
-    args = prune_args(model, work / "calib.txt", work / "out", *options)
-    before = inputs(work)
-    kill_at_block_2(capsys, monkeypatch, args)
-    code, _, err = run_cli(capsys, *args)
-    assert code == 0 and any("pruning from block 2" in line for line in err), err
-    assert inputs(work) == before
-    code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "whole", *options))
-    assert code == 0, err
-    assert report(work / "out")["resumed"] == {"from_block": 2} and "resumed" not in report(work / "whole")
-    assert_same_weights(reload(work / "out"), reload(work / "whole"))
+    work = resumes_bit_identical(capsys, monkeypatch, tmp_path,
+                                 (*METHODS[method], *LEVERS[levers], "--allocation", allocation, "--stream"))
     assert layer_records(work / "out") == layer_records(work / "whole")
     for key in ("allocation", "block_targets", "routers", "blocks"):
         assert report(work / "out").get(key) == report(work / "whole").get(key), key

@@ -37,15 +37,13 @@ from .model.calls import BlockCall
 class BlockReconstruction(Lever):
     """--reconstruct block as a lever of the block loop: at the end of each pruned block (after the layer
     solves and any block refinement, before propagation) the dense stream moves on first, and its outputs are
-    the targets of the fit; every rank ends with rank 0's weights. The record goes into the report's `blocks`,
+    the targets of the fit; every rank ends with rank 0's weights. `prune_model` runs `check_reconstruct` before
+the levers are built, so that its refusal comes before the dense stream's. The record goes into the report's `blocks`,
     which a streamed run saves with the block, so a resumed run replays it with the block's saved weights."""
 
     def __init__(self, settings: ReconstructSettings, dense, ranks, batch_indices: list[int], total_batches: int):
         self.settings, self.dense, self.ranks = settings, dense, ranks
         self.batch_indices, self.total_batches = batch_indices, total_batches
-
-    def check(self, plan):
-        check_reconstruct(plan)
 
     def begin(self, run):
         self.run = run
