@@ -102,14 +102,17 @@ def build(method: str):
 
 
 def prune(model, method: str, target: str, calibration, device, progress=False, built=None,
-          moe_calibration="routed"):
-    """Prune `model` in place with the method spec at the target; returns the pipeline's PruneResult."""
+          moe_calibration="routed", layer_errors=True):
+    """Prune `model` in place with the method spec at the target; returns the pipeline's PruneResult.
+
+    `layer_errors`: every layer's relative error, also for methods that read no XᵀX (the quality tables and
+    plots show them); the speed bench turns it off to time what `lmprune prune` does."""
     built = built or build(method)
     _, allocation, sequential, dense, block = split_levers(method)
     return prune_model(model, calibration, built.layer_solver, built.pattern(SparsityPattern.parse(target)), device,
                        refiner=built.refiner, progress=progress, moe_calibration=moe_calibration,
                        allocation=allocation, sequential=sequential, dense_targets=dense,
-                       block_targets=block)
+                       block_targets=block, layer_errors=layer_errors)
 
 
 def run_once(dense_model, method: str, target: str, calibration, evaluation, device, progress=False,

@@ -44,7 +44,7 @@ def one_model_run(preset_name: str, method: str, target: str, threads: int, nsam
         keep_first_blocks(model, blocks)
     calibration, _ = build_windows(preset, tokenizer)
     tick = time.perf_counter()
-    result = prune(model, method, target, calibration, device)
+    result = prune(model, method, target, calibration, device, layer_errors=False)
     total = time.perf_counter() - tick
     t = result.timings
     return {"method": method, "target": target, "total_s": total, "solve_s": t["solve"] + t.get("refine", 0.0),

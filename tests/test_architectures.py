@@ -117,12 +117,32 @@ def test_grams_equal_each_layers_own_inputs(model_type, token_ids):
     assert len({id(g.stats.total) for g in grams.values()}) == len(grams)
     plain = collect_inputs(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu).inputs
     assert all(g.stats is None and g.tokens == 96 for g in plain.values())
+    # A method reading less (statistics.py) gets only that: the diagonal alone, or nothing but counts; the
+    # diagonal sums are the same whether XᵀX is collected beside them (the error report) or not.
+    diagonal = collect_inputs(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu,
+                              statistics="diagonal").inputs
+    both = collect_inputs(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu, statistics="diagonal",
+                          full_gram=True).inputs
+    counts = collect_inputs(blocks[0], f"{blocks_name}.0", layers, inputs, calls.hidden, cpu, statistics="none").inputs
+    for layer in layers:
+        X = torch.cat(seen[layer.name]).double()
+        assert diagonal[layer.name].gram is None, layer.name
+        assert torch.allclose(diagonal[layer.name].diagonal.double(), (X * X).sum(0), rtol=1e-5, atol=1e-6), layer.name
+        assert torch.equal(both[layer.name].diagonal, diagonal[layer.name].diagonal), layer.name
+        assert torch.equal(both[layer.name].gram, plain[layer.name].gram), layer.name
+        assert counts[layer.name].gram is None and counts[layer.name].diagonal is None, layer.name
+        assert counts[layer.name].tokens == counts[layer.name].signal == 96, layer.name
 
 
 def test_progress_prints_expected_duration_after_first_block(token_ids, capsys):
     model = tiny_model("llama")
     calibration = calibration_windows(token_ids, nsamples=2, seqlen=32, seed=0)
-    prune_model(model, calibration, build_layer_solver("wanda"), SparsityPattern(0.5), torch.device("cpu"))
+    prune_model(model, calibration, build_layer_solver("wanda"), SparsityPattern(0.5), torch.device("cpu"),
+                layer_errors=True)
     out = capsys.readouterr().out
     assert "block 0 took" in out and "for all 2 blocks" in out
     assert out.count("relative errors:") == 2
+    # Wanda reads no XᵀX: without --layer-errors there are no errors to show.
+    prune_model(tiny_model("llama"), calibration, build_layer_solver("wanda"), SparsityPattern(0.5), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "block 0 took" in out and "relative errors:" not in out

@@ -54,6 +54,11 @@ def test_expert_grams_sum_exactly_their_tokens(mode, token_ids):
     layers = prunable_layers(blocks[0], f"{name}.0", config=text_config(model))
     collected = collect_inputs(blocks[0], f"{name}.0", layers, calls.for_block(0), calls.hidden, CPU,
                                 with_stats=True, moe_calibration=mode)
+    # What a method reading the diagonal alone gets (statistics.py), with and without XᵀX beside it.
+    diagonal = collect_inputs(blocks[0], f"{name}.0", layers, calls.for_block(0), calls.hidden, CPU,
+                              moe_calibration=mode, statistics="diagonal").inputs
+    both = collect_inputs(blocks[0], f"{name}.0", layers, calls.for_block(0), calls.hidden, CPU,
+                          moe_calibration=mode, statistics="diagonal", full_gram=True).inputs
     x, top_k = moe_inputs(model, blocks[0], ids)
     experts = blocks[0].mlp.experts
     assert collected.routers == {f"{name}.0.mlp.gate.weight"}
@@ -66,6 +71,11 @@ def test_expert_grams_sum_exactly_their_tokens(mode, token_ids):
             assert got.tokens == X.shape[0]
             assert torch.allclose(got.gram, X.t() @ X, rtol=1e-4, atol=1e-4), (param, e)
             assert torch.allclose(got.stats.total, X.sum(0), rtol=1e-4, atol=1e-4), (param, e)
+            alone = diagonal[f"{name}.0.mlp.experts.{param}[{e}]"]
+            assert alone.gram is None and alone.tokens == X.shape[0]
+            assert torch.allclose(alone.diagonal, (X * X).sum(0), rtol=1e-4, atol=1e-5), (param, e)
+            beside = both[f"{name}.0.mlp.experts.{param}[{e}]"]
+            assert torch.equal(beside.diagonal, alone.diagonal) and torch.equal(beside.gram, got.gram), (param, e)
 
 
 def test_transposed_expert_storage_is_read_from_the_models_products(token_ids):

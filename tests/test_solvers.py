@@ -115,6 +115,23 @@ def test_reported_errors_match_float64_reference(problem):
     assert relative_errors(W, [W], H) == [0.0]
 
 
+@pytest.mark.parametrize("rows, width", [(300, 96), (2100, 64)])
+def test_reported_errors_in_row_blocks_are_the_stacked_products_bits(rows, width, monkeypatch):
+    """The error report multiplies a block of rows at a time (issue #30's memory): the same numbers, bit for
+    bit, as the one product of the stacked differences it replaced."""
+    from lmprune.solvers import linalg
+
+    g = torch.Generator().manual_seed(1)
+    W, X = torch.randn(rows, width, generator=g), torch.randn(500, width, generator=g)
+    H = X.t() @ X
+    candidates = [W * (torch.rand(rows, width, generator=g) > p) for p in (0.5, 0.7)]
+    stacked = torch.cat([W, *[W - c for c in candidates]])
+    quad = (stacked @ H).mul_(stacked).sum(1, dtype=torch.float64).split(rows)
+    expected = [float(q.sum()) / float(quad[0].sum()) for q in quad[1:]]
+    monkeypatch.setattr(linalg, "_REPORT_BYTES", 4 * width * 128)  # 128 rows a block: several, one partial
+    assert linalg.relative_errors(W, candidates, H) == expected
+
+
 def test_damping_and_inverse_factor_are_bit_identical_to_the_textbook_forms():
     """add_damping and SparseGPT's inverse Cholesky factor avoid n×n temporaries (issue #30): the same bits as
     H + damp·I with an explicit identity and as factorising every matrix into a preallocated output."""
@@ -138,9 +155,22 @@ def test_damping_and_inverse_factor_are_bit_identical_to_the_textbook_forms():
         out[index[ok]] = U[ok]
         return out
 
-    U = _inverse_cholesky(damped)
+    in_place = H.clone()
+    assert add_damping(in_place, 0.01, in_place=True) is in_place
+    assert torch.equal(in_place.view(torch.int32), reference.view(torch.int32))
+    U = _inverse_cholesky(lambda: damped.clone())
     assert U.is_contiguous() and torch.equal(U.view(torch.int32), textbook(damped).view(torch.int32))
     bad = damped.clone()
     bad[1] = torch.diag(torch.tensor([1.0] * 23 + [-1.0]))  # not positive definite, in float64 either
     with pytest.raises(torch.linalg.LinAlgError):
-        _inverse_cholesky(bad)
+        _inverse_cholesky(lambda: bad.clone())
+    # One matrix positive definite in float64 only: the float64 pass factorises it from a fresh H.
+    near = damped.clone()
+    Q, _ = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    near[2] = ((Q * torch.logspace(0, -8.5, 24, dtype=torch.float64)) @ Q.T).float()  # condition number 3e8
+    assert torch.linalg.cholesky_ex(near[2])[1] != 0 and torch.linalg.cholesky_ex(near[2].double())[1] == 0
+    mixed = _inverse_cholesky(lambda: near.clone())
+    ok = textbook(near)
+    assert torch.equal(mixed[:2].view(torch.int32), ok[:2].view(torch.int32))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(near[2].double())), upper=True)
+    assert torch.equal(mixed[2], expected.float())

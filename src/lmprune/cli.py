@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="block: after each block is pruned, fit its kept weights (masks fixed) to the dense "
                             "block's output with Adam; --opt reconstruct_steps=, reconstruct_lr=, "
                             "reconstruct_batch= (windows per step)")
+    prune.add_argument("--layer-errors", action="store_true",
+                       help="report every layer's relative error ‖XW − XŴ‖²/‖XW‖² also for methods that read no "
+                            "XᵀX (magnitude, wanda, dsnot): collects XᵀX, which costs time and memory")
     prune.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
                        help="MoE experts: calibrate each on the tokens routed to it (default), or on every token")
     prune.add_argument("--eval", dest="eval_data", help="perplexity on this text after pruning")
@@ -224,8 +227,9 @@ def cmd_prune(args) -> int:
     if pruned is not None:  # rank 0 speaks for the run
         summary = pruned.report["summary"]
         ppl = "".join(f", perplexity {e['perplexity']:.2f} on {e['data']}" for e in pruned.report["evaluation"])
-        logger.info(f"saved to {options.config.out}: {headline(summary)}; {summary['layers']} layers pruned, mean "
-                    f"relative error {summary['mean_error']:.4g}{ppl}; wall time {format_duration(pruned.seconds)}")
+        error = f", mean relative error {summary['mean_error']:.4g}" if "mean_error" in summary else ""
+        logger.info(f"saved to {options.config.out}: {headline(summary)}; {summary['layers']} layers pruned{error}"
+                    f"{ppl}; wall time {format_duration(pruned.seconds)}")
     return 0
 
 
@@ -263,7 +267,7 @@ def prune_options(args) -> PruneOptions:
         batch_size=args.batch_size, overwrite=args.overwrite, moe_calibration=args.moe_calibration,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda, args.depth_slope),
         sequential=sequential, dense_targets=dense_targets, block_targets=block_targets,
-        reconstruct=reconstruct,
+        reconstruct=reconstruct, layer_errors=args.layer_errors,
     )
     if calib != SELF_CALIB:
         _check_source(calib, "--calib")

@@ -1,7 +1,8 @@
 """The collect step: run a block on every calibration batch and sum what its layers' solves need.
 
 Each layer's Gram matrix XᵀX is a running float32 sum filled while the block runs: activations are never
-stored per layer. Linear layers are read by forward hooks; layers fed the very same tensor in a call
+stored per layer. Only what the method reads is summed (solvers/base.py, `statistics`): the whole XᵀX, its
+diagonal alone (Σ x_j², for Wanda and DSnoT), or nothing but the token counts (magnitude). Linear layers are read by forward hooks; layers fed the very same tensor in a call
 (q/k/v, gate/up) share its product, computed once per batch and added to each of their sums (checked per
 call, so it is exact for any model). Expert slices of fused tensors are read by the block tracer
 (model/tracing.py), which also finds the block's routers and selectors on the first batch.
@@ -21,9 +22,10 @@ from torch import nn
 from .errors import LmpruneError
 from .hooks import hooked
 from .model import BlockCall, ExpertSlice, PrunableLayer, expert_count
-from .model.tracing import BlockTracer
+from .model.tracing import BlockTracer, ExpertSums
 from .sequential import GroupDone
 from .solvers import InputStats
+from .statistics import STATISTICS, batch_sum, sums_kept, zero_sum
 
 MOE_CALIBRATION = ("routed", "all")
 
@@ -32,15 +34,20 @@ MOE_CALIBRATION = ("routed", "all")
 class LayerInputs:
     """What the solve of one layer needs: its Gram matrix, input statistics and token count."""
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None  # XᵀX [in, in], where the method, a lever or the error report reads it
     stats: InputStats | None
     tokens: int
     # Tokens whose input row was not all zero (zero rows add nothing to the Gram): what determines an update.
     signal: int | None = None
+    diagonal: torch.Tensor | None = None  # Σ x_j² [in], where the method reads the diagonal alone
 
     def __post_init__(self):
         if self.signal is None:
             self.signal = self.tokens
+
+    def for_method(self, statistics: str) -> torch.Tensor | None:
+        """The H a method declaring `statistics` is given (solvers/base.py)."""
+        return {"gram": self.gram, "diagonal": self.diagonal, "none": None}[statistics]
 
 
 @dataclass
@@ -78,20 +85,26 @@ def fused_name(layer: ExpertSlice) -> str:
 
 def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], call: BlockCall, hidden,
                    device, with_stats: bool = False, moe_calibration: str = "routed",
-                   stop_early: bool = False, reader: BatchReader | None = None) -> CollectedInputs:
-    """Run the block on every batch, adding each layer's XᵀX (float32) to a running sum, and, `with_stats`,
-    the sum of its inputs (for solvers that need the mean). Also finds the block's routers (first batch).
+                   stop_early: bool = False, reader: BatchReader | None = None,
+                   statistics: str = "gram", full_gram: bool = False) -> CollectedInputs:
+    """Run the block on every batch, adding to running float32 sums what each layer's method reads of its
+    inputs (`statistics`: XᵀX, its diagonal, or nothing; XᵀX also where `full_gram`) and, `with_stats`, the
+    sum of its inputs (for solvers that need the mean). Also finds the block's routers (first batch).
 
     `stop_early` (hooked layers only): after the first batch, which runs whole to find the routers, a
     batch's forward ends once every hooked layer has read its input. `reader`: a lever reading the same pass.
     """
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+    kinds = sums_kept(statistics, full_gram)
     linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
     experts = [layer for layer in layers if isinstance(layer, ExpertSlice)]
-    grams = {layer.name: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in linear}
+    sums = {layer.name: {kind: zero_sum(layer.in_features, kind, device) for kind in kinds} for layer in linear}
     totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear} if with_stats else {}
-    tokens = dict.fromkeys(grams, 0)
-    signal = dict.fromkeys(grams, 0)  # tokens whose input row is not all zero
-    products: dict[int, tuple] = {}  # id(input) -> (input, XᵀX, Σx, token count, float32 rows, signal) this call
+    tokens = dict.fromkeys(sums, 0)
+    signal = dict.fromkeys(sums, 0)  # tokens whose input row is not all zero
+    # id(input) -> (input, {kind: batch sum}, Σx, token count, float32 rows, signal) this call
+    products: dict[int, tuple] = {}
     fired: set[str] = set()  # hooked layers that read their input this call
     batch = [0]
     keep_rows = reader is not None and reader.keeps_rows
@@ -106,9 +119,10 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             if seen is None or seen[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                 total = flat.sum(0) if with_stats else None
-                seen = products[id(x)] = (x, flat.t() @ flat, total, flat.shape[0], flat if keep_rows else None,
-                                          int(flat.ne(0).any(1).sum()))
-            grams[name].add_(seen[1])
+                seen = products[id(x)] = (x, {kind: batch_sum(flat, kind) for kind in kinds}, total, flat.shape[0],
+                                          flat if keep_rows else None, int(flat.ne(0).any(1).sum()))
+            for kind, product in seen[1].items():
+                sums[name][kind].add_(product)
             if reader is not None:
                 reader.read(name, x, seen[4], output)
             tokens[name] += seen[3]
@@ -116,7 +130,7 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 totals[name].add_(seen[2])
             fired.add(name)
             signal[name] += seen[5]
-            if stop_early and batch[0] > 0 and len(fired) == len(grams):
+            if stop_early and batch[0] > 0 and len(fired) == len(sums):
                 raise GroupDone
 
         return hook
@@ -128,7 +142,7 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     # of modules such as Linear experts) has none.
     routes = bool(experts) or any(expert_count(m) or (isinstance(m, nn.ModuleList) and len(m) > 1)
                                   for m in block.modules())
-    tracer = BlockTracer(fused, params, device, with_stats, routes)
+    tracer = BlockTracer(fused, params, device, with_stats, routes, kinds)
     tracer.collect_experts = moe_calibration == "routed"
     every_expert = [(m, _all_experts_hook(tracer)) for m in fused_modules.values()] if moe_calibration == "all" else []
     with hooked([(layer.module, make_hook(layer.name)) for layer in linear], every_expert, before_with_kwargs=True), \
@@ -155,9 +169,9 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             products.clear()
             fired.clear()
 
-    inputs = {name: LayerInputs(H, InputStats(totals[name], tokens[name]) if with_stats else None, tokens[name],
-                                signal[name])
-              for name, H in grams.items()}
+    inputs = {name: LayerInputs(moments.get("gram"), InputStats(totals[name], tokens[name]) if with_stats else None,
+                                tokens[name], signal[name], moments.get("diagonal"))
+              for name, moments in sums.items()}
     problems = {}
     for layer in experts:
         seen = tracer.fused[fused_name(layer)]
@@ -169,14 +183,10 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             continue
         if seen.transposed is not None:
             layer.transposed = seen.transposed  # the model's own product decides the storage order
-        sums = seen.sums.pop(layer.expert, None)
-        if sums is None:
-            width = layer.in_features
-            inputs[layer.name] = LayerInputs(torch.zeros(width, width, device=device),
-                                             InputStats(torch.zeros(width, device=device), 0) if with_stats else None, 0)
-        else:
-            inputs[layer.name] = LayerInputs(sums.gram, InputStats(sums.total, sums.tokens) if with_stats else None,
-                                             sums.tokens)
+        expert = seen.sums.pop(layer.expert, None) or ExpertSums(layer.in_features, kinds, device)
+        inputs[layer.name] = LayerInputs(expert.moments.get("gram"),
+                                         InputStats(expert.total, expert.tokens) if with_stats else None,
+                                         expert.tokens, diagonal=expert.moments.get("diagonal"))
     return CollectedInputs(inputs, tracer.routers, problems, tracer.selectors)
 
 

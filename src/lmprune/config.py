@@ -274,6 +274,7 @@ class PruneConfig:
     dense_targets: bool = False
     block_targets: bool = False
     reconstruct: ReconstructSettings | None = None
+    layer_errors: bool = False  # every layer's relative error, even for a method that reads no XᵀX
 
     def __post_init__(self) -> None:
         check_windows(self.seqlen, self.nsamples, "--seqlen", "--nsamples")

@@ -163,6 +163,10 @@ class DenseTargets(Lever):
         self.entry: dict[str, Any] | None = None  # the block's block-target report entry
         self.reading: DenseReader | None = None
 
+    @property
+    def needs_gram(self) -> bool:
+        return self.layer_targets  # a layer's dense target is solved from its XᵀX (dense_target)
+
     def check(self, plan):
         check_dense_targets(plan)
 

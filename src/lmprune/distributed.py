@@ -341,7 +341,7 @@ def merge_collected(ranks: Ranks, collected, layers: list) -> None:
     sums = []
     for name in names:
         inputs = collected.inputs[name]
-        sums.append(inputs.gram)
+        sums += [moment for moment in (inputs.gram, inputs.diagonal) if moment is not None]
         if inputs.stats is not None:
             sums.append(inputs.stats.total)
     ranks.all_reduce_sum(sums)

@@ -61,6 +61,10 @@ class BlockStep:
 class Lever:
     """A participant of the block loop; see the module docstring for the points."""
 
+    # Whether the lever reads each layer's whole XᵀX at the solve (LayerSolve.inputs.gram), whatever the
+    # method reads (statistics.py).
+    needs_gram = False
+
     def check(self, plan: list[list[PrunableLayer]]) -> None: ...
 
     def begin(self, run) -> None: ...
@@ -112,6 +116,9 @@ class Levers:
                 method(*args)
 
         return call
+
+    def need_gram(self) -> bool:
+        return any(lever.needs_gram for lever in self.levers)
 
     def reader(self, step: BlockStep, stage: list[PrunableLayer]):
         readers = [r for lever in self.levers if (r := lever.reader(step, stage)) is not None]

@@ -52,7 +52,7 @@ from .model.block_store import BlockStore, first_of_each_class
 from .refiners import BlockContext, BlockRefiner, Refinement  # noqa: F401 (BlockContext: public)
 from .safety import verify_sparsity
 from .sequential import block_stages, check_sequential
-from .solve import LayerSolve, prune_group, solve_groups, write_back  # noqa: F401 (public seams)
+from .solve import LayerSolve, prune_group, solve_groups, statistics_read, write_back  # noqa: F401 (public seams)
 from .solvers import LayerSolver, build_layer_solver
 
 log = logger.getChild("pipeline")
@@ -106,6 +106,7 @@ def prune_model(
     block_targets: bool = False,
     reconstruct: ReconstructSettings | None = None,
     levers: list[Lever] = (),
+    layer_errors: bool = False,
 ) -> PruneResult:
     """Prune every block of `model` in place with `layer_solver`; returns per-layer facts and timings.
 
@@ -125,6 +126,9 @@ def prune_model(
     next block's inputs. By default every block is in memory already.
 
     `levers`: more participants of the block loop (levers.py), after those the options ask for.
+
+    Each layer's collection sums only what its method reads (statistics.py), more where a lever needs XᵀX;
+    `layer_errors` collects XᵀX for every method, so that each layer reports its relative error.
     """
     if moe_calibration not in MOE_CALIBRATION:
         raise LmpruneError(f"invalid MoE calibration {moe_calibration!r}: choose from {', '.join(MOE_CALIBRATION)}")
@@ -149,7 +153,7 @@ def prune_model(
                                                  -(-len(calibration) // batch_size)))
     chosen.levers.extend(levers)
     loop = BlockLoop(model, plan, batches, layer_solver, pattern, device, store_device or device, store, ranks,
-                     chosen, sequential, moe_calibration, progress)
+                     chosen, sequential, moe_calibration, progress, full_gram=layer_errors or chosen.need_gram())
     result = loop.run()
     report_dense(result, plan, loop, skip or [])
     return result
@@ -181,12 +185,13 @@ class BlockLoop:
     """One pruning: the calls captured, then every block collected, solved, written back and propagated."""
 
     def __init__(self, model, plan, batches, layer_solver, pattern, device, store_device, store, ranks, levers,
-                 sequential, moe_calibration, progress):
+                 sequential, moe_calibration, progress, full_gram=True):
         self.model, self.plan, self.batches = model, plan, batches
         self.layer_solver, self.fallback_solver = layer_solver, build_layer_solver("magnitude")
         self.pattern, self.device, self.store_device = pattern, device, store_device
         self.store, self.ranks, self.levers = store, ranks, levers
         self.sequential, self.moe_calibration, self.progress = sequential, moe_calibration, progress
+        self.full_gram = full_gram  # XᵀX collected whatever the method reads (statistics.py)
         self.blocks_name, self.blocks = find_blocks(model)
         self.home = next(model.parameters()).device
         self.result = PruneResult()
@@ -295,7 +300,8 @@ class BlockLoop:
             self.levers.start_stage(step, stage, stage_index == len(stages) - 1)
             collected = collect_inputs(step.block, step.prefix, stage, step.call, self.hidden, self.device,
                                        self.layer_solver.needs_input_stats, self.moe_calibration, stop_early,
-                                       self.levers.reader(step, stage))
+                                       self.levers.reader(step, stage), statistics_read(self.layer_solver),
+                                       self.full_gram)
             self.levers.collected(step, stage, collected)
             self.timings["gram_forward"] += device_clock(self.device) - tick
             if stage_index == 0:
@@ -304,8 +310,8 @@ class BlockLoop:
             # Freed before the next stage (or block) collects: an FFN down projection's Gram is as large as the
             # block's weights.
             collected = None
-        if self.progress and len(self.result.layers) > step.first_record:
-            shown = self.result.layers[step.first_record:]
+        shown = [r for r in self.result.layers[step.first_record:] if "error" in r]
+        if self.progress and shown:
             errors = ", ".join(f"{_short(r['name'])} {r['error']:.3g}" for r in shown[:16])
             more = len(shown) - 16
             self.bar.write(f"block {step.index} relative errors: {errors}" + (f", … ({more} more)" if more > 0 else ""))
@@ -330,7 +336,8 @@ class BlockLoop:
         groups = self.levers.assign(step, stage, groups)  # the solves this process does
         self.bar.update(len(stage) - sum(len(group) for group in groups))  # routers, unreadable experts, others'
         stage_first = len(self.result.layers)
-        for group in groups:
+        for index, group in enumerate(groups):
+            groups[index] = None  # its statistics are freed once it is solved: one layer's at a time
             self.bar.set_postfix_str(f"block {step.index}: {_short(group[0].layer.name)}"
                                      + (f" ×{len(group)}" if len(group) > 1 else ""))
             tick = device_clock(self.device)

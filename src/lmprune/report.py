@@ -54,9 +54,11 @@ def summarize_layers(layers: list[dict[str, Any]], kept_dense: list[dict[str, An
             "layers_with_fallback": fallbacks,  # e.g. layers without calibration signal: magnitude mask
             "pruned_parameters": sum(numel),
             "sparsity": zeros / sum(numel),
-            "mean_error": sum(r["error"] for r in layers) / len(layers),
-            "mean_error_masked": sum(r["error_masked"] for r in layers) / len(layers),
         }
+        measured = [r for r in layers if "error" in r]  # a method that reads no XᵀX reports none (statistics.py)
+        if measured:
+            summary.update(mean_error=sum(r["error"] for r in measured) / len(measured),
+                           mean_error_masked=sum(r["error_masked"] for r in measured) / len(measured))
     if block_weights:
         zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
         by_reason: dict[str, dict[str, int]] = {}
@@ -149,9 +151,11 @@ REPORT_FIELDS = {"method": ("string", True), "pattern": ("string", True), "setti
                  "block_targets": ("object", False)}
 SUMMARY_FIELDS = {"layers": ("integer", True), "expert_slices": ("integer", False),
                   "layers_with_fallback": ("array", False)}
-SUMMARY_NUMBERS = ("sparsity", "mean_error", "mean_error_masked")  # present whenever a layer was pruned
+# Present whenever a layer was pruned (True), or where the layers' errors were computed (False).
+SUMMARY_NUMBERS = {"sparsity": ("number", True), "mean_error": ("number", False),
+                   "mean_error_masked": ("number", False)}
 LAYER_FIELDS = {"name": ("string", True), "shape": ("array", True), "sparsity": ("number", True),
-                "error": ("number", True), "error_masked": ("number", True), "tokens": (["integer", "null"], False)}
+                "error": ("number", False), "error_masked": ("number", False), "tokens": (["integer", "null"], False)}
 EVALUATION_FIELDS = {"data": ("string", True), "windows": ("integer", True), "seqlen": ("integer", True),
                      "perplexity": ("number", True)}
 UNPRUNED_FIELDS = {"name": ("string", True), "shape": ("array", True), "reason": ("string", True)}
@@ -169,7 +173,7 @@ def report_problem(report: Any) -> str | None:
         checks.append((report.get("summary"), "summary.", SUMMARY_FIELDS))
         summary = report.get("summary")
         if isinstance(summary, dict) and isinstance(summary.get("layers"), int) and summary["layers"] > 0:
-            checks.append((summary, "summary.", {key: ("number", True) for key in SUMMARY_NUMBERS}))
+            checks.append((summary, "summary.", SUMMARY_NUMBERS))
         for key, fields in (("layers", LAYER_FIELDS), ("evaluation", EVALUATION_FIELDS),
                             ("unpruned", UNPRUNED_FIELDS)):
             items = report.get(key)
@@ -240,8 +244,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"method:   {report.get('method')}  pattern: {report.get('pattern')}",
         f"summary:  {headline(summary)}",
         f"layers:   {summary.get('layers')}  sparsity: {_number(summary.get('sparsity')):.4f}  "
-        f"mean rel. error: {_number(summary.get('mean_error')):.4g} "
-        f"(mask only: {_number(summary.get('mean_error_masked')):.4g})",
+        + (f"mean rel. error: {_number(summary['mean_error']):.4g} "
+           f"(mask only: {_number(summary.get('mean_error_masked')):.4g})" if "mean_error" in summary
+           else "rel. errors: not computed (the method reads no XᵀX; --layer-errors computes them)"),
     ]
     timings = report.get("timings", {})
     if timings:
@@ -279,8 +284,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"{'layer':<48} {'shape':>12} {'sparsity':>9} {'error':>10} {'mask only':>10} {'tokens':>8}")
     for r in report.get("layers", []):
         shape = "x".join(str(s) for s in r["shape"])
-        lines.append(f"{r['name']:<48} {shape:>12} {_number(r['sparsity']):>9.4f} {_number(r['error']):>10.4g} "
-                     f"{_number(r['error_masked']):>10.4g} {r.get('tokens', ''):>8}")
+        errors = (f"{_number(r['error']):>10.4g} {_number(r.get('error_masked')):>10.4g}" if "error" in r
+                  else f"{'—':>10} {'—':>10}")
+        lines.append(f"{r['name']:<48} {shape:>12} {_number(r['sparsity']):>9.4f} {errors} {r.get('tokens', ''):>8}")
     return "\n".join(lines)
 
 
@@ -335,7 +341,7 @@ def plot_layer_errors(reports: dict[str, dict[str, Any]], path: str, image_forma
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     for label, report in reports.items():
-        errors = [_number(r["error"]) for r in report.get("layers", [])]
+        errors = [_number(r.get("error")) for r in report.get("layers", [])]
         ax.plot(range(len(errors)), errors, label=label, linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("layer (in pruning order)")

@@ -81,7 +81,7 @@ def _prune_on_this_rank(options: PruneOptions, destination, ranks, device) -> Pr
                              progress=options.progress, moe_calibration=config.moe_calibration, ranks=ranks,
                              store=block_store, allocation=config.allocation, sequential=config.sequential,
                              dense_targets=config.dense_targets, block_targets=config.block_targets,
-                             reconstruct=config.reconstruct)
+                             reconstruct=config.reconstruct, layer_errors=config.layer_errors)
     ranks.done = True  # every process holds the pruned model; evaluation and saving are rank 0's alone
     if not ranks.is_main:
         return None

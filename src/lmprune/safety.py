@@ -20,9 +20,9 @@ from .masks import is_nm, prune_count, row_counts
 MASKED_FALLBACK = "non-finite update; kept the masked weights"
 
 
-def require_finite_gram(name: str, H: torch.Tensor) -> None:
-    """A NaN/Inf in XᵀX would make every solver fail (or write NaN) with no word about why."""
-    if not torch.isfinite(H).all():
+def require_finite_gram(name: str, H: torch.Tensor | None) -> None:
+    """A NaN/Inf in XᵀX (or its diagonal) would make every solver fail (or write NaN) with no word about why."""
+    if H is not None and not torch.isfinite(H).all():
         raise LmpruneError(
             f"layer {name}: its calibration inputs contain NaN/Inf (activations overflowed upstream; "
             "try --dtype float32)"

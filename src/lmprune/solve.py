@@ -22,6 +22,11 @@ from .solvers import LayerSolver, SolverResult
 from .solvers.linalg import relative_errors
 
 
+def statistics_read(solver) -> str:
+    """What a layer solver reads of a layer's inputs (statistics.py); XᵀX for any callable that does not say."""
+    return getattr(solver, "statistics", "gram")
+
+
 def is_router(layer: PrunableLayer, routers: set[str]) -> bool:
     return any(name in routers for name in layer.param_names())
 
@@ -99,10 +104,11 @@ def prune_group(group: list[LayerSolve], layer_solver: LayerSolver, fallback_sol
         solver = fallback_solver if solve.fallback else layer_solver
         W = solve.layer.get_weight(device)
         require_finite_gram(solve.layer.name, solve.inputs.gram)
+        require_finite_gram(solve.layer.name, solve.inputs.diagonal)
         if retarget is not None and solver is layer_solver:
             W = retarget(solve, W)
-        record = write_back(solve.layer, W, solve.inputs, solver(W, solve.inputs.gram, pattern, solve.inputs.stats),
-                            pattern)
+        H = solve.inputs.for_method(statistics_read(solver))
+        record = write_back(solve.layer, W, solve.inputs, solver(W, H, pattern, solve.inputs.stats), pattern)
         if solve.fallback:
             record["fallback"] = solve.fallback
         return [record]
@@ -125,8 +131,11 @@ def prune_group(group: list[LayerSolve], layer_solver: LayerSolver, fallback_sol
 
 def write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solved: SolverResult,
                 pattern: SparsityPattern) -> dict[str, Any]:
-    """Check a layer's solved weights, write them into the model and describe the layer for the report."""
-    H = inputs.gram
+    """Check a layer's solved weights, write them into the model and describe the layer for the report.
+
+    The relative errors ‖XW − XŴ‖² / ‖XW‖² (method, and its mask alone) are reported where XᵀX was
+    collected; a method that reads less (statistics.py) gets no error fields unless the run asks for them.
+    """
     weight, mask = solved.weight, solved.mask
     dense_zeros = layer.zeros()
     record: dict[str, Any] = {"name": layer.name, "shape": [layer.out_features, layer.in_features],
@@ -144,13 +153,11 @@ def write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solve
                     "active in calibration): magnitude mask, kept weights unchanged")
     if fallback:
         record["fallback"] = fallback
-    error_masked, error = relative_errors(W, [W * mask, weight], H)
+    errors = {}
+    if inputs.gram is not None:
+        error_masked, error = relative_errors(W, [W * mask, weight], inputs.gram)
+        errors = {"error": error, "error_masked": error_masked}
     layer.set_weight(weight)
-    record.update(
-        tokens=inputs.tokens,
-        sparsity=layer.zeros() / layer.numel(),
-        error=error,
-        error_masked=error_masked,
-        **({"info": solved.info} if solved.info else {}),
-    )
+    record.update(tokens=inputs.tokens, sparsity=layer.zeros() / layer.numel(), **errors,
+                  **({"info": solved.info} if solved.info else {}))
     return record

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..statistics import batch_sum, zero_sum
 from .own_forward import run_op
 
 # name -> operand layout: "linear" takes (x, w [out, in]); "matmul" takes (x, w [in, out])
@@ -46,13 +47,14 @@ _SELECTIONS = {torch.topk, torch.Tensor.topk, torch.sort, torch.Tensor.sort, tor
 _MAX_MIN = {torch.max, torch.Tensor.max, torch.min, torch.Tensor.min}  # selections only over a dim (PhiMoE)
 
 
-@dataclass
 class ExpertSums:
-    """Running sums over the tokens that reached one expert slice."""
+    """Running sums over the tokens that reached one expert slice: XᵀX and/or its diagonal (the `kinds` of
+    statistics.py the collection keeps), Σx, and the count of tokens with a nonzero input."""
 
-    gram: torch.Tensor  # float32 [in, in]
-    total: torch.Tensor  # float32 [in]
-    tokens: int = 0
+    def __init__(self, width: int, kinds: tuple[str, ...], device: torch.device):
+        self.moments = {kind: zero_sum(width, kind, device) for kind in kinds}
+        self.total = torch.zeros(width, device=device)
+        self.tokens = 0
 
 
 @dataclass
@@ -70,13 +72,14 @@ class BlockTracer(TorchFunctionMode):
     """Collects expert sums (while `collect_experts`) and router marks (while `trace_routers`)."""
 
     def __init__(self, fused: dict[str, torch.nn.Parameter], params: dict[str, torch.Tensor], device: torch.device,
-                 with_totals: bool, routes: bool = True):
+                 with_totals: bool, routes: bool = True, kinds: tuple[str, ...] = ("gram",)):
         super().__init__()
         self.routes = routes  # whether the block holds experts: only then can a weight be a router
         self.fused = {name: FusedParam(name, p) for name, p in fused.items()}
         self._by_storage = {_storage(f.param): f for f in self.fused.values()}
         self.device = device
         self.with_totals = with_totals
+        self.kinds = kinds  # the sums of XᵀX the experts' sums hold (statistics.sums_kept)
         self.collect_experts = True
         self.trace_routers = False
         self.routers: set[str] = set()  # weights whose selection dispatched tokens to a weight's product
@@ -160,9 +163,12 @@ class BlockTracer(TorchFunctionMode):
             flat = xe.detach().reshape(-1, width).to(self.device, torch.float32)
             sums = fused.sums.get(e)
             if sums is None:
-                sums = fused.sums[e] = ExpertSums(torch.zeros(width, width, device=self.device),
-                                                  torch.zeros(width, device=self.device))
-            sums.gram.addmm_(flat.t(), flat)
+                sums = fused.sums[e] = ExpertSums(width, self.kinds, self.device)
+            for kind, moment in sums.moments.items():
+                if kind == "gram":
+                    moment.addmm_(flat.t(), flat)  # in place: no [in, in] temporary per expert and batch
+                else:
+                    moment.add_(batch_sum(flat, kind))
             if self.with_totals:
                 sums.total.add_(flat.sum(0))
             # Rows of zeros are tokens the router gave this expert no share of (Llama 4 feeds every token

@@ -89,6 +89,13 @@ class LayerSolver:
         return self.mask_solver.per_row_default
 
     @property
+    def statistics(self) -> str:
+        """What of a layer's inputs the solve reads (base.STATISTICS): an update or a refit reads XᵀX."""
+        if self.update_solver is not None or self.refine_settings is not None:
+            return "gram"
+        return self.mask_solver.statistics
+
+    @property
     def needs_input_stats(self) -> bool:
         return self.mask_solver.needs_input_stats
 

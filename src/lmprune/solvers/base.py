@@ -15,6 +15,10 @@ same result as E calls of `solve` up to float summation order, in far fewer (bat
 
 A few methods (DSnoT) also need the inputs' mean, which H does not carry: they declare
 `needs_input_stats` and get an InputStats, summed by the pipeline over the same tokens as H.
+
+Each method declares the `statistics` of its inputs it reads (statistics.py), and the pipeline collects
+only those: "gram" (XᵀX, the default), "diagonal" (H is then the 1-D diagonal of XᵀX alone, what Wanda's
+norms and DSnoT's variances read) or "none" (H is None: magnitude).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import SparsityPattern
+from ..statistics import STATISTICS, gram_diagonal
 
 
 @dataclass
@@ -48,7 +53,7 @@ class InputStats:
     def variance(self, H: torch.Tensor) -> torch.Tensor:
         """Per-feature variance E[x²] − E[x]², in float64: the difference cancels when the mean is large."""
         mean = self.total.double() / self.tokens
-        return (torch.diagonal(H).double() / self.tokens - mean**2).clamp_min(0).to(self.total.dtype)
+        return (gram_diagonal(H).double() / self.tokens - mean**2).clamp_min(0).to(self.total.dtype)
 
 
 SolveFn = Callable[[torch.Tensor, torch.Tensor, SparsityPattern, Any], SolverResult]
@@ -74,3 +79,8 @@ class Solver:
     # The update solver (by name) that this solver's own solve ends with, where it has no `update` itself:
     # what `--refine` applies again on the refined mask (admm1 and admm-grad refit with admm).
     refit_with: str | None = None
+    statistics: str = "gram"  # what of the inputs solve() reads: "none", "diagonal" (H is 1-D) or "gram"
+
+    def __post_init__(self):
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")

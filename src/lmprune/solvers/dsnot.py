@@ -13,7 +13,7 @@ A row stops when |e_i| ≤ threshold, after `cycles` swaps, or when no candidate
 left. Weights are moved between kept and pruned, never changed: add `--update` to fit the kept ones.
 
 The input mean is not in the Gram matrix, so this solver declares `needs_input_stats` and the
-pipeline sums the inputs beside H. Where this differs from the authors' code (zyxxmu/DSnoT):
+pipeline sums the inputs beside H; of H it reads the diagonal alone (initial scores, variances). Where this differs from the authors' code (zyxxmu/DSnoT):
 - the variance is pooled over all calibration tokens (theirs averages per-sample variances);
 - the threshold is per token (theirs is per 2048-token sample: their default 0.1 is about our 5e-5);
 - a row whose candidate list runs out stops (theirs would then take candidates of the wrong sign);
@@ -142,5 +142,5 @@ def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: 
 
 SOLVERS = [Solver(
     "dsnot", "prune-and-grow on Wanda's mask towards zero expected output error, kept weights unchanged",
-    settings=DSnoTSettings, solve=solve, per_row_default=True, needs_input_stats=True,
+    settings=DSnoTSettings, solve=solve, per_row_default=True, needs_input_stats=True, statistics="diagonal",
 )]

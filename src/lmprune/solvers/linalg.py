@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..statistics import gram_diagonal
+
 
 def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
     """(‖XW − XŴ‖², ‖XW‖²) from the Gram matrix: tr(ΔW H ΔWᵀ) and tr(W H Wᵀ), in float64."""
@@ -16,19 +18,30 @@ def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) 
     return err, ref
 
 
+# Rows of a difference multiplied by H at a time in the error report: its temporaries stay near 32 MB
+# instead of three stacked copies of the weight and their product (800 MB for an FFN layer of a 1B model).
+_REPORT_BYTES = 32 << 20
+
+
 def relative_errors(W: torch.Tensor, candidates: list[torch.Tensor], H: torch.Tensor) -> list[float]:
     """‖XW − XŴ‖² / ‖XW‖² for several Ŵ at once: what the pipeline reports for every layer.
 
-    One float32 product of the stacked differences with H (a float64 one costs twice as much and
-    these are reports, not solves); the sums are taken in float64.
+    Float32 products of the differences with H, a block of rows at a time (a float64 product costs twice as
+    much and these are reports, not solves); the sums are taken in float64. Each row's product does not
+    depend on the rows beside it, so the numbers are those of one product of the whole stack.
     """
-    rows = W.shape[0]
-    W32 = W.float()
-    stacked = torch.cat([W32, *[W32 - c.float() for c in candidates]])
-    # In place: one fewer temporary as large as `stacked` (600 MB for a 2048 × 8192 layer's three).
-    quad = (stacked @ H.float()).mul_(stacked).sum(1, dtype=torch.float64).split(rows)  # no float64 copy
-    reference = float(quad[0].sum())
-    return [_ratio(float(q.sum()), reference) for q in quad[1:]]
+    W32, H32 = W.float(), H.float()
+    step = max(1, _REPORT_BYTES // (4 * W32.shape[1]))
+    sums = []
+    for candidate in [None, *candidates]:
+        rows = []
+        for start in range(0, W32.shape[0], step):
+            D = W32[start:start + step]
+            if candidate is not None:
+                D = D - candidate[start:start + step].float()
+            rows.append((D @ H32).mul_(D).sum(1, dtype=torch.float64))  # in place: one fewer temporary
+        sums.append(float(torch.cat(rows).sum()))
+    return [_ratio(err, sums[0]) for err in sums[1:]]
 
 
 def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
@@ -52,29 +65,43 @@ def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, tor
     Returns copies; without this H is singular and every factorisation fails. Batched: W [..., out, in]
     with H [..., in, in].
     """
-    H = H.clone()
+    return zero_dead_weights(W, H), unit_dead_curvature(H)
+
+
+def zero_dead_weights(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """A copy of W with the weights of never-active inputs (zero on H's diagonal) set to zero."""
     W = W.clone()
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
+    if dead.any():
+        W.masked_fill_(dead.unsqueeze(-2), 0.0)
+    return W
+
+
+def unit_dead_curvature(H: torch.Tensor) -> torch.Tensor:
+    """A copy of H with a 1 on the diagonal of every never-active input."""
+    H = H.clone()
     diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
     dead = diagonal == 0
     if dead.any():
         diagonal.masked_fill_(dead, 1.0)
-        W.masked_fill_(dead.unsqueeze(-2), 0.0)
-    return W, H
+    return H
 
 
-def add_damping(H: torch.Tensor, fraction: float) -> torch.Tensor:
-    """H + fraction·mean(diag H)·I (SparseGPT's 1% dampening), per matrix."""
+def add_damping(H: torch.Tensor, fraction: float, in_place: bool = False) -> torch.Tensor:
+    """H + fraction·mean(diag H)·I (SparseGPT's 1% dampening), per matrix; into H itself with `in_place`."""
     damp = fraction * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
     # Bit for bit H + damp·I, without the two n×n temporaries (I and damp·I) that writing it so allocates:
-    # off the diagonal H_ij + damp·0, on it H_ii + damp·1.
-    damped = H + (damp * 0.0)[..., None, None]
+    # off the diagonal H_ij + damp·0, on it H_ii + damp·1. In place, the diagonal is read after H_ii + 0,
+    # which changes only the sign of a zero, and (±0) + damp is the same either way.
+    zero = (damp * 0.0)[..., None, None]
+    damped = H.add_(zero) if in_place else H + zero
     torch.diagonal(damped, dim1=-2, dim2=-1).copy_(torch.diagonal(H, dim1=-2, dim2=-1) + damp[..., None])
     return damped
 
 
 def input_norms(H: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """‖X_j‖₂ for every input column j, from the Gram diagonal."""
-    return torch.sqrt(torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0)) + eps
+    """‖X_j‖₂ for every input column j, from the Gram diagonal (H, or H's diagonal alone: see base.py)."""
+    return torch.sqrt(gram_diagonal(H).clamp_min(0)) + eps
 
 
 def precondition(W: torch.Tensor, H: torch.Tensor, eps: float = 1e-8):

@@ -9,13 +9,14 @@ chosen when the sweep reaches them. With a fixed mask the same sweep is a fast a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..config import SparsityPattern
 from ..masks import nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_per_row, row_counts
 from .base import Solver, SolverResult
-from .linalg import add_damping, fix_dead_inputs
+from .linalg import add_damping, unit_dead_curvature, zero_dead_weights
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,24 @@ class SparseGPTSettings:
             raise ValueError("dampening must be in [0, 1)")
 
 
-def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+def _inverse_cholesky(damped_gram: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Upper Cholesky factors of H⁻¹ for a batch [E, in, in]; float64 for the matrices whose float32
-    factorisation fails (not positive definite enough)."""
-    out = None
-    todo = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
+    factorisation fails (not positive definite enough).
+
+    `damped_gram` makes H afresh for each attempt, so that no copy of it lives beside the factors: for an
+    FFN's down projection each n×n matrix is as large as the block's weights.
+    """
+    out = todo = None
     for dtype in (torch.float32, torch.float64):
+        H = damped_gram()
+        if todo is None:
+            todo = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
         index = todo.nonzero().squeeze(1)
-        # Each n×n intermediate is freed as soon as the next exists: for an FFN's down projection each is
-        # as large as the layer's Gram matrix.
+        # Each n×n intermediate is freed as soon as the next exists.
         L, info = torch.linalg.cholesky_ex((H if len(index) == H.shape[0] else H[index]).to(dtype))
+        del H
+        if bool((info != 0).any()):  # their factors are discarded below; cholesky_inverse refuses a zero pivot
+            L[info != 0] = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
         inverse = torch.cholesky_inverse(L)
         del L
         U, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
@@ -48,7 +57,7 @@ def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
         if out is None and bool(ok.all()):  # the usual case: all in float32 (contiguous, as `out` would be)
             return U.contiguous()
         if out is None:
-            out = torch.empty_like(H, dtype=torch.float32)
+            out = torch.empty_like(U, dtype=torch.float32)  # first pass: every matrix was factorised
         out[index[ok]] = U[ok].to(torch.float32)
         todo[index[ok]] = False
         if not todo.any():
@@ -61,11 +70,9 @@ def _sweep(W, H, settings, pattern=None, fixed_mask=None):
     fused tensor: every column step is then one operation for all of them). Either `pattern` (choose the
     mask, per layer or per row of each layer) or `fixed_mask` (keep it) is given."""
     experts, rows, cols = W.shape
-    W, H = fix_dead_inputs(W.float(), H.float())
-    damped = add_damping(H, settings.dampening)
-    del H  # a copy as large as the Gram matrix, no longer needed
-    U = _inverse_cholesky(damped)
-    del damped
+    H = H.float()
+    W = zero_dead_weights(W.float(), H)
+    U = _inverse_cholesky(lambda: add_damping(unit_dead_curvature(H), settings.dampening, in_place=True))
     mask = torch.ones_like(W, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone()
     blocksize = settings.blocksize
     nm = pattern is not None and pattern.is_nm

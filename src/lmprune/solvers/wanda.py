@@ -20,5 +20,6 @@ def solve(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, settings: 
 
 
 SOLVERS = [Solver(
-    "wanda", "|W|·‖X‖ per output row, kept weights unchanged", solve=solve, per_row_default=True
+    "wanda", "|W|·‖X‖ per output row, kept weights unchanged", solve=solve, per_row_default=True,
+    statistics="diagonal",
 )]

@@ -1,0 +1,76 @@
+"""Each method's declared statistics: the collect step sums only what the method reads, and the per-layer
+error report (which reads XᵀX) is there for methods that collect it, or where the run asks for it."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, random_text
+from lmprune.config import SparsityPattern
+from lmprune.data import calibration_windows, tokenize
+from lmprune.pipeline import prune_model
+from lmprune.report import format_report, load_report, summarize_layers
+from lmprune.solvers import build_layer_solver
+from zoo import tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("spec, statistics", [
+    ({"method": "magnitude"}, "none"),
+    ({"method": "wanda"}, "diagonal"),
+    ({"method": "dsnot"}, "diagonal"),
+    ({"mask": "wanda", "update": "none"}, "diagonal"),
+    ({"method": "sparsegpt"}, "gram"),
+    ({"method": "alps"}, "gram"),
+    ({"mask": "wanda", "update": "sparsegpt"}, "gram"),  # the update reads XᵀX
+    ({"method": "wanda", "refine": "swaps"}, "gram"),  # so do the swaps' exact gains
+])
+def test_each_method_declares_what_it_reads(spec, statistics):
+    assert build_layer_solver(**spec).statistics == statistics
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return calibration_windows(tokenize(byte_tokenizer(), random_text(4000)), 4, 32, 0)
+
+
+def _weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "dsnot"])
+def test_layer_errors_cost_nothing_in_the_model(model_type, method, calibration):
+    """Without XᵀX a method's layers carry no error fields; --layer-errors adds them and changes no weight:
+    the method reads the same diagonal sums either way."""
+    runs = {}
+    for layer_errors in (False, True):
+        model = tiny_model(model_type)
+        result = prune_model(model, calibration, build_layer_solver(method), SparsityPattern(0.6), CPU,
+                             progress=False, layer_errors=layer_errors)
+        runs[layer_errors] = (result, _weights(model))
+    plain, measured = runs[False][0], runs[True][0]
+    assert [r["name"] for r in plain.layers] == [r["name"] for r in measured.layers]
+    assert not any("error" in r or "error_masked" in r for r in plain.layers)
+    assert all(0 <= r["error_masked"] and 0 <= r["error"] for r in measured.layers)
+    if method != "dsnot":  # no update and no swaps: the method's weights are its mask's
+        assert all(r["error"] == r["error_masked"] for r in measured.layers)
+    assert "mean_error" not in summarize_layers(plain.layers)
+    assert summarize_layers(measured.layers)["mean_error"] > 0
+    assert runs[False][1].keys() == runs[True][1].keys()
+    assert all(torch.equal(runs[False][1][k], runs[True][1][k]) for k in runs[False][1])
+
+
+def test_a_report_without_errors_reads_back(tmp_path, calibration):
+    result = prune_model(tiny_model("llama"), calibration, build_layer_solver("wanda"), SparsityPattern(0.5), CPU,
+                         progress=False)
+    report = {"method": "wanda", "pattern": "50%", "settings": {}, "summary": summarize_layers(result.layers),
+              "layers": result.layers}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    text = format_report(load_report(str(path)))
+    assert "rel. errors: not computed" in text and "--layer-errors" in text
+    first = result.layers[0]["name"]
+    assert next(line for line in text.splitlines() if line.startswith(first)).split()[3:5] == ["—", "—"]
