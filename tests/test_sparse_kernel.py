@@ -62,6 +62,29 @@ def test_bitmask_kernel_every_path_every_dtype_and_x_dtype(kernel):
                     assert torch.equal(y, sums.to(x_dtype))
 
 
+def test_bitmask_kernel_rows_of_every_count_in_groups(kernel):
+    """The bf16 dot path takes rows four at a time (one row from each of four runs): rows kept from none to
+    all, side by side, in row counts that leave 0-3 rows over. Every path gives the fp32 sums of the exact
+    products, and each row's result is bit-identical to the same row multiplied alone (a row's summation
+    order does not depend on its group)."""
+    g = torch.Generator().manual_seed(2)
+    for rows, cols in [(203, 100), (64, 2048 + 37), (9, 64), (130, 96)]:
+        w = torch.randn(rows, cols, generator=g)
+        kept = torch.arange(rows).remainder(11).float().div(10).unsqueeze(1)  # 0%, 10%, ..., 100% kept
+        w = (w * (torch.rand(rows, cols, generator=g) < kept)).to(torch.bfloat16)
+        packed = pack_bitmask(w)
+        offsets = row_offsets(packed)
+        x = torch.randn(cols, generator=g).to(torch.bfloat16)
+        for isa in ISAS:
+            sums = kernel.bitmask_gemv(x, packed.positions, packed.values, offsets, cols, isa)
+            assert_fp32_sums(sums, w, x, (rows, cols, isa))
+            for r in range(0, rows, 7):
+                start, end = int(offsets[r]), int(offsets[r + 1])
+                alone = kernel.bitmask_gemv(x, packed.positions[r:r + 1], packed.values[start:end],
+                                            torch.tensor([0, end - start]), cols, isa)
+                assert torch.equal(alone, sums[r:r + 1]), (rows, cols, isa, r)
+
+
 def test_dense_bf16_kernel_every_path(kernel):
     """The LM head's dense bf16 GEMV (four rows at a time, then single rows): fp32 sums of the exact
     products; with a bias and a bf16 x, the sums plus the bias rounded once to bf16 (within half a bf16 ulp, at most

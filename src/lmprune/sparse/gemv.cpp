@@ -6,7 +6,8 @@
 // One source, four paths chosen at run time (the library itself is built for plain x86-64):
 //   3: AVX-512 BF16 + VBMI2, bf16 values and bf16 x (a bf16 model's activations): as 2, but each step's 32
 //      products summed in pairs by vdpbf16ps against x as it is (bf16 x bf16 products are exact in fp32;
-//      only the order of the fp32 sums differs, as between all paths), half the FP work of widening;
+//      only the order of the fp32 sums differs, as between all paths), half the FP work of widening; four
+//      rows go through each step together (rows_dot_bf16);
 //   2: AVX-512 VBMI2: 32 columns a step, the step's values loaded (masked to their count) and put in place
 //      by the register form of vpexpandw (the memory form is microcoded and several times slower on Zen 4);
 //      bf16 is widened in-lane by interleaving with zeros, so x is stored once a call in the matching order;
@@ -118,32 +119,61 @@ VBMI2 void rows_vbmi2_bf16(const uint8_t* mask, int64_t stride, const uint16_t* 
 
 #define BF16DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,bmi2,popcnt")))
 
-BF16DOT inline __m512 step_dot(uint32_t bits, const uint16_t*& v, const uint16_t* xs, __m512 acc) {
+BF16DOT inline __m512 step_dot(uint32_t bits, const uint16_t*& v, __m512bh xs, __m512 acc) {
   int n = _mm_popcnt_u32(bits);
   __m512i w = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, n), v));
   v += n;
-  return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(xs));
+  return _mm512_dpbf16_ps(acc, (__m512bh)w, xs);
 }
 
-// bf16 bitmask rows against bf16 x (column order, zero-padded to whole 32-column blocks).
+BF16DOT inline __m512bh x_at(const uint16_t* x, int64_t s) { return (__m512bh)_mm512_loadu_si512(x + s * 32); }
+
+// R bf16 bitmask rows r, r + gap, ..., r + (R - 1) gap, against bf16 x (column order, zero-padded to whole
+// 32-column blocks). The R rows go through each step together: x is loaded once for all of them, and their
+// 2R sums are independent chains, so a step no longer waits on one row's previous vdpbf16ps (a row alone is
+// bound by that latency and by its step count, whatever the step's count: bench/RESULTS.md, issue #31).
+// Each row's own summation order is the same for every R: a row's result does not depend on its group.
+template <int R>
+BF16DOT inline void rows_dot_bf16_group(const uint8_t* mask, int64_t stride, const uint16_t* values,
+                                        const int64_t* offsets, const uint16_t* x, float* y, int64_t cols,
+                                        int64_t r, int64_t gap) {
+  const int64_t steps = cols / 32;
+  const uint8_t* row[R];
+  const uint16_t* v[R];
+  __m512 a0[R], a1[R];
+  for (int i = 0; i < R; ++i) {
+    row[i] = mask + (r + i * gap) * stride;
+    v[i] = values + offsets[r + i * gap];
+    a0[i] = a1[i] = _mm512_setzero_ps();
+  }
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {  // two steps a row, two sums a row
+    __m512bh x0 = x_at(x, s), x1 = x_at(x, s + 1);
+    for (int i = 0; i < R; ++i) {
+      uint64_t bits;
+      std::memcpy(&bits, row[i] + s * 4, 8);
+      a0[i] = step_dot(uint32_t(bits), v[i], x0, a0[i]);
+      a1[i] = step_dot(uint32_t(bits >> 32), v[i], x1, a1[i]);
+    }
+  }
+  for (; s < steps; ++s)
+    for (int i = 0; i < R; ++i) a0[i] = step_dot(mask_bits(row[i], s * 32, cols, 32), v[i], x_at(x, s), a0[i]);
+  if (cols % 32)
+    for (int i = 0; i < R; ++i) a1[i] = step_dot(mask_bits(row[i], steps * 32, cols, 32), v[i], x_at(x, steps), a1[i]);
+  for (int i = 0; i < R; ++i) y[r + i * gap] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+}
+
+// Rows r0..r1 as GROUP_ROWS runs of `run` consecutive rows, a group taking one row of each run (then the
+// rows left over one by one): each run's mask and values are read front to back, so the group reads
+// GROUP_ROWS long sequential streams that the hardware prefetcher follows. (Groups of adjacent rows read
+// four interleaved positions of one region instead, and measured slower than one row at a time from DRAM.)
+constexpr int GROUP_ROWS = 4;
+
 BF16DOT void rows_dot_bf16(const uint8_t* mask, int64_t stride, const uint16_t* values, const int64_t* offsets,
                            const uint16_t* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
-  const int64_t steps = cols / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = mask + r * stride;
-    const uint16_t* v = values + offsets[r];
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 2 <= steps; s += 2) {
-      uint64_t bits;
-      std::memcpy(&bits, row + s * 4, 8);
-      a0 = step_dot(uint32_t(bits), v, x + s * 32, a0);
-      a1 = step_dot(uint32_t(bits >> 32), v, x + s * 32 + 32, a1);
-    }
-    for (; s < steps; ++s) a0 = step_dot(mask_bits(row, s * 32, cols, 32), v, x + s * 32, a0);
-    if (cols % 32) a1 = step_dot(mask_bits(row, steps * 32, cols, 32), v, x + steps * 32, a1);
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  }
+  const int64_t run = (r1 - r0) / GROUP_ROWS;
+  for (int64_t r = r0; r < r0 + run; ++r) rows_dot_bf16_group<GROUP_ROWS>(mask, stride, values, offsets, x, y, cols, r, run);
+  for (int64_t r = r0 + GROUP_ROWS * run; r < r1; ++r) rows_dot_bf16_group<1>(mask, stride, values, offsets, x, y, cols, r, 0);
 }
 
 // Dense bf16 rows against bf16 x (padded as above), four rows at a time.
