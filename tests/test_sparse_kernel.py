@@ -86,11 +86,12 @@ def test_bitmask_kernel_rows_of_every_count_in_groups(kernel):
 
 
 def test_dense_bf16_kernel_every_path(kernel):
-    """The LM head's dense bf16 GEMV (four rows at a time, then single rows): fp32 sums of the exact
+    """The LM head's dense bf16 GEMV (four runs of rows a step, then the rows left over; 259 rows: split over
+    threads): fp32 sums of the exact
     products; with a bias and a bf16 x, the sums plus the bias rounded once to bf16 (within half a bf16 ulp, at most
     2^-8 relative, of the exact value, beyond the fp32 summation's 1e-6)."""
     g = torch.Generator().manual_seed(1)
-    for rows, cols in [(1, 5), (7, 13), (9, 64), (66, 100), (13, 2048 + 37)]:
+    for rows, cols in [(1, 5), (7, 13), (9, 64), (66, 100), (259, 100), (13, 2048 + 37)]:
         w = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
         bias = torch.randn(rows, generator=g).to(torch.bfloat16)
         for x_dtype in (torch.float32, torch.bfloat16):

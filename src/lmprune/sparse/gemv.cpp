@@ -176,32 +176,30 @@ BF16DOT void rows_dot_bf16(const uint8_t* mask, int64_t stride, const uint16_t* 
   for (int64_t r = r0 + GROUP_ROWS * run; r < r1; ++r) rows_dot_bf16_group<1>(mask, stride, values, offsets, x, y, cols, r, 0);
 }
 
-// Dense bf16 rows against bf16 x (padded as above), four rows at a time.
-BF16DOT void rows_dense_dot(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
+// R dense bf16 rows r, r + gap, ... against bf16 x (padded as above), x loaded once a step for all of them,
+// two sums a row (alternate steps), so that no sum waits on its own previous vdpbf16ps.
+template <int R>
+BF16DOT inline void rows_dense_dot_group(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r,
+                                         int64_t gap) {
   const int64_t steps = (cols + 31) / 32;
-  const unsigned tail_cols = unsigned(cols - (steps - 1) * 32);
-  const __mmask32 tail = __mmask32(_bzhi_u32(0xffffffffu, tail_cols));
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    __m512 acc[4];
-    for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < steps; ++s) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + s * 32);
-      __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
-      for (int i = 0; i < 4; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(m, w + (r + i) * cols + s * 32), xv);
-    }
-    for (int i = 0; i < 4; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]);
+  const __mmask32 tail = __mmask32(_bzhi_u32(0xffffffffu, unsigned(cols - (steps - 1) * 32)));
+  __m512 acc[2][R];
+  for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512bh xv = x_at(x, s);
+    __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
+    for (int i = 0; i < R; ++i)
+      acc[s & 1][i] = _mm512_dpbf16_ps(acc[s & 1][i],
+                                       (__m512bh)_mm512_maskz_loadu_epi16(m, w + (r + i * gap) * cols + s * 32), xv);
   }
-  for (; r < r1; ++r) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t s = 0; s < steps; ++s) {
-      __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
-      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * cols + s * 32),
-                             (__m512bh)_mm512_loadu_si512(x + s * 32));
-    }
-    y[r] = _mm512_reduce_add_ps(acc);
-  }
+  for (int i = 0; i < R; ++i) y[r + i * gap] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
+}
+
+// Dense rows r0..r1 in GROUP_ROWS runs, as rows_dot_bf16 (sequential streams the prefetcher follows).
+BF16DOT void rows_dense_dot(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
+  const int64_t run = (r1 - r0) / GROUP_ROWS;
+  for (int64_t r = r0; r < r0 + run; ++r) rows_dense_dot_group<GROUP_ROWS>(w, cols, x, y, r, run);
+  for (int64_t r = r0 + GROUP_ROWS * run; r < r1; ++r) rows_dense_dot_group<1>(w, cols, x, y, r, 0);
 }
 
 // fp16 / fp32 bitmask rows; x in column order.
