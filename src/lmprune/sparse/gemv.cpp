@@ -6,13 +6,13 @@
 // One source, four paths chosen at run time (the library itself is built for plain x86-64):
 //   3: AVX-512 BF16 + VBMI2, bf16 values and bf16 x (a bf16 model's activations): as 2, but each step's 32
 //      products summed in pairs by vdpbf16ps against x as it is (bf16 x bf16 products are exact in fp32;
-//      only the order of the fp32 sums differs, as between all paths), half the FP work of widening; four
-//      rows go through each step together (rows_dot_bf16);
+//      only the order of the fp32 sums differs, as between all paths), half the FP work of widening;
 //   2: AVX-512 VBMI2: 32 columns a step, the step's values loaded (masked to their count) and put in place
 //      by the register form of vpexpandw (the memory form is microcoded and several times slower on Zen 4);
 //      bf16 is widened in-lane by interleaving with zeros, so x is stored once a call in the matching order;
 //   1: AVX-512F: 16 columns a step with vexpandps (fp32 values) or 16-bit values widened first;
 //   0: portable C++: set bits walked one by one.
+// Paths 3 and 2 on bf16 values, and the dense bf16 GEMV, take four rows through each step (in_runs).
 // Rows are split over torch's intra-op threads. The sum order differs between paths (fp32 rounding,
 // about 1e-6 of the sum of |terms|); the result is then rounded once to x's dtype, with the bias added in fp32.
 #include <torch/extension.h>
@@ -96,25 +96,58 @@ VBMI2 inline void step_bf16(uint32_t bits, const uint16_t*& v, const float* xs, 
   hi = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w)), _mm512_loadu_ps(xs + 16), hi);
 }
 
-// bf16 bitmask rows; x in lane order, zero-padded to whole 32-column blocks.
+// Rows r0..r1 as GROUP_ROWS runs of `run` consecutive rows, a group taking one row of each run (group(r, run)
+// for rows r, r + run, ...), then the rows left over one by one (single(r)): each run's mask and values are
+// read front to back, so a group reads GROUP_ROWS long sequential streams that the hardware prefetcher
+// follows. (Groups of adjacent rows read four interleaved positions of one region instead, and measured
+// slower than one row at a time from DRAM: bench/RESULTS.md, issue #31.)
+constexpr int GROUP_ROWS = 4;
+
+template <class Group, class Single>
+inline void in_runs(int64_t r0, int64_t r1, Group group, Single single) {
+  const int64_t run = (r1 - r0) / GROUP_ROWS;
+  for (int64_t r = r0; r < r0 + run; ++r) group(r, run);
+  for (int64_t r = r0 + GROUP_ROWS * run; r < r1; ++r) single(r);
+}
+
+// R bf16 bitmask rows r, r + gap, ...; x in lane order, zero-padded to whole 32-column blocks, loaded once a
+// step for all R rows; four sums a row (two steps at a time). A row's summation order does not depend on R.
+template <int R>
+VBMI2 inline void rows_vbmi2_bf16_group(const uint8_t* mask, int64_t stride, const uint16_t* values,
+                                        const int64_t* offsets, const float* x, float* y, int64_t cols, int64_t r,
+                                        int64_t gap) {
+  const int64_t steps = cols / 32;
+  const uint8_t* row[R];
+  const uint16_t* v[R];
+  __m512 a[4][R];
+  for (int i = 0; i < R; ++i) {
+    row[i] = mask + (r + i * gap) * stride;
+    v[i] = values + offsets[r + i * gap];
+    a[0][i] = a[1][i] = a[2][i] = a[3][i] = _mm512_setzero_ps();
+  }
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {  // two steps, four independent sums a row
+    for (int i = 0; i < R; ++i) {
+      uint64_t bits;
+      std::memcpy(&bits, row[i] + s * 4, 8);
+      step_bf16(uint32_t(bits), v[i], x + s * 32, a[0][i], a[1][i]);
+      step_bf16(uint32_t(bits >> 32), v[i], x + s * 32 + 32, a[2][i], a[3][i]);
+    }
+  }
+  for (; s < steps; ++s)
+    for (int i = 0; i < R; ++i) step_bf16(mask_bits(row[i], s * 32, cols, 32), v[i], x + s * 32, a[0][i], a[1][i]);
+  if (cols % 32)
+    for (int i = 0; i < R; ++i)
+      step_bf16(mask_bits(row[i], steps * 32, cols, 32), v[i], x + steps * 32, a[2][i], a[3][i]);
+  for (int i = 0; i < R; ++i)
+    y[r + i * gap] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0][i], a[1][i]), _mm512_add_ps(a[2][i], a[3][i])));
+}
+
 VBMI2 void rows_vbmi2_bf16(const uint8_t* mask, int64_t stride, const uint16_t* values, const int64_t* offsets,
                            const float* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
-  const int64_t steps = cols / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = mask + r * stride;
-    const uint16_t* v = values + offsets[r];
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 2 <= steps; s += 2) {  // two steps, four independent sums
-      uint64_t bits;
-      std::memcpy(&bits, row + s * 4, 8);
-      step_bf16(uint32_t(bits), v, x + s * 32, a0, a1);
-      step_bf16(uint32_t(bits >> 32), v, x + s * 32 + 32, a2, a3);
-    }
-    for (; s < steps; ++s) step_bf16(mask_bits(row, s * 32, cols, 32), v, x + s * 32, a0, a1);
-    if (cols % 32) step_bf16(mask_bits(row, steps * 32, cols, 32), v, x + steps * 32, a2, a3);
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  }
+  in_runs(r0, r1,
+          [&](int64_t r, int64_t run) { rows_vbmi2_bf16_group<GROUP_ROWS>(mask, stride, values, offsets, x, y, cols, r, run); },
+          [&](int64_t r) { rows_vbmi2_bf16_group<1>(mask, stride, values, offsets, x, y, cols, r, 0); });
 }
 
 #define BF16DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,bmi2,popcnt")))
@@ -163,17 +196,11 @@ BF16DOT inline void rows_dot_bf16_group(const uint8_t* mask, int64_t stride, con
   for (int i = 0; i < R; ++i) y[r + i * gap] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
 }
 
-// Rows r0..r1 as GROUP_ROWS runs of `run` consecutive rows, a group taking one row of each run (then the
-// rows left over one by one): each run's mask and values are read front to back, so the group reads
-// GROUP_ROWS long sequential streams that the hardware prefetcher follows. (Groups of adjacent rows read
-// four interleaved positions of one region instead, and measured slower than one row at a time from DRAM.)
-constexpr int GROUP_ROWS = 4;
-
 BF16DOT void rows_dot_bf16(const uint8_t* mask, int64_t stride, const uint16_t* values, const int64_t* offsets,
                            const uint16_t* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
-  const int64_t run = (r1 - r0) / GROUP_ROWS;
-  for (int64_t r = r0; r < r0 + run; ++r) rows_dot_bf16_group<GROUP_ROWS>(mask, stride, values, offsets, x, y, cols, r, run);
-  for (int64_t r = r0 + GROUP_ROWS * run; r < r1; ++r) rows_dot_bf16_group<1>(mask, stride, values, offsets, x, y, cols, r, 0);
+  in_runs(r0, r1,
+          [&](int64_t r, int64_t run) { rows_dot_bf16_group<GROUP_ROWS>(mask, stride, values, offsets, x, y, cols, r, run); },
+          [&](int64_t r) { rows_dot_bf16_group<1>(mask, stride, values, offsets, x, y, cols, r, 0); });
 }
 
 // R dense bf16 rows r, r + gap, ... against bf16 x (padded as above), x loaded once a step for all of them,
@@ -197,9 +224,8 @@ BF16DOT inline void rows_dense_dot_group(const uint16_t* w, int64_t cols, const 
 
 // Dense rows r0..r1 in GROUP_ROWS runs, as rows_dot_bf16 (sequential streams the prefetcher follows).
 BF16DOT void rows_dense_dot(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
-  const int64_t run = (r1 - r0) / GROUP_ROWS;
-  for (int64_t r = r0; r < r0 + run; ++r) rows_dense_dot_group<GROUP_ROWS>(w, cols, x, y, r, run);
-  for (int64_t r = r0 + GROUP_ROWS * run; r < r1; ++r) rows_dense_dot_group<1>(w, cols, x, y, r, 0);
+  in_runs(r0, r1, [&](int64_t r, int64_t run) { rows_dense_dot_group<GROUP_ROWS>(w, cols, x, y, r, run); },
+          [&](int64_t r) { rows_dense_dot_group<1>(w, cols, x, y, r, 0); });
 }
 
 // fp16 / fp32 bitmask rows; x in column order.
