@@ -4,6 +4,7 @@ zeros, and `lmprune bench-decode`.
 References: exact float64 products (the kernels sum in fp32: within 1e-6 of the sum of |terms|, the order of
 summation being the only difference between paths), and the dense model's own greedy tokens."""
 
+import itertools
 import json
 
 import pytest
@@ -62,12 +63,36 @@ def test_bitmask_kernel_every_path_every_dtype_and_x_dtype(kernel):
                     assert torch.equal(y, sums.to(x_dtype))
 
 
+def test_bitmask_kernel_rows_of_every_count_in_groups(kernel):
+    """The bf16 paths (BF16 dot for a bf16 x, VBMI2 for an fp32 x) take rows four at a time (one row from each
+    of four runs): rows kept from none to all, side by side, in row counts that leave 0-3 rows over. Every
+    path gives the fp32 sums of the exact products, and each row's result is bit-identical to the same row
+    multiplied alone (a row's summation order does not depend on its group)."""
+    g = torch.Generator().manual_seed(2)
+    for rows, cols in [(203, 100), (64, 2048 + 37), (9, 64), (130, 96)]:
+        w = torch.randn(rows, cols, generator=g)
+        kept = torch.arange(rows).remainder(11).float().div(10).unsqueeze(1)  # 0%, 10%, ..., 100% kept
+        w = (w * (torch.rand(rows, cols, generator=g) < kept)).to(torch.bfloat16)
+        packed = pack_bitmask(w)
+        offsets = row_offsets(packed)
+        for x_dtype, isa in itertools.product((torch.bfloat16, torch.float32), ISAS):
+            x = torch.randn(cols, generator=g).to(x_dtype)
+            sums = kernel.bitmask_gemv(x, packed.positions, packed.values, offsets, cols, isa)
+            assert_fp32_sums(sums, w, x, (rows, cols, x_dtype, isa))
+            for r in range(0, rows, 7):
+                start, end = int(offsets[r]), int(offsets[r + 1])
+                alone = kernel.bitmask_gemv(x, packed.positions[r:r + 1], packed.values[start:end],
+                                            torch.tensor([0, end - start]), cols, isa)
+                assert torch.equal(alone, sums[r:r + 1]), (rows, cols, x_dtype, isa, r)
+
+
 def test_dense_bf16_kernel_every_path(kernel):
-    """The LM head's dense bf16 GEMV (four rows at a time, then single rows): fp32 sums of the exact
+    """The LM head's dense bf16 GEMV (four runs of rows a step, then the rows left over; 259 rows: split over
+    threads): fp32 sums of the exact
     products; with a bias and a bf16 x, the sums plus the bias rounded once to bf16 (within half a bf16 ulp, at most
     2^-8 relative, of the exact value, beyond the fp32 summation's 1e-6)."""
     g = torch.Generator().manual_seed(1)
-    for rows, cols in [(1, 5), (7, 13), (9, 64), (66, 100), (13, 2048 + 37)]:
+    for rows, cols in [(1, 5), (7, 13), (9, 64), (66, 100), (259, 100), (13, 2048 + 37)]:
         w = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
         bias = torch.randn(rows, generator=g).to(torch.bfloat16)
         for x_dtype in (torch.float32, torch.bfloat16):

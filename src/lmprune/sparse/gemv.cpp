@@ -12,6 +12,7 @@
 //      bf16 is widened in-lane by interleaving with zeros, so x is stored once a call in the matching order;
 //   1: AVX-512F: 16 columns a step with vexpandps (fp32 values) or 16-bit values widened first;
 //   0: portable C++: set bits walked one by one.
+// Paths 3 and 2 on bf16 values, and the dense bf16 GEMV, take four rows through each step (in_runs).
 // Rows are split over torch's intra-op threads. The sum order differs between paths (fp32 rounding,
 // about 1e-6 of the sum of |terms|); the result is then rounded once to x's dtype, with the bias added in fp32.
 #include <torch/extension.h>
@@ -95,83 +96,136 @@ VBMI2 inline void step_bf16(uint32_t bits, const uint16_t*& v, const float* xs, 
   hi = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w)), _mm512_loadu_ps(xs + 16), hi);
 }
 
-// bf16 bitmask rows; x in lane order, zero-padded to whole 32-column blocks.
+// Rows r0..r1 as GROUP_ROWS runs of `run` consecutive rows, a group taking one row of each run (group(r, run)
+// for rows r, r + run, ...), then the rows left over one by one (single(r)): each run's mask and values are
+// read front to back, so a group reads GROUP_ROWS long sequential streams that the hardware prefetcher
+// follows. (Groups of adjacent rows read four interleaved positions of one region instead, and measured
+// slower than one row at a time from DRAM: bench/RESULTS.md, issue #31.)
+constexpr int GROUP_ROWS = 4;
+
+template <class Group, class Single>
+inline void in_runs(int64_t r0, int64_t r1, Group group, Single single) {
+  const int64_t run = (r1 - r0) / GROUP_ROWS;
+  for (int64_t r = r0; r < r0 + run; ++r) group(r, run);
+  for (int64_t r = r0 + GROUP_ROWS * run; r < r1; ++r) single(r);
+}
+
+// R bf16 bitmask rows r, r + gap, ...; x in lane order, zero-padded to whole 32-column blocks, loaded once a
+// step for all R rows; four sums a row (two steps at a time). A row's summation order does not depend on R.
+template <int R>
+VBMI2 inline void rows_vbmi2_bf16_group(const uint8_t* mask, int64_t stride, const uint16_t* values,
+                                        const int64_t* offsets, const float* x, float* y, int64_t cols, int64_t r,
+                                        int64_t gap) {
+  const int64_t steps = cols / 32;
+  const uint8_t* row[R];
+  const uint16_t* v[R];
+  __m512 a[4][R];
+  for (int i = 0; i < R; ++i) {
+    row[i] = mask + (r + i * gap) * stride;
+    v[i] = values + offsets[r + i * gap];
+    a[0][i] = a[1][i] = a[2][i] = a[3][i] = _mm512_setzero_ps();
+  }
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {  // two steps, four independent sums a row
+    for (int i = 0; i < R; ++i) {
+      uint64_t bits;
+      std::memcpy(&bits, row[i] + s * 4, 8);
+      step_bf16(uint32_t(bits), v[i], x + s * 32, a[0][i], a[1][i]);
+      step_bf16(uint32_t(bits >> 32), v[i], x + s * 32 + 32, a[2][i], a[3][i]);
+    }
+  }
+  for (; s < steps; ++s)
+    for (int i = 0; i < R; ++i) step_bf16(mask_bits(row[i], s * 32, cols, 32), v[i], x + s * 32, a[0][i], a[1][i]);
+  if (cols % 32)
+    for (int i = 0; i < R; ++i)
+      step_bf16(mask_bits(row[i], steps * 32, cols, 32), v[i], x + steps * 32, a[2][i], a[3][i]);
+  for (int i = 0; i < R; ++i)
+    y[r + i * gap] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0][i], a[1][i]), _mm512_add_ps(a[2][i], a[3][i])));
+}
+
 VBMI2 void rows_vbmi2_bf16(const uint8_t* mask, int64_t stride, const uint16_t* values, const int64_t* offsets,
                            const float* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
-  const int64_t steps = cols / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = mask + r * stride;
-    const uint16_t* v = values + offsets[r];
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 2 <= steps; s += 2) {  // two steps, four independent sums
-      uint64_t bits;
-      std::memcpy(&bits, row + s * 4, 8);
-      step_bf16(uint32_t(bits), v, x + s * 32, a0, a1);
-      step_bf16(uint32_t(bits >> 32), v, x + s * 32 + 32, a2, a3);
-    }
-    for (; s < steps; ++s) step_bf16(mask_bits(row, s * 32, cols, 32), v, x + s * 32, a0, a1);
-    if (cols % 32) step_bf16(mask_bits(row, steps * 32, cols, 32), v, x + steps * 32, a2, a3);
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  }
+  in_runs(r0, r1,
+          [&](int64_t r, int64_t run) { rows_vbmi2_bf16_group<GROUP_ROWS>(mask, stride, values, offsets, x, y, cols, r, run); },
+          [&](int64_t r) { rows_vbmi2_bf16_group<1>(mask, stride, values, offsets, x, y, cols, r, 0); });
 }
 
 #define BF16DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,bmi2,popcnt")))
 
-BF16DOT inline __m512 step_dot(uint32_t bits, const uint16_t*& v, const uint16_t* xs, __m512 acc) {
+BF16DOT inline __m512 step_dot(uint32_t bits, const uint16_t*& v, __m512bh xs, __m512 acc) {
   int n = _mm_popcnt_u32(bits);
   __m512i w = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, n), v));
   v += n;
-  return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(xs));
+  return _mm512_dpbf16_ps(acc, (__m512bh)w, xs);
 }
 
-// bf16 bitmask rows against bf16 x (column order, zero-padded to whole 32-column blocks).
+BF16DOT inline __m512bh x_at(const uint16_t* x, int64_t s) { return (__m512bh)_mm512_loadu_si512(x + s * 32); }
+
+// R bf16 bitmask rows r, r + gap, ..., r + (R - 1) gap, against bf16 x (column order, zero-padded to whole
+// 32-column blocks). The R rows go through each step together: x is loaded once for all of them, and their
+// 2R sums are independent chains, so a step no longer waits on one row's previous vdpbf16ps (a row alone is
+// bound by that latency and by its step count, whatever the step's count: bench/RESULTS.md, issue #31).
+// Each row's own summation order is the same for every R: a row's result does not depend on its group.
+template <int R>
+BF16DOT inline void rows_dot_bf16_group(const uint8_t* mask, int64_t stride, const uint16_t* values,
+                                        const int64_t* offsets, const uint16_t* x, float* y, int64_t cols,
+                                        int64_t r, int64_t gap) {
+  const int64_t steps = cols / 32;
+  const uint8_t* row[R];
+  const uint16_t* v[R];
+  __m512 a0[R], a1[R];
+  for (int i = 0; i < R; ++i) {
+    row[i] = mask + (r + i * gap) * stride;
+    v[i] = values + offsets[r + i * gap];
+    a0[i] = a1[i] = _mm512_setzero_ps();
+  }
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {  // two steps a row, two sums a row
+    __m512bh x0 = x_at(x, s), x1 = x_at(x, s + 1);
+    for (int i = 0; i < R; ++i) {
+      uint64_t bits;
+      std::memcpy(&bits, row[i] + s * 4, 8);
+      a0[i] = step_dot(uint32_t(bits), v[i], x0, a0[i]);
+      a1[i] = step_dot(uint32_t(bits >> 32), v[i], x1, a1[i]);
+    }
+  }
+  for (; s < steps; ++s)
+    for (int i = 0; i < R; ++i) a0[i] = step_dot(mask_bits(row[i], s * 32, cols, 32), v[i], x_at(x, s), a0[i]);
+  if (cols % 32)
+    for (int i = 0; i < R; ++i) a1[i] = step_dot(mask_bits(row[i], steps * 32, cols, 32), v[i], x_at(x, steps), a1[i]);
+  for (int i = 0; i < R; ++i) y[r + i * gap] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+}
+
 BF16DOT void rows_dot_bf16(const uint8_t* mask, int64_t stride, const uint16_t* values, const int64_t* offsets,
                            const uint16_t* x, float* y, int64_t cols, int64_t r0, int64_t r1) {
-  const int64_t steps = cols / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = mask + r * stride;
-    const uint16_t* v = values + offsets[r];
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 2 <= steps; s += 2) {
-      uint64_t bits;
-      std::memcpy(&bits, row + s * 4, 8);
-      a0 = step_dot(uint32_t(bits), v, x + s * 32, a0);
-      a1 = step_dot(uint32_t(bits >> 32), v, x + s * 32 + 32, a1);
-    }
-    for (; s < steps; ++s) a0 = step_dot(mask_bits(row, s * 32, cols, 32), v, x + s * 32, a0);
-    if (cols % 32) a1 = step_dot(mask_bits(row, steps * 32, cols, 32), v, x + steps * 32, a1);
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  }
+  in_runs(r0, r1,
+          [&](int64_t r, int64_t run) { rows_dot_bf16_group<GROUP_ROWS>(mask, stride, values, offsets, x, y, cols, r, run); },
+          [&](int64_t r) { rows_dot_bf16_group<1>(mask, stride, values, offsets, x, y, cols, r, 0); });
 }
 
-// Dense bf16 rows against bf16 x (padded as above), four rows at a time.
-BF16DOT void rows_dense_dot(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
+// R dense bf16 rows r, r + gap, ... against bf16 x (padded as above), x loaded once a step for all of them,
+// two sums a row (alternate steps), so that no sum waits on its own previous vdpbf16ps.
+template <int R>
+BF16DOT inline void rows_dense_dot_group(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r,
+                                         int64_t gap) {
   const int64_t steps = (cols + 31) / 32;
-  const unsigned tail_cols = unsigned(cols - (steps - 1) * 32);
-  const __mmask32 tail = __mmask32(_bzhi_u32(0xffffffffu, tail_cols));
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    __m512 acc[4];
-    for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < steps; ++s) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + s * 32);
-      __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
-      for (int i = 0; i < 4; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(m, w + (r + i) * cols + s * 32), xv);
-    }
-    for (int i = 0; i < 4; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]);
+  const __mmask32 tail = __mmask32(_bzhi_u32(0xffffffffu, unsigned(cols - (steps - 1) * 32)));
+  __m512 acc[2][R];
+  for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512bh xv = x_at(x, s);
+    __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
+    for (int i = 0; i < R; ++i)
+      acc[s & 1][i] = _mm512_dpbf16_ps(acc[s & 1][i],
+                                       (__m512bh)_mm512_maskz_loadu_epi16(m, w + (r + i * gap) * cols + s * 32), xv);
   }
-  for (; r < r1; ++r) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t s = 0; s < steps; ++s) {
-      __mmask32 m = s + 1 < steps ? __mmask32(0xffffffffu) : tail;
-      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * cols + s * 32),
-                             (__m512bh)_mm512_loadu_si512(x + s * 32));
-    }
-    y[r] = _mm512_reduce_add_ps(acc);
-  }
+  for (int i = 0; i < R; ++i) y[r + i * gap] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
+}
+
+// Dense rows r0..r1 in GROUP_ROWS runs, as rows_dot_bf16 (sequential streams the prefetcher follows).
+BF16DOT void rows_dense_dot(const uint16_t* w, int64_t cols, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
+  in_runs(r0, r1, [&](int64_t r, int64_t run) { rows_dense_dot_group<GROUP_ROWS>(w, cols, x, y, r, run); },
+          [&](int64_t r) { rows_dense_dot_group<1>(w, cols, x, y, r, 0); });
 }
 
 // fp16 / fp32 bitmask rows; x in column order.
