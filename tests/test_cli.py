@@ -187,7 +187,8 @@ def spoil(report: dict, path: str, value=KeyError) -> dict:
     ("layers.2", "q_proj", "layers[2] is a string, not an object"),
     ("layers.2.shape", "64x64", "layers[2].shape is a string, not an array"),
     ("layers.2.shape", ["64", 64], "layers[2].shape holds a string, not only integers"),
-    ("layers.2.error", KeyError, "layers[2].error is missing"),
+    ("layers.2.name", KeyError, "layers[2].name is missing"),
+    ("layers.2.error", "small", "layers[2].error is a string, not a number"),  # optional (--layer-errors), typed
     ("layers.2.sparsity", None, "layers[2].sparsity is null, not a number"),
     ("method", 3, "method is a number, not a string"),
     ("settings", None, "settings is null, not an object"),
