@@ -407,6 +407,10 @@ def test_different_settings_refuse_to_resume_and_fresh_starts_afresh(capsys, tmp
     code, _, err = run_cli(capsys, *changed)
     assert code == 2 and len(err) == 1 and "holds a partial run with a different settings (pattern)" in err[0], err
     assert "add --fresh to discard it and start afresh" in err[0]
+    # The blocks it finished have no layer errors: --layer-errors cannot continue it either.
+    code, _, err = run_cli(capsys, *prune_args(model, work / "calib.txt", work / "out", *WANDA, "--stream",
+                                               "--layer-errors"))
+    assert code == 2 and len(err) == 1 and "different settings (layer_errors)" in err[0], err
     (work / "other.txt").write_text(random_text(800, seed=1))
     code, _, err = run_cli(capsys, *prune_args(model, work / "other.txt", work / "out", *WANDA, "--stream"))
     assert code == 2 and len(err) == 1 and "holds a partial run with a different calibration:" in err[0], err

@@ -174,6 +174,8 @@ def _block_store(options: PruneOptions, model, shards, device, calibration, dest
         return StreamedBlocks(model, shards)  # the reading role: no output directory, nothing written
     settings = {k: v for k, v in asdict(options.config).items()
                 if k not in ("model", "calib", "out", "overwrite", "eval_data", "eval_seqlen", "eval_max_windows")}
+    if not settings["layer_errors"]:  # only then: partial runs of earlier versions, which had no such flag, resume
+        del settings["layer_errors"]
     settings.update(device=str(device), dtype=options.dtype)
     if options.save_format == "sparse":  # only then: dense partial runs of earlier versions still resume
         settings["save_format"] = "sparse"
