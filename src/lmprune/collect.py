@@ -1,10 +1,10 @@
 """The collect step: run a block on every calibration batch and sum what its layers' solves need.
 
 Each layer's Gram matrix XᵀX is a running float32 sum filled while the block runs: activations are never
-stored per layer. Only what the method reads is summed (solvers/base.py, `statistics`): the whole XᵀX, its
-diagonal alone (Σ x_j², for Wanda and DSnoT), or nothing but the token counts (magnitude). Linear layers are read by forward hooks; layers fed the very same tensor in a call
-(q/k/v, gate/up) share its product, computed once per batch and added to each of their sums (checked per
-call, so it is exact for any model). Expert slices of fused tensors are read by the block tracer
+stored per layer. Only what the method reads is summed (statistics.py): the whole XᵀX, its diagonal alone
+(Σ x_j², for Wanda and DSnoT), or nothing but the token counts (magnitude). Linear layers are read by
+forward hooks; layers fed the very same tensor in a call (q/k/v, gate/up) share its product, computed
+once per batch and added to each of their sums (checked per call, so it is exact for any model). Expert slices of fused tensors are read by the block tracer
 (model/tracing.py), which also finds the block's routers and selectors on the first batch.
 
 A lever that needs more from the same pass (dense targets: X_pᵀX_d) takes part as a `BatchReader`: it is
