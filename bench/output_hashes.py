@@ -165,14 +165,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def error_line(done: subprocess.CompletedProcess) -> str:
+    """The run's `lmprune: error:` line (the end of its stderr where it has none): no timings or progress."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lmprune: error:")]
+    return errors[0] if errors else done.stderr.strip()[-300:]
+
+
 def run_cell(kind: str, model: Path, options: list[str], out: Path) -> dict:
     argv = ["prune", str(model), "--calib", str(CALIB), "--out", str(out), *CALIBRATION, *options]
     py = [sys.executable]
     if kind == "resume":
         killed = subprocess.run([*py, "-c", KILLED, *argv], env=env(), capture_output=True, text=True)
         if killed.returncode != 2 or "2 finished block(s) are kept" not in killed.stderr:
-            return {"exit": killed.returncode, "error": "the killed run did not stop at block 2: "
-                    + killed.stderr.strip()[-300:]}
+            return {"exit": killed.returncode, "error": "the killed run did not stop at block 2: " + error_line(killed)}
     command = [*py, "-m", "lmprune", *argv]
     if kind == "torchrun":
         command = [*py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
@@ -180,8 +185,7 @@ def run_cell(kind: str, model: Path, options: list[str], out: Path) -> dict:
     done = subprocess.run(command, env=env(), capture_output=True, text=True)
     cell: dict = {"exit": done.returncode}
     if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("lmprune: error:")]
-        cell["error"] = errors[0] if errors else done.stderr.strip()[-300:]
+        cell["error"] = error_line(done)
         return cell
     if kind == "resume" and "pruning from block 2" not in done.stderr:
         cell["error"] = "the second run did not resume from block 2"

@@ -137,3 +137,27 @@ def test_large_selection_matches_stable_sort(kind):
     for k in (1, 12_345, n // 2, n - 7):
         mask = layer_mask(values, k / n + 1e-12)
         assert torch.equal(mask, _stable_sort_mask(values, prune_count(n, k / n + 1e-12))), k
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_per_row_is_torch_kthvalue(monkeypatch, threads, dtype):
+    """The CPU selection through numpy (blocks of rows, a thread pool) gives torch.kthvalue's values exactly:
+    with ties, negative values and -0.0, on a non-contiguous view, for every k, and with NaN (torch's own)."""
+    from lmprune import masks
+
+    monkeypatch.setattr(masks, "_ROW_BLOCK_BYTES", 8 * 700 * 37)  # 37 or 74 rows a block: many, one partial
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        scores = torch.randn(700, 300, generator=g, dtype=dtype).mT  # [300, 700], not contiguous
+        ties = torch.randint(-3, 4, (300, 700), generator=g).to(dtype)
+        ties[0, :10] = -0.0
+        for s in (scores, ties):
+            for k in (1, 2, 350, 699):
+                assert torch.equal(masks.kth_per_row(s, k), torch.kthvalue(s, k, dim=-1, keepdim=True).values)
+        ties[5, 5] = float("nan")
+        assert torch.equal(masks.kth_per_row(ties, 350), torch.kthvalue(ties, 350, dim=-1, keepdim=True).values)
+    finally:
+        torch.set_num_threads(old)

@@ -174,3 +174,24 @@ def test_damping_and_inverse_factor_are_bit_identical_to_the_textbook_forms():
     assert torch.equal(mixed[:2].view(torch.int32), ok[:2].view(torch.int32))
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(near[2].double())), upper=True)
     assert torch.equal(mixed[2], expected.float())
+
+
+@pytest.mark.parametrize("n", [7, 300, 600])
+def test_inverse_factor_in_place_matches_fresh_tensors(n):
+    """On the CPU SparseGPT factorises H⁻¹ in H's own memory (issue #30): the same bits as the fresh-tensor
+    chain, for matrices spanning several transposition tiles (256) and not symmetric to the bit."""
+    from lmprune.solvers.sparsegpt import _inverse_cholesky, _transpose_in_place
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2, 2 * n, n, generator=g)
+    H = X.mT @ X + torch.eye(n)
+    H[:, 0, 1] += 1e-3  # asymmetric: the factorisation reads H's lower triangle, as a fresh tensor's does
+    L, _ = torch.linalg.cholesky_ex(H)
+    expected = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)[0].contiguous()
+    U = _inverse_cholesky(lambda: H.clone())
+    assert U.is_contiguous() and torch.equal(U.view(torch.int32), expected.view(torch.int32))
+    M = torch.randn(3, n, n, generator=g)
+    T = M.clone()
+    _transpose_in_place(T, tile=64)
+    assert torch.equal(T, M.mT)
+

@@ -74,3 +74,61 @@ def test_a_report_without_errors_reads_back(tmp_path, calibration):
     assert "rel. errors: not computed" in text and "--layer-errors" in text
     first = result.layers[0]["name"]
     assert next(line for line in text.splitlines() if line.startswith(first)).split()[3:5] == ["—", "—"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_a_method_reading_nothing_runs_one_collection_batch(model_type, calibration):
+    """Magnitude reads no statistics: its collection runs the first batch alone (for the routers), not
+    every batch; token counts are then None, and no weight changes."""
+    runs = {}
+    for layer_errors in (False, True):  # --layer-errors collects XᵀX, so every batch runs and is counted
+        model = tiny_model(model_type)
+        blocks = model.model.layers
+        calls = [0] * len(blocks)
+        handles = [block.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+                   for i, block in enumerate(blocks)]
+        result = prune_model(model, calibration, build_layer_solver("magnitude"), SparsityPattern(0.5), CPU,
+                             progress=False, layer_errors=layer_errors)
+        for handle in handles:
+            handle.remove()
+        runs[layer_errors] = (result, _weights(model), calls)
+    batches = len(calibration)
+    (plain, plain_weights, plain_calls), (counted, counted_weights, counted_calls) = runs[False], runs[True]
+    # The capture and replay check run every block alike in both; the collection is the difference.
+    assert [c - p for c, p in zip(counted_calls, plain_calls)] == [batches - 1] * len(blocks)
+    assert all(r["tokens"] is None for r in plain.layers)
+    assert all(isinstance(r["tokens"], int) for r in counted.layers)
+    assert plain.routers == counted.routers and (model_type == "llama") == (not plain.routers)
+    assert plain_weights.keys() == counted_weights.keys()
+    assert all(torch.equal(plain_weights[k], counted_weights[k]) for k in plain_weights)
+
+
+def test_a_large_gram_is_added_in_blocks_of_rows_bit_for_bit(monkeypatch):
+    """XᵀX above PRODUCT_BYTES is added a block of rows at a time (no temporary as large as the sum): the
+    running sums are the same bits as adding the whole product (issue #30)."""
+    from lmprune import statistics
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(96, 700, generator=g) for _ in range(3)]
+    whole, blocks = torch.zeros(700, 700), torch.zeros(700, 700)
+    for flat in batches:
+        whole.add_(flat.t() @ flat)
+    monkeypatch.setattr(statistics, "PRODUCT_BYTES", 4 * 699 ** 2)  # 700 wide: too large; blocks of 174 rows
+    for flat in batches:
+        product = statistics.batch_sum(flat, "gram")
+        assert product is None
+        statistics.add_batch(blocks, flat, "gram", product)
+    assert torch.equal(whole.view(torch.int32), blocks.view(torch.int32))
+
+
+def test_a_report_without_token_counts_reads_back(tmp_path, calibration):
+    """Magnitude's records carry tokens = null: the report validates and `lmprune report` shows "—"."""
+    result = prune_model(tiny_model("llama"), calibration, build_layer_solver("magnitude"), SparsityPattern(0.5),
+                         CPU, progress=False)
+    report = {"method": "magnitude", "pattern": "50%", "settings": {}, "summary": summarize_layers(result.layers),
+              "layers": result.layers}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    text = format_report(load_report(str(path)))
+    first = result.layers[0]["name"]
+    assert next(line for line in text.splitlines() if line.startswith(first)).split()[3:6] == ["—", "—", "—"]

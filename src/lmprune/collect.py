@@ -14,6 +14,7 @@ told of every batch and of every hooked layer's input, so the block runs once pe
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from .model import BlockCall, ExpertSlice, PrunableLayer, expert_count
 from .model.tracing import BlockTracer, ExpertSums
 from .sequential import GroupDone
 from .solvers import InputStats
-from .statistics import STATISTICS, batch_sum, sums_kept, zero_sum
+from .statistics import STATISTICS, add_batch, batch_sum, sums_kept, zero_sum
 
 MOE_CALIBRATION = ("routed", "all")
 
@@ -36,7 +37,7 @@ class LayerInputs:
 
     gram: torch.Tensor | None  # XᵀX [in, in], where the method, a lever or the error report reads it
     stats: InputStats | None
-    tokens: int
+    tokens: int | None  # None where nothing reads the inputs (magnitude): the pass stops after the first batch
     # Tokens whose input row was not all zero (zero rows add nothing to the Gram): what determines an update.
     signal: int | None = None
     diagonal: torch.Tensor | None = None  # Σ x_j² [in], where the method reads the diagonal alone
@@ -93,17 +94,21 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
 
     `stop_early` (hooked layers only): after the first batch, which runs whole to find the routers, a
     batch's forward ends once every hooked layer has read its input. `reader`: a lever reading the same pass.
+    Where nothing reads the inputs (statistics "none", no `full_gram`, `with_stats` or `reader`), only the
+    first batch runs, for the routers, and token counts are None: counting them would cost a forward pass.
     """
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
     kinds = sums_kept(statistics, full_gram)
+    counted = bool(kinds) or with_stats or reader is not None
     linear = [layer for layer in layers if not isinstance(layer, ExpertSlice)]
     experts = [layer for layer in layers if isinstance(layer, ExpertSlice)]
     sums = {layer.name: {kind: zero_sum(layer.in_features, kind, device) for kind in kinds} for layer in linear}
     totals = {layer.name: torch.zeros(layer.in_features, device=device) for layer in linear} if with_stats else {}
     tokens = dict.fromkeys(sums, 0)
     signal = dict.fromkeys(sums, 0)  # tokens whose input row is not all zero
-    # id(input) -> (input, {kind: batch sum}, Σx, token count, float32 rows, signal) this call
+    # id(input) -> (input, {kind: batch sum, None where too large to form whole}, Σx, token count, float32 rows,
+    # signal) this call
     products: dict[int, tuple] = {}
     fired: set[str] = set()  # hooked layers that read their input this call
     batch = [0]
@@ -120,11 +125,11 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                 total = flat.sum(0) if with_stats else None
                 seen = products[id(x)] = (x, {kind: batch_sum(flat, kind) for kind in kinds}, total, flat.shape[0],
-                                          flat if keep_rows else None, int(flat.ne(0).any(1).sum()))
+                                          flat, int(flat.ne(0).any(1).sum()))
             for kind, product in seen[1].items():
-                sums[name][kind].add_(product)
+                add_batch(sums[name][kind], seen[4], kind, product)
             if reader is not None:
-                reader.read(name, x, seen[4], output)
+                reader.read(name, x, seen[4] if keep_rows else None, output)
             tokens[name] += seen[3]
             if with_stats:
                 totals[name].add_(seen[2])
@@ -147,7 +152,7 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
     every_expert = [(m, _all_experts_hook(tracer)) for m in fused_modules.values()] if moe_calibration == "all" else []
     with hooked([(layer.module, make_hook(layer.name)) for layer in linear], every_expert, before_with_kwargs=True), \
             torch.no_grad():
-        for j, h in enumerate(hidden):
+        for j, h in enumerate(hidden if counted else itertools.islice(hidden, 1)):
             # The tracer costs Python work on every torch call: it watches only the first batch (routers)
             # and, in blocks with fused experts, every batch (their Grams).
             watched = j == 0 or bool(fused)
@@ -169,6 +174,8 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             products.clear()
             fired.clear()
 
+    if not counted:
+        tokens = signal = dict.fromkeys(sums)
     inputs = {name: LayerInputs(moments.get("gram"), InputStats(totals[name], tokens[name]) if with_stats else None,
                                 tokens[name], signal[name], moments.get("diagonal"))
               for name, moments in sums.items()}
@@ -186,7 +193,7 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
         expert = seen.sums.pop(layer.expert, None) or ExpertSums(layer.in_features, kinds, device)
         inputs[layer.name] = LayerInputs(expert.moments.get("gram"),
                                          InputStats(expert.total, expert.tokens) if with_stats else None,
-                                         expert.tokens, diagonal=expert.moments.get("diagonal"))
+                                         expert.tokens if counted else None, diagonal=expert.moments.get("diagonal"))
     return CollectedInputs(inputs, tracer.routers, problems, tracer.selectors)
 
 

@@ -345,6 +345,8 @@ def merge_collected(ranks: Ranks, collected, layers: list) -> None:
         if inputs.stats is not None:
             sums.append(inputs.stats.total)
     ranks.all_reduce_sum(sums)
+    if names and collected.inputs[names[0]].tokens is None:
+        return  # nothing read the inputs (collect.py): no counts to sum
     counts = torch.tensor([[collected.inputs[n].tokens, collected.inputs[n].signal] for n in names],
                           dtype=torch.int64, device=ranks.comm_device)
     ranks.collective("summing token counts", torch.distributed.all_reduce, counts)

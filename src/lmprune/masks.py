@@ -9,10 +9,13 @@ out, in]): "per layer" then means per matrix, "per row" per row of every matrix.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from .config import SparsityPattern
+from .tensor_checks import all_finite, count_true
 
 
 def prune_count(total: int, sparsity: float) -> int:
@@ -45,11 +48,45 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
         margin = 4.0 * math.sqrt(m) + 8  # the sample rank's spread is at most √m / 2
         lo = torch.kthvalue(sample, max(1, int(rank - margin))).values
         hi = torch.kthvalue(sample, min(m, int(rank + margin) + 1)).values
-        below = int((flat < lo).sum())
+        below = count_true(flat < lo)
         inside = flat[(flat >= lo) & (flat <= hi)]
         if below < k <= below + inside.numel():
             return torch.kthvalue(inside, k - below).values.reshape(1)
     return torch.kthvalue(flat, k).values.reshape(1)
+
+
+# Rows of a CPU selection handed to one numpy call (8 MB of float32 scores: its scratch copy stays small).
+_ROW_BLOCK_BYTES = 8 << 20
+
+
+def kth_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of every row of a 2-D tensor, [rows, 1]: torch.kthvalue's values.
+
+    On the CPU, numpy's introselect (`np.partition`) on blocks of rows, one block per torch thread at a
+    time: 2× faster than torch.kthvalue on one thread and 3× on two (an [8192 × 2048] layer: 264 against
+    529 ms, 128 against 437 ms), which does not spread over threads. A selection is exact, so the values
+    are the same. Other devices, dtypes numpy lacks, and scores with NaN (whose order differs) use torch.
+    """
+    rows, cols = scores.shape
+    if (scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.float64) or rows * cols < 1 << 16
+            or not all_finite(scores)):
+        return torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    values = scores.detach().numpy()
+    out = np.empty((rows, 1), dtype=values.dtype)
+    step = max(1, _ROW_BLOCK_BYTES // (values.itemsize * cols))
+
+    def select(start: int) -> None:  # numpy releases the GIL inside the partition
+        out[start:start + step, 0] = np.partition(values[start:start + step], k - 1, axis=1)[:, k - 1]
+
+    starts = range(0, rows, step)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        for start in starts:
+            select(start)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(select, starts))
+    return torch.from_numpy(out)
 
 
 def _prune_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -66,9 +103,9 @@ def _prune_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     if scores.shape[-1] >= _BRACKET_MIN:  # one long row per matrix (a whole layer, or each of a batch)
         threshold = torch.cat([_kth_smallest(row, k) for row in scores]).reshape(-1, 1)
     else:
-        threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+        threshold = kth_per_row(scores, k)
     keep = scores > threshold
-    if int(keep.sum()) == scores.numel() - k * scores.shape[0]:
+    if count_true(keep) == scores.numel() - k * scores.shape[0]:
         return keep  # no ties at the threshold to break (the usual case for real-valued scores)
     below = scores < threshold
     ties = scores == threshold

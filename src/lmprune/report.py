@@ -286,7 +286,8 @@ def format_report(report: dict[str, Any]) -> str:
         shape = "x".join(str(s) for s in r["shape"])
         errors = (f"{_number(r['error']):>10.4g} {_number(r.get('error_masked')):>10.4g}" if "error" in r
                   else f"{'—':>10} {'—':>10}")
-        lines.append(f"{r['name']:<48} {shape:>12} {_number(r['sparsity']):>9.4f} {errors} {r.get('tokens', ''):>8}")
+        tokens = "—" if r.get("tokens") is None else r["tokens"]  # None: the method read no data (magnitude)
+        lines.append(f"{r['name']:<48} {shape:>12} {_number(r['sparsity']):>9.4f} {errors} {tokens:>8}")
     return "\n".join(lines)
 
 

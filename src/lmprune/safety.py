@@ -16,13 +16,14 @@ import torch
 from .config import SparsityPattern
 from .errors import LmpruneError
 from .masks import is_nm, prune_count, row_counts
+from .tensor_checks import all_finite, count_true, count_zeros
 
 MASKED_FALLBACK = "non-finite update; kept the masked weights"
 
 
 def require_finite_gram(name: str, H: torch.Tensor | None) -> None:
     """A NaN/Inf in XᵀX (or its diagonal) would make every solver fail (or write NaN) with no word about why."""
-    if H is not None and not torch.isfinite(H).all():
+    if H is not None and not all_finite(H):
         raise LmpruneError(
             f"layer {name}: its calibration inputs contain NaN/Inf (activations overflowed upstream; "
             "try --dtype float32)"
@@ -33,10 +34,10 @@ def finite_layer_weight(name: str, W: torch.Tensor, weight: torch.Tensor,
                         mask: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     """The weight to write back: the solver's if finite, else the masked dense weight if that is finite
     (with the note to record), else an error: a non-finite value is never written into a model."""
-    if torch.isfinite(weight).all():
+    if all_finite(weight):
         return weight, None
     masked = W * mask
-    if torch.isfinite(masked).all():
+    if all_finite(masked):
         return masked, MASKED_FALLBACK
     raise LmpruneError(f"layer {name}: the pruned weights are not finite (NaN/Inf), nor are its masked dense weights")
 
@@ -83,7 +84,7 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
             broken_groups = False
         else:
             zero = weight == 0
-            zeros = int(zero.sum())
+            zeros = count_true(zero)
             if pattern.is_nm:
                 broken_groups = not is_nm(~zero, pattern.n, pattern.m)
             elif pattern.per_row:
@@ -91,7 +92,7 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
                 base, extra = divmod(need, rows) if counts is not None else row_counts(rows, cols, pattern)
                 row_need = torch.full((rows,), base, device=zero.device)
                 row_need[:extra] += 1
-                broken_groups = bool((zero.sum(1) < row_need).any())
+                broken_groups = bool((count_true(zero, dim=1) < row_need).any())
             else:
                 broken_groups = False
         _check_extra_zeros(record, zeros, need)
@@ -142,7 +143,7 @@ def verify_saved_zeros(directory: str, records: list[dict[str, Any]], pattern: S
                         continue  # a same-named tensor of another shape: not this layer's storage
                     need = (round(record["target"] * rows * cols) if "target" in record
                             else pruned_count(rows, cols, pattern))
-                    zeros = int((tensor == 0).sum())
+                    zeros = count_zeros(tensor)
                     if zeros < need:
                         raise LmpruneError(f"layer {record['name']} as saved has {zeros} of {rows * cols} weights "
                                            f"zero, {need} should be")

@@ -20,6 +20,7 @@ from .model import ExpertSlice, PrunableLayer
 from .safety import finite_layer_weight, pruned_count, require_finite_gram
 from .solvers import LayerSolver, SolverResult
 from .solvers.linalg import relative_errors
+from .tensor_checks import count_zeros
 
 
 def statistics_read(solver) -> str:
@@ -53,7 +54,8 @@ def solve_groups(layers: list[PrunableLayer], inputs: dict[str, LayerInputs], ro
         if is_router(layer, routers) or got is None:
             continue  # routers stay dense; unreadable expert tensors are reported by unpruned_weights
         fallback = None
-        if got.signal < block_tokens and got.signal < layer.in_features:
+        # Signal is counted only where the method reads its inputs (collect.py): one that does not needs none.
+        if got.signal is not None and got.signal < block_tokens and got.signal < layer.in_features:
             # Without calibration signal a Gram matrix cannot determine an update, and a zero one would let
             # a solver delete the layer (its every input looks dead). Signal = the tokens whose input row is
             # not all zero: an expert's routed tokens, a dense layer's tokens minus those a closed gate or
@@ -142,13 +144,16 @@ def write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solve
                               "dense_zeros": dense_zeros}
     weight, fallback = finite_layer_weight(layer.name, W, weight, mask)  # never NaN/Inf into a model
     allowed = pruned_count(layer.out_features, layer.in_features, pattern) + dense_zeros
-    extra = int((weight.to(layer.stored().dtype) == 0).sum()) - allowed  # zeros as the layer will store them
+    # Zeros as the layer will store them (set_weight casts to its dtype): also the record's sparsity.
+    zeros = count_zeros(weight.to(layer.stored().dtype))
+    extra = zeros - allowed
     if extra > 0:
         # More zeros than the target prunes and the dense layer had: inputs never active in calibration
         # (their weights zeroed) or kept weights rounded to zero. Those weights may matter on other text.
         W = layer.get_weight(W.device)
         mask = topk_mask(W.abs(), pattern)
         weight = W * mask
+        zeros = count_zeros(weight.to(layer.stored().dtype))
         fallback = (f"the method left {extra} more zeros than the target and the dense zeros (inputs never "
                     "active in calibration): magnitude mask, kept weights unchanged")
     if fallback:
@@ -158,6 +163,6 @@ def write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solve
         error_masked, error = relative_errors(W, [W * mask, weight], inputs.gram)
         errors = {"error": error, "error_masked": error_masked}
     layer.set_weight(weight)
-    record.update(tokens=inputs.tokens, sparsity=layer.zeros() / layer.numel(), **errors,
+    record.update(tokens=inputs.tokens, sparsity=zeros / layer.numel(), **errors,
                   **({"info": solved.info} if solved.info else {}))
     return record

@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from ..tensor_checks import count_zeros
+
 try:  # GPT-2 style layers store the weight transposed: [in, out]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers always has it today
@@ -61,7 +63,7 @@ class PrunableLayer:
             stored.copy_(weight.to(device=stored.device, dtype=stored.dtype))
 
     def zeros(self) -> int:
-        return int((self.stored() == 0).sum())
+        return count_zeros(self.stored())
 
     def numel(self) -> int:
         return self.stored().numel()

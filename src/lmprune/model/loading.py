@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import LmpruneError
+from ..tensor_checks import all_finite
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -216,7 +217,7 @@ def check_safetensors_file(path: str) -> None:
 def require_finite_weights(model: torch.nn.Module, what: str) -> None:
     """Fail, naming the tensor, if any parameter holds NaN or Inf."""
     for name, param in model.named_parameters():
-        if param.is_floating_point() and not torch.isfinite(param).all():
+        if param.is_floating_point() and not all_finite(param):
             bad = int((~torch.isfinite(param)).sum())
             raise LmpruneError(
                 f"{what}: weight {name} has {bad} NaN/Inf value(s) of {param.numel()}; "

@@ -31,12 +31,48 @@ class SparseGPTSettings:
             raise ValueError("dampening must be in [0, 1)")
 
 
+def _transpose_in_place(M: torch.Tensor, tile: int = 256) -> None:
+    """M[e] ← M[e]ᵀ for a batch of square matrices, tile by tile (one tile of scratch, not a copy of M)."""
+    n = M.shape[-1]
+    for i in range(0, n, tile):
+        rows = slice(i, i + tile)
+        for j in range(i, n, tile):
+            cols = slice(j, j + tile)
+            upper = M[:, rows, cols].clone()
+            if i != j:
+                M[:, rows, cols] = M[:, cols, rows].mT
+            M[:, cols, rows] = upper.mT
+
+
+def _factor_in_place(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite a contiguous batch of damped H [E, n, n] with the upper Cholesky factors of H⁻¹, row-major.
+
+    The same LAPACK calls, in the same order, as `cholesky_ex` → `cholesky_inverse` → `cholesky_ex(upper)`
+    on fresh tensors, so the same bits, but in H's own memory: LAPACK works in column-major order, and
+    A = H.mT is a column-major view of H's memory, so no step copies. Returns the two steps' `info`
+    (nonzero: not factorised).
+    """
+    # A is to hold H's values: H is not always symmetric to the bit (a GEMM may round XᵀX's halves apart).
+    _transpose_in_place(H)
+    A = H.mT
+    info = torch.empty(H.shape[0], dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(A, out=(A, info))
+    if bool((info != 0).any()):  # their factors are discarded by the caller; cholesky_inverse refuses a zero pivot
+        A[info != 0] = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    torch.cholesky_inverse(A, out=A)
+    info_upper = torch.empty_like(info)
+    torch.linalg.cholesky_ex(A, upper=True, out=(A, info_upper))
+    _transpose_in_place(H)  # H held U column-major (H = Uᵀ); the sweep reads rows of U
+    return info, info_upper
+
+
 def _inverse_cholesky(damped_gram: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Upper Cholesky factors of H⁻¹ for a batch [E, in, in]; float64 for the matrices whose float32
     factorisation fails (not positive definite enough).
 
-    `damped_gram` makes H afresh for each attempt, so that no copy of it lives beside the factors: for an
-    FFN's down projection each n×n matrix is as large as the block's weights.
+    `damped_gram` makes H afresh for each attempt (a tensor this function may overwrite), so that no copy
+    of it lives beside the factors: for an FFN's down projection each n×n matrix is as large as the
+    block's weights. On the CPU the factors are computed in that one matrix (`_factor_in_place`).
     """
     out = todo = None
     for dtype in (torch.float32, torch.float64):
@@ -44,21 +80,29 @@ def _inverse_cholesky(damped_gram: Callable[[], torch.Tensor]) -> torch.Tensor:
         if todo is None:
             todo = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
         index = todo.nonzero().squeeze(1)
-        # Each n×n intermediate is freed as soon as the next exists.
-        L, info = torch.linalg.cholesky_ex((H if len(index) == H.shape[0] else H[index]).to(dtype))
-        del H
-        if bool((info != 0).any()):  # their factors are discarded below; cholesky_inverse refuses a zero pivot
-            L[info != 0] = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-        inverse = torch.cholesky_inverse(L)
-        del L
-        U, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
+        if len(index) != H.shape[0] or H.dtype != dtype:
+            H = H[index].to(dtype)
+        if H.device.type == "cpu":
+            U = H.contiguous()
+            del H
+            info, info_upper = _factor_in_place(U)
+        else:  # a fresh tensor per step, two n×n at a time: nothing here checks GPU LAPACK with out = input
+            L, info = torch.linalg.cholesky_ex(H)
+            del H
+            if bool((info != 0).any()):
+                L[info != 0] = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            U = U.contiguous()
         ok = (info == 0) & (info_upper == 0)
-        if out is None and bool(ok.all()):  # the usual case: all in float32 (contiguous, as `out` would be)
-            return U.contiguous()
+        if out is None and bool(ok.all()):  # the usual case: all in float32
+            return U
         if out is None:
             out = torch.empty_like(U, dtype=torch.float32)  # first pass: every matrix was factorised
         out[index[ok]] = U[ok].to(torch.float32)
+        del U
         todo[index[ok]] = False
         if not todo.any():
             return out
@@ -115,7 +159,7 @@ def _sweep(W, H, settings, pattern=None, fixed_mask=None):
             err1[..., i] = err
         W[..., start:end] = W1
         W[..., end:] -= err1 @ U[:, start:end, end:]
-    return W * mask, mask
+    return W.mul_(mask), mask  # W is this sweep's own copy
 
 
 def solve(W, H, pattern: SparsityPattern, settings: SparseGPTSettings) -> SolverResult:

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import LmpruneError
+from ..tensor_checks import count_zeros
 from ..model.loading import first_line
 from ..report import REPORT_NAME, write_json
 from .packing import BITMASK, NM, PackedWeight, as_dense, choose_layout, from_stored, pack
@@ -260,7 +261,7 @@ class PackPlan:
 
     def _check_claim(self, name: str, weight: torch.Tensor, record: dict) -> None:
         need = round(float(record["sparsity"]) * weight.numel())
-        zeros = int((weight == 0).sum())
+        zeros = count_zeros(weight)
         if zeros < need:
             raise LmpruneError(
                 f"{self.path}: {record['name']} has {zeros} zeros of {weight.numel()} weights, but its report "
