@@ -124,8 +124,10 @@ def collect_inputs(block: nn.Module, prefix: str, layers: list[PrunableLayer], c
             if seen is None or seen[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                 total = flat.sum(0) if with_stats else None
-                seen = products[id(x)] = (x, {kind: batch_sum(flat, kind) for kind in kinds}, total, flat.shape[0],
-                                          flat, int(flat.ne(0).any(1).sum()))
+                formed = {kind: batch_sum(flat, kind) for kind in kinds}
+                # The rows stay for this call only where a reader takes them or a sum is added in blocks.
+                kept = flat if keep_rows or None in formed.values() else None
+                seen = products[id(x)] = (x, formed, total, flat.shape[0], kept, int(flat.ne(0).any(1).sum()))
             for kind, product in seen[1].items():
                 add_batch(sums[name][kind], seen[4], kind, product)
             if reader is not None:
