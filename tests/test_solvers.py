@@ -195,3 +195,54 @@ def test_inverse_factor_in_place_matches_fresh_tensors(n):
     _transpose_in_place(T, tile=64)
     assert torch.equal(T, M.mT)
 
+
+
+@pytest.mark.parametrize("method", sorted(__import__("lmprune.solvers", fromlist=["SOLVERS"]).SOLVERS))
+def test_solvers_never_write_into_their_inputs(method):
+    """The pipeline hands a solver the layer's stored weight itself where it is float32 (no copy beside it,
+    issue #30), so no solver, update or refit may write into W, H or the input statistics."""
+    from lmprune.solvers import SOLVERS
+
+    W, H, stats = correlated_problem(rows=32, cols=64, tokens=512, with_stats=True)
+    copies = W.clone(), H.clone(), stats.total.clone()
+    solver = SOLVERS[method]
+    pattern = SparsityPattern(0.5)
+    if solver.solve is not None:
+        options = ({"iterations": 6, **({"gradual_steps": 3} if method == "admm-grad" else {})} if method.startswith("admm")
+                   else {"max_iterations": 5, "min_iterations": 2} if method == "alps" else {})
+        layer_solver = build_layer_solver(method, options=options, refine="swaps" if method == "wanda" else None)
+        layer_solver(W, H, pattern, stats)
+    if solver.update is not None:
+        settings = solver.settings(**({"iterations": 6} if method in ("admm", "gd") else {}))
+        solver.update(W, H, W.abs() > W.abs().median(), settings)
+    for before, after in zip(copies, (W, H, stats.total)):
+        assert torch.equal(before, after)
+
+
+def test_sparsegpt_overwriting_the_gram_gives_the_same_bits():
+    """Where memory is short SparseGPT factorises XᵀX in its own memory (`solve_taking`): the same weights and
+    mask as `solve`, also when float32 fails and `reload` gives XᵀX again for the float64 pass."""
+    from lmprune.solvers import SOLVERS
+
+    sparsegpt = SOLVERS["sparsegpt"]
+    W, H = correlated_problem(rows=48, cols=96, tokens=1024)
+    Q, _ = torch.linalg.qr(torch.randn(96, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    near = ((Q * torch.logspace(0, -8.5, 96, dtype=torch.float64)) @ Q.T).float()  # factorisable in float64 only
+    assert torch.linalg.cholesky_ex(near)[1] != 0 and torch.linalg.cholesky_ex(near.double())[1] == 0
+    undamped = sparsegpt.settings(dampening=0.0)
+    for gram, pattern, settings in ((H, SparsityPattern(0.6), sparsegpt.settings()),
+                                    (H, SparsityPattern.nm("2:4"), sparsegpt.settings()),
+                                    (near, SparsityPattern(0.5), undamped)):
+        expected = sparsegpt.solve(W, gram, pattern, settings)
+        reloads = []
+
+        def reload():
+            reloads.append(1)
+            return gram.clone()
+
+        given = gram.clone()
+        got = sparsegpt.solve_taking(W, given, pattern, settings, reload)
+        assert torch.equal(got.weight.view(torch.int32), expected.weight.view(torch.int32))
+        assert torch.equal(got.mask, expected.mask)
+        assert len(reloads) == (1 if gram is near else 0)
+        assert not torch.equal(given, gram)  # it did overwrite: the memory was the factor's

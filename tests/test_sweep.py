@@ -101,7 +101,7 @@ def kept_dense_reason(model: nn.Module, name: str, result, operands: set[str]) -
     return None
 
 
-@pytest.mark.parametrize("model_type", _cases())
+@pytest.mark.parametrize("model_type", list(_cases()))
 def test_swept_type(model_type):
     model = tiny_model(model_type)
     ids = sample_ids(2)

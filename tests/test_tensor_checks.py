@@ -30,5 +30,7 @@ def test_counts_match_sums():
     t[0, :5] = -0.0  # a negative zero is a zero
     mask = t > 0.3
     assert count_true(mask) == int(mask.sum())
-    assert torch.equal(count_true(mask, dim=1), mask.sum(1))
+    for dim in (0, 1):
+        assert count_true(mask, dim=dim).tolist() == mask.sum(dim).tolist()
+        assert count_true(mask.t(), dim=dim).tolist() == mask.t().sum(dim).tolist()  # a strided view
     assert count_zeros(t) == int((t == 0).sum())

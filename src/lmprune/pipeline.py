@@ -342,11 +342,12 @@ class BlockLoop:
                                      + (f" ×{len(group)}" if len(group) > 1 else ""))
             tick = device_clock(self.device)
             records = prune_group(group, self.layer_solver, self.fallback_solver, self.pattern, step.patterns,
-                                  self.device, retarget)
+                                  self.device, retarget, self.store.spill_dir)
             seconds = device_clock(self.device) - tick
             for record in records:
                 record["seconds"] = seconds / len(records)  # a batch's time, shared by its layers
             self.timings["solve"] += seconds
+            self.store.solved()
             self.result.layers.extend(records)
             self.bar.update(len(group))
         # Every process holds the stage's pruned weights before the next stage's inputs are read.

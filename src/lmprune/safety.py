@@ -78,23 +78,11 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
         name, (rows, cols) = record["name"], record["shape"]
         need = counts[name] if counts is not None else pruned_count(rows, cols, pattern)
         layer = (layers or {}).get(name)
-        weight = layer.get_weight(torch.device("cpu")) if layer is not None else None
-        if weight is None:
+        if layer is None:
             zeros = round(record["sparsity"] * rows * cols)
             broken_groups = False
         else:
-            zero = weight == 0
-            zeros = count_true(zero)
-            if pattern.is_nm:
-                broken_groups = not is_nm(~zero, pattern.n, pattern.m)
-            elif pattern.per_row:
-                # With an allocation's counts the rows share the layer's own count (a spread pattern).
-                base, extra = divmod(need, rows) if counts is not None else row_counts(rows, cols, pattern)
-                row_need = torch.full((rows,), base, device=zero.device)
-                row_need[:extra] += 1
-                broken_groups = bool((count_true(zero, dim=1) < row_need).any())
-            else:
-                broken_groups = False
+            zeros, broken_groups = _measure(_read_weight(layer) == 0, need, pattern, counts is not None)
         _check_extra_zeros(record, zeros, need)
         if zeros < need or broken_groups:
             where = "" if zeros < need else (" (not in every group)" if pattern.is_nm else " (not in every row)")
@@ -103,6 +91,27 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
                 f"layer {name} is off its target {target}: {zeros} of {rows * cols} weights are zero, "
                 f"{need} should be{where}"
             )
+
+
+def _read_weight(layer) -> torch.Tensor:
+    """The layer's [out, in] weight on the CPU, without a copy where it is stored so (PrunableLayer.read_weight)."""
+    read = getattr(layer, "read_weight", None)
+    return read(torch.device("cpu")) if read is not None else layer.get_weight(torch.device("cpu"))
+
+
+def _measure(zero: torch.Tensor, need: int, pattern: SparsityPattern, allocated: bool) -> tuple[int, bool]:
+    """A layer's zeros (bool [out, in]): how many, and whether a row or N:M group has fewer than it must."""
+    if pattern.is_nm:
+        return count_true(zero), not is_nm(~zero, pattern.n, pattern.m)
+    if not pattern.per_row:
+        return count_true(zero), False
+    rows, cols = zero.shape
+    # With an allocation's counts the rows share the layer's own count (a spread pattern).
+    base, extra = divmod(need, rows) if allocated else row_counts(rows, cols, pattern)
+    row_need = torch.full((rows,), base, device=zero.device)
+    row_need[:extra] += 1
+    row_zeros = count_true(zero, dim=1)  # their sum is the layer's count: one pass, not two
+    return int(row_zeros.sum()), bool((row_zeros < row_need).any())
 
 
 def _check_extra_zeros(record: dict[str, Any], zeros: int, need: int) -> None:

@@ -20,6 +20,7 @@ from .model import ExpertSlice, PrunableLayer
 from .safety import finite_layer_weight, pruned_count, require_finite_gram
 from .solvers import LayerSolver, SolverResult
 from .solvers.linalg import relative_errors
+from .spill import SpilledTensor
 from .tensor_checks import count_zeros
 
 
@@ -89,28 +90,37 @@ Retarget = Callable[[LayerSolve, torch.Tensor], torch.Tensor]
 
 def prune_group(group: list[LayerSolve], layer_solver: LayerSolver, fallback_solver: LayerSolver,
                 pattern: SparsityPattern, patterns: dict[str, SparsityPattern], device: torch.device,
-                retarget: Retarget | None = None) -> list[dict[str, Any]]:
+                retarget: Retarget | None = None, spill_dir: str | None = None) -> list[dict[str, Any]]:
     """Prune the layers of a group (one layer, or experts of one fused tensor solved in batches).
 
     `patterns`: each layer's own target where an allocation gives one; `retarget`: the weight the method
-    fits instead of the layer's own (not for the magnitude fallback).
+    fits instead of the layer's own (not for the magnitude fallback). `spill_dir`: where memory is short
+    (a streamed run), a solver that can overwrite XᵀX gets it, parked there for the error report meanwhile.
     """
     targets = {patterns.get(solve.layer.name, pattern) for solve in group}
     if len(group) > 1 and (len(targets) > 1 or retarget is not None):
         # An allocation can give the experts of one tensor different counts: one pattern per batch only.
         return [record for solve in group
-                for record in prune_group([solve], layer_solver, fallback_solver, pattern, patterns, device, retarget)]
+                for record in prune_group([solve], layer_solver, fallback_solver, pattern, patterns, device, retarget,
+                                          spill_dir)]
     pattern = targets.pop()
     if len(group) == 1:
         solve = group[0]
         solver = fallback_solver if solve.fallback else layer_solver
-        W = solve.layer.get_weight(device)
+        W = solve.layer.read_weight(device)  # solvers never write into their W
         require_finite_gram(solve.layer.name, solve.inputs.gram)
         require_finite_gram(solve.layer.name, solve.inputs.diagonal)
         if retarget is not None and solver is layer_solver:
             W = retarget(solve, W)
         H = solve.inputs.for_method(statistics_read(solver))
-        record = write_back(solve.layer, W, solve.inputs, solver(W, H, pattern, solve.inputs.stats), pattern)
+        if (spill_dir is not None and solver is layer_solver and solver.takes_gram and H is solve.inputs.gram
+                and H.device.type == "cpu"):
+            del H
+            solved = _solve_taking_gram(solver, W, solve.inputs, pattern, spill_dir)
+        else:
+            solved = solver(W, H, pattern, solve.inputs.stats)
+            del H
+        record = write_back(solve.layer, W, solve.inputs, solved, pattern)
         if solve.fallback:
             record["fallback"] = solve.fallback
         return [record]
@@ -129,6 +139,30 @@ def prune_group(group: list[LayerSolve], layer_solver: LayerSolver, fallback_sol
         del H
         records += [write_back(solve.layer, W[j], solve.inputs, solved[j], pattern) for j, solve in enumerate(batch)]
     return records
+
+
+def _solve_taking_gram(solver: LayerSolver, W: torch.Tensor, inputs: LayerInputs, pattern: SparsityPattern,
+                       spill_dir: str) -> SolverResult:
+    """Solve, the solver overwriting XᵀX while a copy waits on disk; `inputs.gram` is that copy again after.
+
+    The factor SparseGPT makes of XᵀX then takes XᵀX's memory instead of an n×n matrix beside it.
+    """
+    with SpilledTensor(inputs.gram, spill_dir) as parked:
+        H, inputs.gram = inputs.gram, None  # the solver's alone now: LayerInputs sums are never shared
+        solved = solver.solve_taking(W, H, pattern, parked.load)
+        del H  # the factor's memory, freed before XᵀX is read back
+        inputs.gram = parked.load()
+    return solved
+
+
+class _MaskedRows:
+    """W * mask, a block of rows at a time as `relative_errors` reads it: no W-sized product (the same bits)."""
+
+    def __init__(self, W: torch.Tensor, mask: torch.Tensor):
+        self.W, self.mask = W, mask
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.W[rows] * self.mask[rows]
 
 
 def write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solved: SolverResult,
@@ -160,7 +194,7 @@ def write_back(layer: PrunableLayer, W: torch.Tensor, inputs: LayerInputs, solve
         record["fallback"] = fallback
     errors = {}
     if inputs.gram is not None:
-        error_masked, error = relative_errors(W, [W * mask, weight], inputs.gram)
+        error_masked, error = relative_errors(W, [_MaskedRows(W, mask), weight], inputs.gram)
         errors = {"error": error, "error_masked": error_masked}
     layer.set_weight(weight)
     record.update(tokens=inputs.tokens, sparsity=zeros / layer.numel(), **errors,

@@ -55,6 +55,14 @@ class PrunableLayer:
         weight = weight.t() if self.transposed else weight
         return weight.to(device=device, dtype=torch.float32, copy=True)
 
+    def read_weight(self, device: torch.device) -> torch.Tensor:
+        """float32 [out, in] on `device`, for reading only: the stored tensor itself where it is one already
+        (no copy of a large layer beside it), else `get_weight`'s copy."""
+        weight = self.stored().detach()
+        if not self.transposed and weight.dtype == torch.float32 and weight.device == torch.device(device):
+            return weight
+        return self.get_weight(device)
+
     def set_weight(self, weight: torch.Tensor) -> None:
         """Write back an [out, in] weight in the layer's own dtype and device."""
         stored = self.stored()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import zlib
 import json
 import os
 
@@ -99,10 +100,14 @@ class CheckpointShards:
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes as they are (no conversion)."""
-    digest = hashlib.sha256(f"{tensor.dtype} {list(tensor.shape)} ".encode())
-    digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
+    """A tensor's dtype, shape and a CRC-32 of its bytes as they are (no conversion).
+
+    The digests are there to catch weights that changed or were damaged between a killed run and its
+    resume, not an adversary: CRC-32 (zlib) reads 4 GB/s here against sha256's 1.8, and every block is
+    digested twice (as read and as written), which cost 8% of a streamed Wanda prune with sha256.
+    """
+    data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy()
+    return f"{tensor.dtype} {list(tensor.shape)} crc32 {zlib.crc32(data):08x}"
 
 
 def combined_digest(digests: dict[str, str]) -> str:

@@ -115,6 +115,21 @@ class LayerSolver:
 
         return solve_batch
 
+    @property
+    def takes_gram(self) -> bool:
+        """Whether `solve_taking` can have XᵀX to overwrite: the mask's method can, and no update or refit
+        reads XᵀX after it."""
+        return (self.mask_solver.solve_taking is not None and self.update_solver is None
+                and self.refine_settings is None and not self.needs_input_stats)
+
+    def solve_taking(self, W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern,
+                     reload: Callable[[], torch.Tensor]) -> SolverResult:
+        """The same result as calling this solver, overwriting H; `reload()` gives XᵀX again (see base.py)."""
+        result = self.mask_solver.solve_taking(W, H, pattern, self.mask_settings, reload)
+        if self.drop_update:
+            result = SolverResult(W * result.mask, result.mask, result.info)
+        return result
+
     def settings_dict(self) -> dict[str, Any]:
         out = {}
         for settings in (self.mask_settings, self.update_settings, self.refine_settings):

@@ -80,6 +80,9 @@ class Solver:
     # what `--refine` applies again on the refined mask (admm1 and admm-grad refit with admm).
     refit_with: str | None = None
     statistics: str = "gram"  # what of the inputs solve() reads: "none", "diagonal" (H is 1-D) or "gram"
+    # solve() allowed to overwrite XᵀX, (W, H, pattern, settings, reload) → SolverResult, the same bits;
+    # reload() gives XᵀX again. Where memory is short the caller hands XᵀX over instead of keeping it.
+    solve_taking: Callable[..., SolverResult] | None = None
 
     def __post_init__(self):
         if self.statistics not in STATISTICS:

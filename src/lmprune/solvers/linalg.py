@@ -18,13 +18,15 @@ def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) 
     return err, ref
 
 
-# Rows of a difference multiplied by H at a time in the error report: its temporaries stay near 32 MB
-# instead of three stacked copies of the weight and their product (800 MB for an FFN layer of a 1B model).
-_REPORT_BYTES = 32 << 20
+# Rows of a difference multiplied by H at a time in the error report: its temporaries (the difference, its
+# product with H, a candidate's rows) stay near 3 × 8 MB instead of stacked copies of the weight and their
+# product (800 MB for an FFN layer of a 1B model).
+_REPORT_BYTES = 8 << 20
 
 
 def relative_errors(W: torch.Tensor, candidates: list[torch.Tensor], H: torch.Tensor) -> list[float]:
-    """‖XW − XŴ‖² / ‖XW‖² for several Ŵ at once: what the pipeline reports for every layer.
+    """‖XW − XŴ‖² / ‖XW‖² for several Ŵ at once: what the pipeline reports for every layer. A candidate is
+    read by blocks of rows (`candidate[a:b]`): a tensor, or anything that makes its rows on demand.
 
     Float32 products of the differences with H, a block of rows at a time (a float64 product costs twice as
     much and these are reports, not solves); the sums are taken in float64. Each row's product does not
@@ -77,9 +79,9 @@ def zero_dead_weights(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return W
 
 
-def unit_dead_curvature(H: torch.Tensor) -> torch.Tensor:
-    """A copy of H with a 1 on the diagonal of every never-active input."""
-    H = H.clone()
+def unit_dead_curvature(H: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """A copy of H (or H itself, `in_place`) with a 1 on the diagonal of every never-active input."""
+    H = H if in_place else H.clone()
     diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
     dead = diagonal == 0
     if dead.any():

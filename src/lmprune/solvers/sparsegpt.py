@@ -18,6 +18,9 @@ from ..masks import nm_mask, prune_count, prune_lowest_per_matrix, prune_lowest_
 from .base import Solver, SolverResult
 from .linalg import add_damping, unit_dead_curvature, zero_dead_weights
 
+# H⁻¹'s factor made in XᵀX's own memory (`solve_taking`): a function giving XᵀX again for a float64 retry.
+Reload = Callable[[], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class SparseGPTSettings:
@@ -109,14 +112,33 @@ def _inverse_cholesky(damped_gram: Callable[[], torch.Tensor]) -> torch.Tensor:
     raise torch.linalg.LinAlgError("Gram matrix is not positive definite even after dampening")
 
 
-def _sweep(W, H, settings, pattern=None, fixed_mask=None):
+def _damped_grams(H: torch.Tensor, dampening: float, reload: Reload | None) -> Callable[[], torch.Tensor]:
+    """What `_inverse_cholesky` factorises, made afresh at each call: a copy of H, or with `reload` (the
+    caller gave H up) H itself the first time and `reload()`'s copy after that."""
+    if reload is None:
+        return lambda: add_damping(unit_dead_curvature(H), dampening, in_place=True)
+    given = [H]
+
+    def damped() -> torch.Tensor:
+        gram = given.pop() if given else reload().float()
+        return add_damping(unit_dead_curvature(gram, in_place=True), dampening, in_place=True)
+
+    return damped
+
+
+def _sweep(W, H, settings, pattern=None, fixed_mask=None, reload: Reload | None = None):
     """One OBS sweep over a batch of independent layers W [E, out, in] with H [E, in, in] (experts of one
     fused tensor: every column step is then one operation for all of them). Either `pattern` (choose the
-    mask, per layer or per row of each layer) or `fixed_mask` (keep it) is given."""
+    mask, per layer or per row of each layer) or `fixed_mask` (keep it) is given. With `reload`, H is this
+    sweep's to overwrite: the factor of H⁻¹ takes its memory (for an FFN's down projection H is as large as
+    the block's weights)."""
     experts, rows, cols = W.shape
     H = H.float()
     W = zero_dead_weights(W.float(), H)
-    U = _inverse_cholesky(lambda: add_damping(unit_dead_curvature(H), settings.dampening, in_place=True))
+    damped = _damped_grams(H, settings.dampening, reload)
+    del H  # with `reload`, the factor below is H's memory
+    U = _inverse_cholesky(damped)
+    del damped
     mask = torch.ones_like(W, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone()
     blocksize = settings.blocksize
     nm = pattern is not None and pattern.is_nm
@@ -158,12 +180,19 @@ def _sweep(W, H, settings, pattern=None, fixed_mask=None):
             W1[..., i] = q
             err1[..., i] = err
         W[..., start:end] = W1
-        W[..., end:] -= err1 @ U[:, start:end, end:]
+        W[..., end:].baddbmm_(err1, U[:, start:end, end:], alpha=-1)  # W -= err1 @ U…, without a W-sized product
     return W.mul_(mask), mask  # W is this sweep's own copy
 
 
 def solve(W, H, pattern: SparsityPattern, settings: SparseGPTSettings) -> SolverResult:
     weight, mask = _sweep(W[None], H[None], settings, pattern=pattern)
+    return SolverResult(weight[0], mask[0])
+
+
+def solve_taking(W, H, pattern: SparsityPattern, settings: SparseGPTSettings, reload: Reload) -> SolverResult:
+    """`solve`, overwriting H: the caller gives it up, and `reload()` makes it again if a float32
+    factorisation fails. The same bits as `solve`."""
+    weight, mask = _sweep(W[None], H[None], settings, pattern=pattern, reload=lambda: reload()[None])
     return SolverResult(weight[0], mask[0])
 
 
@@ -184,4 +213,5 @@ SOLVERS = [Solver(
     solve=solve,
     update=update,
     solve_batch=solve_batch,
+    solve_taking=solve_taking,
 )]
