@@ -267,3 +267,25 @@ def test_help_still_prints_usage(capsys):
         main(["prune", "--help"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 0 and captured.out.startswith("usage: lmprune prune ") and captured.err == ""
+
+
+def test_the_command_line_asks_torch_for_huge_pages_where_the_kernel_offers_them():
+    """cli.py sets THP_MEM_ALLOC_ENABLE before torch's first allocation (a prune's fresh layer-sized tensors
+    cost more to fault in than to fill), only where transparent huge pages exist, and never over the user's
+    own setting."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+            offered = "[never]" not in f.read()
+    except OSError:
+        offered = False
+    probe = "import os, lmprune.cli; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == ("1" if offered else "None")
+    got = subprocess.run([sys.executable, "-c", probe], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "0"
