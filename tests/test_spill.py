@@ -61,3 +61,33 @@ def nn_linear(W):
     with torch.no_grad():
         linear.weight.copy_(W)
     return linear
+
+
+def test_a_full_disk_leaves_the_gram_to_a_copying_solve(tmp_path, monkeypatch):
+    """No room to park XᵀX: the solve copies it as in memory (same weights), and nothing is lost."""
+    import errno
+
+    import lmprune.solve as solve_module
+    from conftest import correlated_problem
+    from lmprune.collect import LayerInputs
+    from lmprune.config import SparsityPattern
+    from lmprune.model.layers import LinearLayer
+    from lmprune.solve import LayerSolve, prune_group
+    from lmprune.solvers import build_layer_solver
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    W, H = correlated_problem(rows=24, cols=48, tokens=300)
+    weights = []
+    for spill_dir in (None, str(tmp_path)):
+        linear = nn_linear(W)
+        inputs = LayerInputs(gram=H.clone(), stats=None, tokens=300)
+        group = [LayerSolve(LinearLayer("layer", linear), inputs, None)]
+        with monkeypatch.context() as patch:
+            patch.setattr(solve_module, "SpilledTensor", full)
+            prune_group(group, build_layer_solver("sparsegpt"), build_layer_solver("magnitude"), SparsityPattern(0.5),
+                        {}, torch.device("cpu"), spill_dir=spill_dir)
+        assert torch.equal(inputs.gram, H)
+        weights.append(linear.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])

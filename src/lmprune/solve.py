@@ -15,6 +15,7 @@ import torch
 from .collect import LayerInputs, fused_name
 from .config import SparsityPattern
 from .dense_reasons import NO_SIGNAL
+from .errors import LmpruneError
 from .masks import topk_mask
 from .model import ExpertSlice, PrunableLayer
 from .safety import finite_layer_weight, pruned_count, require_finite_gram
@@ -147,11 +148,18 @@ def _solve_taking_gram(solver: LayerSolver, W: torch.Tensor, inputs: LayerInputs
 
     The factor SparseGPT makes of XᵀX then takes XᵀX's memory instead of an n×n matrix beside it.
     """
-    with SpilledTensor(inputs.gram, spill_dir) as parked:
+    try:
+        parked = SpilledTensor(inputs.gram, spill_dir)
+    except OSError:  # no room to park it (the block's own write will say so): a copy, as in memory
+        return solver(W, inputs.gram, pattern, inputs.stats)
+    with parked:
         H, inputs.gram = inputs.gram, None  # the solver's alone now: LayerInputs sums are never shared
         solved = solver.solve_taking(W, H, pattern, parked.load)
         del H  # the factor's memory, freed before XᵀX is read back
-        inputs.gram = parked.load()
+        try:
+            inputs.gram = parked.load()
+        except OSError as exc:
+            raise LmpruneError(f"cannot read back XᵀX parked in {spill_dir!r}: {exc.strerror or exc}") from None
     return solved
 
 
