@@ -161,3 +161,20 @@ def test_kth_per_row_is_torch_kthvalue(monkeypatch, threads, dtype):
         assert torch.equal(masks.kth_per_row(ties, 350), torch.kthvalue(ties, 350, dim=-1, keepdim=True).values)
     finally:
         torch.set_num_threads(old)
+
+
+def test_ties_in_a_few_rows_are_broken_as_a_stable_sort_would():
+    """Rows whose k-th value is tied are fixed alone (masks.py); the others keep the plain threshold."""
+    from lmprune.masks import prune_lowest_per_row
+
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randn(64, 300, generator=g)
+    k = 150
+    for row in (3, 40, 63):  # a tie straddling the k-th value: equal to it at three places
+        kth = scores[row].sort().values[k - 1]
+        scores[row, :3] = kth
+    expected = torch.ones_like(scores, dtype=torch.bool)
+    expected.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[:, :k], False)
+    mask = prune_lowest_per_row(scores, k)
+    assert torch.equal(mask, expected)
+    assert (mask.sum(1) == 300 - k).all()
