@@ -144,7 +144,7 @@ def test_verify_sparsity_checks_the_allocated_total():
 
 
 def test_verify_sparsity_checks_the_rows_of_a_spread_layer():
-    layer = type("Layer", (), {"get_weight": lambda self, device: weight})()
+    layer = type("Layer", (), {"read_weight": lambda self, device: weight})()
     records = [{"name": "a", "shape": [3, 4], "sparsity": 7 / 12}]
     pattern = SparsityPattern(0.5, per_row=True)
     weight = torch.tensor([[0, 0, 0, 1.0], [0, 0, 1, 1], [0, 0, 1, 1]])  # 7 zeros: 3, 2, 2

@@ -161,7 +161,7 @@ class Fixed:
     def __init__(self, weight):
         self.weight = weight
 
-    def get_weight(self, device):
+    def read_weight(self, device):
         return self.weight.clone()
 
 

@@ -9,7 +9,6 @@ import sys
 import time
 
 
-
 def _huge_pages_for_large_tensors() -> None:
     """A prune makes many fresh layer-sized tensors (scores, masks, masked copies, activations); backed by 4 kB
     pages each costs more in page faults than in work (a 67 MB one, one thread: 30 ms to fault in, 5 ms to

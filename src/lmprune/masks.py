@@ -113,7 +113,7 @@ def _prune_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows, at = scores[tied], threshold[tied]
     below = rows < at
     ties = rows == at
-    missing = k - below.sum(-1, keepdim=True)
+    missing = k - count_true(below, dim=-1)[:, None]
     keep[tied] = ~(below | (ties & (ties.cumsum(-1) <= missing)))
     return keep
 

@@ -58,8 +58,9 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
     """Fail loudly if a pruned layer has fewer zeros than its target prunes, or breaks its rows or N:M groups.
 
     Each record gives "name", "shape" [out, in] and "sparsity". `layers`, when given, maps names to the
-    pruned layers (anything with `get_weight(device)` returning the current [out, in] weight): a layer
-    found there is measured instead of trusting its record, row by row and group by group. Fewer zeros than
+    pruned layers (anything with `read_weight(device)` returning the current [out, in] weight, as
+    PrunableLayer's does): a layer found there is measured instead of trusting its record, row by row and
+    group by group. Fewer zeros than
     the target are never right; more are allowed only up to the zeros the dense layer already had (the
     record's "dense_zeros"): a layer whose kept weights were zeroed (inputs never active in calibration) has
     lost weights the model may need (the pipeline gives such layers a magnitude mask instead).
@@ -82,7 +83,7 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
             zeros = round(record["sparsity"] * rows * cols)
             broken_groups = False
         else:
-            zeros, broken_groups = _measure(_read_weight(layer) == 0, need, pattern, counts is not None)
+            zeros, broken_groups = _measure(layer.read_weight(torch.device("cpu")) == 0, need, pattern, counts is not None)
         _check_extra_zeros(record, zeros, need)
         if zeros < need or broken_groups:
             where = "" if zeros < need else (" (not in every group)" if pattern.is_nm else " (not in every row)")
@@ -91,12 +92,6 @@ def verify_sparsity(records: list[dict[str, Any]], pattern: SparsityPattern,
                 f"layer {name} is off its target {target}: {zeros} of {rows * cols} weights are zero, "
                 f"{need} should be{where}"
             )
-
-
-def _read_weight(layer) -> torch.Tensor:
-    """The layer's [out, in] weight on the CPU, without a copy where it is stored so (PrunableLayer.read_weight)."""
-    read = getattr(layer, "read_weight", None)
-    return read(torch.device("cpu")) if read is not None else layer.get_weight(torch.device("cpu"))
 
 
 def _measure(zero: torch.Tensor, need: int, pattern: SparsityPattern, allocated: bool) -> tuple[int, bool]:

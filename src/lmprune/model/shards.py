@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import zlib
 import json
 import os
+import zlib
 
 import torch
 
